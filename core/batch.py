@@ -1,0 +1,59 @@
+"""What one engine step computes: the scheduler's host-side plan and the device-side batch.
+
+The plan carries a token count per sequence, so a prefill, a chunk of a long prefill, a decode and
+a speculative verification are the same kind of step; nothing downstream switches on a mode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tgserve.core.sequence import Sequence
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    """One sequence's share of a step (host side, set by the scheduler)."""
+
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+    # True when this step reaches the end of the known tokens, so a next token is sampled.
+    is_sampling: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.is_sampling = self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq.token_ids)
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """Everything the scheduler decided for one step (host side)."""
+
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled)
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    """Device tensors for one model forward, built from a StepPlan by the model runner.
+
+    T = tokens in the step (packed, sequence after sequence), S = sequences in the step.
+    """
+
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T], absolute position of each token in its sequence
+    slot_mapping: torch.Tensor  # int64 [T], block_id * block_size + offset where each token's K/V goes
+    block_tables: torch.Tensor  # int64 [S, max_blocks_per_seq], padded with block 0
+    context_lens: torch.Tensor  # int64 [S], tokens in the KV cache after this step
+    query_lens: torch.Tensor  # int64 [S], tokens computed this step
+    cu_seqlens_q: torch.Tensor  # int64 [S + 1], prefix sums of query_lens
+    logits_indices: torch.Tensor  # int64 [num_logits], rows of the hidden states that need logits
+    max_query_len: int  # host int, max(query_lens)
+    max_context_len: int  # host int, max(context_lens)
+    attention: object = None  # per-step metadata the attention backend prepared from the fields above

@@ -1,0 +1,37 @@
+"""KV-cache block accounting: which blocks are free, and which a sequence holds. Pure Python."""
+from __future__ import annotations
+
+
+class BlockManager:
+    """A free list of block ids. Block 0 is reserved (padding target), never handed out."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        assert num_blocks >= 2, "need at least one usable block besides the reserved block 0"
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: list[int] = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.num_blocks - 1
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold `num_tokens` tokens."""
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= len(self._free)
+
+    def allocate(self, num_blocks: int) -> list[int]:
+        """Take `num_blocks` free blocks; the caller checked `can_allocate`."""
+        assert self.can_allocate(num_blocks), f"asked {num_blocks} blocks, {len(self._free)} free"
+        return [self._free.pop() for _ in range(num_blocks)]
+
+    def free(self, block_ids: list[int]) -> None:
+        """Return blocks to the pool."""
+        self._free.extend(reversed(block_ids))
+        assert len(self._free) <= self.num_blocks - 1, "a block was freed twice"

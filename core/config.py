@@ -1,0 +1,70 @@
+"""The server's configuration: one frozen dataclass whose fields carry TGI's launcher flag names.
+
+Values the user did not set stay None here; what start-up derives from the model and the memory
+(KV blocks, the token limits TGI infers) lives in `tgserve.core.limits.RuntimeLimits`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+class ConfigError(ValueError):
+    """A flag value, or a combination of them, that cannot work. The message names the flag."""
+
+
+@dataclass(slots=True, frozen=True)
+class ServerConfig:
+    """Every launcher flag, with TGI's names and defaults (TGI-CONTRACT section 1)."""
+
+    model_id: str | None = None  # hub id or local directory; None serves the built-in demo model
+    revision: str | None = None
+    dtype: str | None = None  # float16 | bfloat16 | float32; None: the backend's default
+    backend: str = "auto"  # a backend plugin's name, or auto
+    hostname: str = "0.0.0.0"
+    port: int = 3000
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_batch_prefill_tokens: int | None = None
+    max_batch_total_tokens: int | None = None
+    max_batch_size: int | None = None
+    max_client_batch_size: int = 4
+    enable_prefill_logprobs: bool = False
+    json_output: bool = False
+    huggingface_hub_cache: str | None = None
+    trust_remote_code: bool = False
+    payload_limit: int = 2_000_000
+    graceful_termination_timeout: int = 90  # seconds SIGTERM waits for in-flight requests
+    cuda_memory_fraction: float = 1.0  # share of the memory the backend reports that tgserve may use
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"`--dtype` must be one of {', '.join(DTYPES)}. Given: {self.dtype}")
+        for name in ("max_concurrent_requests", "max_batch_size", "max_input_tokens", "max_total_tokens",
+                     "max_batch_prefill_tokens", "max_batch_total_tokens", "max_client_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"`{name}` must be > 0. Given: {value}")
+        if not 0.0 < self.cuda_memory_fraction <= 1.0:
+            raise ConfigError(f"`cuda_memory_fraction` must be in (0, 1]. Given: {self.cuda_memory_fraction}")
+        _check_token_limits(self.max_input_tokens, self.max_total_tokens,
+                            self.max_batch_prefill_tokens, self.max_batch_total_tokens)
+
+
+def _check_token_limits(max_input: int | None, max_total: int | None,
+                        max_prefill: int | None, max_batch_total: int | None) -> None:
+    """TGI's start-up consistency checks, with its messages, on whichever limits are known."""
+    if max_input is not None and max_total is not None and max_input >= max_total:
+        raise ConfigError(f"`max_input_tokens`({max_input}) must be < `max_total_tokens`({max_total})")
+    if max_total is not None and max_batch_total is not None and max_total > max_batch_total:
+        raise ConfigError("`max_total_tokens` must be <= `max_batch_total_tokens`")
+    if max_prefill is not None and max_batch_total is not None and max_prefill > max_batch_total:
+        raise ConfigError("`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`")
+
+
+check_token_limits = _check_token_limits

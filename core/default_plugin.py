@@ -1,0 +1,41 @@
+"""The core's reference answers to the model, attention, KV-cache and quantization hooks.
+
+Registered `trylast`, exactly like any plugin, so a backend that implements a hook wins over it.
+Everything here is plain torch and runs on any device torch supports.
+"""
+from __future__ import annotations
+
+from tgserve.core.hookspecs import hookimpl
+from tgserve.core.kv_cache import KVCache
+from tgserve.core.layers.attention import TorchPagedAttention
+from tgserve.core.layers.linear import LinearMethod
+from tgserve.core.models.registry import model_class
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+@hookimpl(trylast=True)
+def tgserve_get_block_size():
+    return DEFAULT_BLOCK_SIZE
+
+
+@hookimpl(trylast=True)
+def tgserve_make_linear_method(quantize, dtype, device):
+    return LinearMethod() if quantize is None else None
+
+
+@hookimpl(trylast=True)
+def tgserve_make_attention(model_config, block_size, device, dtype):
+    return TorchPagedAttention(model_config.num_attention_heads, model_config.num_key_value_heads,
+                               model_config.head_dim, block_size)
+
+
+@hookimpl(trylast=True)
+def tgserve_make_kv_cache(num_blocks, block_size, model_config, device, dtype):
+    return KVCache(model_config.num_hidden_layers, num_blocks, block_size, model_config.num_key_value_heads,
+                   model_config.head_dim, dtype, device)
+
+
+@hookimpl(trylast=True)
+def tgserve_make_model(model_config, device, dtype, linear_method, attention):
+    return model_class(model_config.model_type)(model_config, linear_method, attention, dtype, device)

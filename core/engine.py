@@ -1,0 +1,242 @@
+"""The engine: a thread that runs steps while there is work, and the thread-safe way in and out.
+
+Callers `submit` a `GenerationRequest` with a sink; the engine thread calls the sink once per
+generated token (`TokenEvent`, the last one with `finish`) or once with an `ErrorEvent`. `stream`
+wraps that for asyncio. A failing step fails only the requests in it; the engine keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from tgserve.core.config import ServerConfig
+from tgserve.core.detokenizer import DetokenizerState, next_text
+from tgserve.core.limits import RuntimeLimits
+from tgserve.core.model_runner import ModelRunner, SampledToken
+from tgserve.core.request import ErrorEvent, Finish, GenerationRequest, ModelInfo, TokenEvent, TopToken
+from tgserve.core.scheduler import Scheduler
+from tgserve.core.sequence import Sequence
+from tgserve.core.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+Sink = Callable[[TokenEvent | ErrorEvent], None]
+_STOP_TAIL_CHARS = 256  # how much generated text a stop-sequence match looks back over
+
+
+class GenerationError(RuntimeError):
+    """The engine failed while computing a request (TGI's 424 `generation` error)."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass(slots=True, eq=False)
+class _Active:
+    """Engine-thread state of one request beside its scheduler `Sequence`."""
+
+    seq: Sequence
+    sink: Sink
+    detok: DetokenizerState = field(default_factory=DetokenizerState)
+    text_tail: str = ""  # recent generated text, for stop sequences
+    prompt_logprobs: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, config: ServerConfig, limits: RuntimeLimits, model_info: ModelInfo,
+                 tokenizer: Tokenizer, scheduler: Scheduler, runner: ModelRunner):
+        self.config = config
+        self.limits = limits
+        self.model_info = model_info
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.runner = runner
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._active: dict[int, _Active] = {}
+        self._ids = itertools.count()
+        self._is_accepting = True
+        self._is_running = False
+        self._is_healthy = True
+        self._thread: threading.Thread | None = None
+
+    # --- any thread ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._is_running = True
+        self._thread = threading.Thread(target=self._loop, name="tgserve-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> int:
+        """Queue `request`; returns its id. `sink` is called from the engine thread."""
+        if not self._is_accepting:
+            raise EngineStopped("the server is shutting down")
+        max_tokens = len(request.input_ids) + request.stopping.max_new_tokens
+        if not request.input_ids or not self.scheduler.can_ever_fit(max_tokens):
+            raise ValueError(f"request needs {max_tokens} KV slots, more than the cache holds")
+        request.request_id = next(self._ids)
+        seq = Sequence(request.request_id, request, list(request.input_ids), len(request.input_ids),
+                       max_tokens, arrival_s=time.monotonic())
+        self._inbox.put(("add", _Active(seq, sink)))
+        return request.request_id
+
+    def cancel(self, request_id: int) -> None:
+        """Drop a request: it leaves the batch before the next step and frees its blocks."""
+        self._inbox.put(("cancel", request_id))
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit and yield events in asyncio; closing the iterator early cancels the request."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def sink(event):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:
+                pass  # the event loop is gone; the request is being torn down
+
+        request_id = self.submit(request, sink)
+        is_done = False
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, ErrorEvent):
+                    is_done = True
+                    raise GenerationError(event.message)
+                is_done = event.finish is not None
+                yield event
+                if is_done:
+                    return
+        finally:
+            if not is_done:
+                self.cancel(request_id)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._is_healthy and self._is_running
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._active) + self._inbox.qsize()
+
+    def shutdown(self, drain_timeout_s: float) -> None:
+        """Stop taking requests, let in-flight ones finish for up to `drain_timeout_s`, then stop."""
+        self._is_accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while self.num_in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._is_running = False
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # --- engine thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while self._is_running:
+            self._drain_inbox(block=not self.scheduler.has_work)
+            plan = self.scheduler.schedule()
+            if not plan:
+                continue
+            now = time.monotonic()
+            for item in plan.scheduled:
+                if item.seq.first_scheduled_s is None:
+                    item.seq.first_scheduled_s = now
+            try:
+                output = self.runner.execute(plan)
+            except Exception as error:  # a failed step fails its requests, never the engine
+                log.exception("step failed")
+                self._is_healthy = False
+                for item in plan.scheduled:
+                    self._fail(item.seq.request_id, f"Request failed during generation: {error}")
+                continue
+            self._is_healthy = True
+            self._update(plan, output)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            message = self._inbox.get(block=block)
+            while True:
+                kind, payload = message
+                if kind == "add":
+                    self._active[payload.seq.request_id] = payload
+                    self.scheduler.add(payload.seq)
+                elif kind == "cancel" and payload in self._active:
+                    self.scheduler.finish(self._active.pop(payload).seq)
+                message = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _fail(self, request_id: int, message: str) -> None:
+        active = self._active.pop(request_id, None)
+        if active is not None:
+            self.scheduler.finish(active.seq)
+            active.sink(ErrorEvent(message))
+
+    def _update(self, plan, output) -> None:
+        sampled = iter(output.sampled)
+        for item in plan.scheduled:
+            seq = item.seq
+            active = self._active.get(seq.request_id)
+            seq.num_computed_tokens += item.num_new_tokens
+            if active is None:
+                continue
+            active.prompt_logprobs.extend(output.prompt_logprobs.get(seq.request_id, ()))
+            if item.is_sampling:
+                self._append(active, next(sampled))
+
+    def _append(self, active: _Active, token: SampledToken) -> None:
+        seq, tokenizer = active.seq, self.tokenizer
+        seq.token_ids.append(token.id)
+        generated = seq.token_ids[seq.num_prompt_tokens:]
+        text = next_text(tokenizer, generated, active.detok)
+        active.text_tail = (active.text_tail + text)[-_STOP_TAIL_CHARS:]
+        reason = self._finish_reason(seq, token.id, active.text_tail)
+        finish = None
+        if reason is not None:
+            now = time.monotonic()
+            sampling = seq.request.sampling
+            finish = Finish(reason=reason, generated_tokens=len(generated),
+                            seed=None if sampling.is_greedy else sampling.seed,
+                            text=tokenizer.decode(generated, skip_special_tokens=True),
+                            queue_s=seq.first_scheduled_s - seq.arrival_s, inference_s=now - seq.first_scheduled_s)
+            self.scheduler.finish(seq)
+            del self._active[seq.request_id]
+        active.sink(TokenEvent(
+            id=token.id, text=text, logprob=token.logprob, special=tokenizer.is_special(token.id),
+            index=len(generated), top_tokens=tuple(self._top(t, p) for t, p in token.top),
+            prefill=self._prefill(active) if len(generated) == 1 else (), finish=finish))
+
+    def _finish_reason(self, seq: Sequence, token_id: int, text_tail: str) -> str | None:
+        stopping = seq.request.stopping
+        if seq.num_generated_tokens >= stopping.max_new_tokens:
+            return "length"
+        if token_id in self.tokenizer.eos_token_ids and not stopping.ignore_eos_token:
+            return "eos_token"
+        if any(stop in text_tail for stop in stopping.stop_sequences):
+            return "stop_sequence"
+        return None
+
+    def _top(self, token_id: int, logprob: float) -> TopToken:
+        tokenizer = self.tokenizer
+        return TopToken(token_id, tokenizer.id_to_text(token_id), logprob, tokenizer.is_special(token_id))
+
+    def _prefill(self, active: _Active) -> tuple[TopToken, ...]:
+        if not active.seq.request.prefill_logprobs:
+            return ()
+        prompt = active.seq.token_ids[:active.seq.num_prompt_tokens]
+        logprobs = [float("nan")] + active.prompt_logprobs
+        return tuple(self._top(t, lp) for t, lp in zip(prompt, logprobs))

@@ -1,0 +1,158 @@
+"""Every hook a tgserve plugin may implement, in the order a server's life calls them.
+
+A backend plugin is a module (or object) registered under the entry-point group `tgserve.backends`;
+the built-in cpu, cuda, rocm, gaudi and inferentia backends register exactly the same way a vendor's
+`pip install tgserve-foo` would. Every backend answers `tgserve_get_backend_status`; after selection
+only the chosen backend (plus the core's reference implementations, registered `trylast`) answers
+the other hooks, so a backend overrides a default simply by implementing the hook.
+
+Conventions: hooks are called with keyword arguments only; `tgserve_get_*` / `tgserve_make_*` return
+one object and the first non-None result wins; `tgserve_on_*` are notifications whose results are
+ignored. A spec only ever changes by gaining parameters.
+"""
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "tgserve"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --- Backend selection -------------------------------------------------------------------------
+
+@hookspec
+def tgserve_get_backend_status():
+    """Say whether this backend can run here, and how well.
+
+    Returns: a `tgserve.core.backend_status.BackendStatus` (name, is_usable, priority, reason,
+    install_hint). Every backend answers; the results are collected, none wins.
+    Called: once per process, at start-up and by `tgserve backends`, before any other hook.
+    It must be cheap and must not raise: a missing SDK or device is a `reason`, not an exception.
+    """
+
+
+@hookspec
+def tgserve_on_startup(config):
+    """Prepare the process for the selected backend (thread counts, allocator settings, env).
+
+    config: the `ServerConfig`. Called once per process, right after selection. Notification.
+    """
+
+
+@hookspec(firstresult=True)
+def tgserve_get_device(rank):
+    """The `torch.device` that tensor-parallel rank `rank` (0 when unsharded) computes on.
+
+    Called once per process after start-up. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def tgserve_get_default_dtype():
+    """The dtype name ("bfloat16", "float16", "float32") used when `--dtype` is not given.
+
+    Called once per process. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def tgserve_get_free_memory_bytes(device):
+    """Bytes of memory on `device` that the KV cache may take, measured after the weights loaded.
+
+    The core multiplies this by `--cuda-memory-fraction` and a safety margin, then sizes the KV
+    cache from it. Called once per process at start-up. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def tgserve_get_dist_backend():
+    """The torch.distributed backend name for this device ("gloo", "nccl", "hccl", "xla", ...).
+
+    Called once per process when the server is sharded. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def tgserve_synchronize(device):
+    """Wait until all work queued on `device` has finished; return True.
+
+    Used by benchmarks and warmup timing, never on the per-token path. First non-None result wins.
+    """
+
+
+# --- Model -------------------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def tgserve_get_shape_constraints(model_config, config):
+    """Static-shape limits this backend needs for `model_config` under `config`, or None.
+
+    Returns: a `tgserve.core.shape_constraints.ShapeConstraints` (max batch size, max tokens per
+    sequence, prefill and decode buckets, slot-based batching). The scheduler never plans a step
+    that breaks them. Called once per process, before the KV cache is sized. First non-None wins.
+    """
+
+
+@hookspec(firstresult=True)
+def tgserve_make_linear_method(quantize, dtype, device):
+    """The weight preparation and matmul for linear layers under quantization method `quantize`.
+
+    quantize: None for unquantized weights, else a method name ("gptq", "awq", "eetq", ...).
+    Returns: a `tgserve.core.layers.linear.LinearMethod`. The core ships the reference torch method
+    for None; backends return faster kernels. Called once per process. First non-None result wins;
+    None from everyone means the method is not available on this backend.
+    """
+
+
+@hookspec(firstresult=True)
+def tgserve_make_attention(model_config, block_size, device, dtype):
+    """The paged attention implementation: how K/V are written to blocks and attended over.
+
+    Returns: a `tgserve.core.layers.attention.PagedAttention` (prepare per step, forward per layer).
+    Called once per process. First non-None result wins; the core's torch reference is the default.
+    """
+
+
+@hookspec(firstresult=True)
+def tgserve_make_model(model_config, device, dtype, linear_method, attention):
+    """Build the runnable model for `model_config` on `device`, weights not yet loaded.
+
+    Returns: an object with `load_weights(weights)`, `forward(batch, kv_cache)` and
+    `compute_logits(hidden)` (see `tgserve.core.models.registry`). The core builds its own Qwen2 /
+    Llama code; a backend may return something else entirely (a compiled graph, a wrapped model).
+    Called once per process. First non-None result wins.
+    """
+
+
+# --- Attention and KV cache --------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def tgserve_get_block_size():
+    """Tokens per KV-cache block on this backend (the core default is 16).
+
+    Called once per process. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def tgserve_make_kv_cache(num_blocks, block_size, model_config, device, dtype):
+    """Allocate the paged KV cache: `num_blocks` blocks of `block_size` tokens for every layer.
+
+    Returns: a `tgserve.core.kv_cache.KVCache`. Called once per process after the memory query.
+    First non-None result wins.
+    """
+
+
+# --- Steps and shutdown ------------------------------------------------------------------------
+
+@hookspec
+def tgserve_on_model_ready(model, kv_cache, limits):
+    """The model is loaded and warmed up with the final `limits`; capture graphs here if you want.
+
+    Called once per process, after warmup, before serving. Notification.
+    """
+
+
+@hookspec
+def tgserve_on_shutdown():
+    """The server is stopping; release device resources. Called once per process. Notification."""

@@ -1,0 +1,141 @@
+"""One engine step on the device: plan -> tensors -> model -> logits -> sampled tokens -> host.
+
+Host work is per sequence (a few list appends); everything per token happens in tensor ops. The
+only device-to-host transfer is the single packed read of the sampled ids and logprobs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tgserve.core.batch import ForwardBatch, StepPlan
+from tgserve.core.sampling import SamplingBatch, sample
+
+
+@dataclass(slots=True)
+class SampledToken:
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (id, logprob), best first; empty unless top_n_tokens was asked
+
+
+@dataclass(slots=True)
+class StepOutput:
+    sampled: list[SampledToken]  # one per sampling sequence of the plan, in plan order
+    prompt_logprobs: dict[int, list[float]]  # request_id -> logprobs of prompt tokens computed this step
+
+
+class ModelRunner:
+    def __init__(self, model, kv_cache, attention, device: torch.device, vocab_size: int):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.attention = attention
+        self.device = device
+        self.vocab_size = vocab_size
+        self.block_size = kv_cache.block_size
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepOutput:
+        batch, sampling_rows = self._forward_batch(plan)
+        hidden = self.model.forward(batch, self.kv_cache)
+        prompt_logprobs = self._prompt_logprobs(plan, hidden, batch)
+        if not sampling_rows:
+            return StepOutput([], prompt_logprobs)
+        logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+        out = sample(logits, self._sampling_batch([plan.scheduled[i].seq for i in sampling_rows]))
+        columns = [out.next_ids.unsqueeze(1).double(), out.logprobs.unsqueeze(1).double()]
+        if out.top_ids is not None:
+            columns += [out.top_ids.double(), out.top_logprobs.double()]
+        rows = torch.cat(columns, dim=1).cpu().tolist()  # the one host sync of the step
+        return StepOutput([_sampled(row) for row in rows], prompt_logprobs)
+
+    def _forward_batch(self, plan: StepPlan) -> tuple[ForwardBatch, list[int]]:
+        input_ids, query_lens, context_lens, starts, tables, sampling_rows = [], [], [], [], [], []
+        for i, item in enumerate(plan.scheduled):
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            input_ids.extend(seq.token_ids[start:end])
+            query_lens.append(item.num_new_tokens)
+            context_lens.append(end)
+            starts.append(start)
+            tables.append(seq.block_ids)
+            if item.is_sampling:
+                sampling_rows.append(i)
+        max_ctx = max(context_lens)
+        num_table_blocks = -(-max_ctx // self.block_size)
+        tables = [t[:num_table_blocks] + [0] * (num_table_blocks - min(len(t), num_table_blocks)) for t in tables]
+        dev = self.device
+        query_lens_t = torch.tensor(query_lens, dtype=torch.int64).to(dev)
+        cu_seqlens_q = torch.nn.functional.pad(query_lens_t.cumsum(0), (1, 0))
+        num_tokens = len(input_ids)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens), device=dev), query_lens_t,
+                                               output_size=num_tokens)
+        positions = (torch.tensor(starts, dtype=torch.int64).to(dev)[seq_of_token]
+                     + torch.arange(num_tokens, device=dev) - cu_seqlens_q[seq_of_token])
+        block_tables = torch.tensor(tables, dtype=torch.int64).to(dev)
+        slot_mapping = (block_tables[seq_of_token, positions // self.block_size] * self.block_size
+                        + positions % self.block_size)
+        batch = ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64).to(dev), positions=positions,
+            slot_mapping=slot_mapping, block_tables=block_tables,
+            context_lens=torch.tensor(context_lens, dtype=torch.int64).to(dev), query_lens=query_lens_t,
+            cu_seqlens_q=cu_seqlens_q, logits_indices=cu_seqlens_q[1:][torch.tensor(sampling_rows, dtype=torch.int64).to(dev)] - 1,
+            max_query_len=max(query_lens), max_context_len=max_ctx)
+        batch.attention = self.attention.prepare(batch)
+        return batch, sampling_rows
+
+    def _sampling_batch(self, seqs: list) -> SamplingBatch:
+        params = [s.request.sampling for s in seqs]
+        dev = self.device
+
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(dev)
+
+        any_penalty = any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 for p in params)
+        history = None
+        if any_penalty:
+            width = max(len(s.token_ids) for s in seqs)
+            history = column([s.token_ids + [self.vocab_size] * (width - len(s.token_ids)) for s in seqs], torch.int64)
+        greedy = [p.is_greedy for p in params]
+        return SamplingBatch(
+            temperature=column([p.temperature for p in params], torch.float32),
+            top_k=column([p.top_k for p in params], torch.int64),
+            top_p=column([p.top_p for p in params], torch.float32),
+            typical_p=column([p.typical_p for p in params], torch.float32),
+            repetition_penalty=column([p.repetition_penalty for p in params], torch.float32),
+            frequency_penalty=column([p.frequency_penalty for p in params], torch.float32),
+            seed=column([p.seed & 0x7FFFFFFFFFFFFFFF for p in params], torch.int64),
+            step=column([s.num_generated_tokens for s in seqs], torch.int64),
+            is_greedy=column(greedy, torch.bool), token_history=history,
+            any_sampling=not all(greedy), any_top_k=any(p.top_k > 0 for p in params),
+            any_top_p=any(p.top_p < 1.0 for p in params), any_typical_p=any(p.typical_p < 1.0 for p in params),
+            max_top_n=max(s.request.top_n_tokens for s in seqs))
+
+    def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor, batch: ForwardBatch) -> dict[int, list[float]]:
+        """Logprobs of prompt tokens for requests that asked (decoder_input_details); rare, so simple."""
+        rows, targets, owners = [], [], []
+        offset = 0
+        for item in plan.scheduled:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            if seq.request.prefill_logprobs and start < seq.num_prompt_tokens:
+                for position in range(start, min(start + item.num_new_tokens, seq.num_prompt_tokens - 1)):
+                    rows.append(offset + position - start)
+                    targets.append(seq.token_ids[position + 1])
+                    owners.append(seq.request_id)
+            offset += item.num_new_tokens
+        if not rows:
+            return {}
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        target_t = torch.tensor(targets, device=self.device).unsqueeze(1)
+        values = torch.log_softmax(logits, dim=-1).gather(1, target_t).squeeze(1).tolist()
+        result: dict[int, list[float]] = {}
+        for owner, value in zip(owners, values):
+            result.setdefault(owner, []).append(value)
+        return result
+
+
+def _sampled(row: list[float]) -> SampledToken:
+    num_top = (len(row) - 2) // 2
+    top = [(int(row[2 + j]), row[2 + num_top + j]) for j in range(num_top)]
+    return SampledToken(int(row[0]), row[1], top)

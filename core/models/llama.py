@@ -1,0 +1,120 @@
+"""The Llama decoder family: Llama itself, and (with q/k/v biases) Qwen2. One forward for both.
+
+Constructors allocate; `load_weights` fills tensors from checkpoint names; `finalize` hands linear
+weights to the linear method (packing, quantizing) once everything is loaded.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tgserve.core.batch import ForwardBatch
+from tgserve.core.layers.attention import PagedAttention
+from tgserve.core.layers.linear import Linear, LinearMethod
+from tgserve.core.layers.norm import RMSNorm
+from tgserve.core.layers.rotary import RotaryEmbedding
+from tgserve.core.model_config import ModelConfig
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, method: LinearMethod, attention: PagedAttention,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
+        kw = dict(method=method, dtype=dtype, device=device)
+        self.qkv_proj = Linear(h, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias, **kw)
+        self.o_proj = Linear(self.q_size, [h], bias=False, **kw)
+        self.gate_up_proj = Linear(h, [cfg.intermediate_size] * 2, bias=False, **kw)
+        self.down_proj = Linear(cfg.intermediate_size, [h], bias=False, **kw)
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
+        self.attention = attention
+        self.intermediate_size = cfg.intermediate_size
+
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, layer_cache, batch: ForwardBatch) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]."""
+        qkv = self.qkv_proj(self.input_layernorm(x))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rotary(batch.positions, q, k)
+        attn = self.attention.forward(q, k, v.reshape(-1, self.num_kv_heads, self.head_dim), layer_cache, batch)
+        x = x + self.o_proj(attn)
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).split(self.intermediate_size, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+# checkpoint sub-name -> (our attribute, index inside a fused layer)
+_LAYER_WEIGHTS = {
+    "self_attn.q_proj": ("qkv_proj", 0), "self_attn.k_proj": ("qkv_proj", 1), "self_attn.v_proj": ("qkv_proj", 2),
+    "self_attn.o_proj": ("o_proj", 0), "mlp.gate_proj": ("gate_up_proj", 0), "mlp.up_proj": ("gate_up_proj", 1),
+    "mlp.down_proj": ("down_proj", 0),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token ids in, hidden states out; `compute_logits` turns selected hidden states into logits."""
+
+    def __init__(self, cfg: ModelConfig, method: LinearMethod, attention: PagedAttention,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device),
+                                         requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, method, attention, dtype, device)
+                                    for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.lm_head = Linear(cfg.hidden_size, [cfg.vocab_size], bias=False, method=method, dtype=dtype, device=device)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                                      cfg.rope_scaling, dtype, device)
+
+    def forward(self, batch: ForwardBatch, kv_cache) -> torch.Tensor:
+        """Run every layer over the packed tokens of `batch`; returns hidden states [T, hidden]."""
+        x = F.embedding(batch.input_ids, self.embed_tokens)
+        for layer, layer_cache in zip(self.layers, kv_cache.layers):
+            x = layer(x, self.rotary, layer_cache, batch)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> float32 logits [N, vocab]."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fill parameters from (checkpoint name, tensor) pairs, then hand linears to their method."""
+        seen_lm_head = False
+        for name, tensor in weights:
+            seen_lm_head |= name == "lm_head.weight"
+            self._load_one(name, tensor)
+        if not seen_lm_head:
+            if not self.config.tie_word_embeddings:
+                raise ValueError("checkpoint has no lm_head.weight and tie_word_embeddings is false")
+            self.lm_head.load(0, "weight", self.embed_tokens.data)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.finalize()
+
+    def _load_one(self, name: str, tensor: torch.Tensor) -> None:
+        if name == "model.embed_tokens.weight":
+            self.embed_tokens.data.copy_(tensor)
+        elif name == "model.norm.weight":
+            self.norm.weight.data.copy_(tensor)
+        elif name == "lm_head.weight":
+            self.lm_head.load(0, "weight", tensor)
+        elif name.startswith("model.layers."):
+            index, rest = name[len("model.layers."):].split(".", 1)
+            layer = self.layers[int(index)]
+            module_name, kind = rest.rsplit(".", 1)
+            if module_name in ("input_layernorm", "post_attention_layernorm"):
+                getattr(layer, module_name).weight.data.copy_(tensor)
+            elif module_name in _LAYER_WEIGHTS:
+                attr, shard = _LAYER_WEIGHTS[module_name]
+                getattr(layer, attr).load(shard, kind, tensor)
+            elif "rotary_emb" not in module_name:
+                raise ValueError(f"unexpected checkpoint tensor {name}")
+        elif "rotary_emb" not in name:
+            raise ValueError(f"unexpected checkpoint tensor {name}")

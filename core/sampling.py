@@ -1,0 +1,126 @@
+"""Choosing the next token for every sampling sequence of a step, with TGI's parameters.
+
+Order, as TGI: repetition penalty, frequency penalty, temperature, top-k, top-p, typical-p, then
+greedy argmax or a seeded draw. Rows of the batch are independent: a seeded row draws its noise
+from a counter-based hash of (seed, generated-token index, vocabulary id), never from a shared
+generator, so its text does not depend on what else shares the batch. Sampling by
+argmax(logprobs + Gumbel noise) is an exact draw from the distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(slots=True)
+class SamplingBatch:
+    """Per-row parameters on the device, S = sampling sequences in the step (built by the runner)."""
+
+    temperature: torch.Tensor  # float32 [S]
+    top_k: torch.Tensor  # int64 [S], 0 = off
+    top_p: torch.Tensor  # float32 [S], 1.0 = off
+    typical_p: torch.Tensor  # float32 [S], 1.0 = off
+    repetition_penalty: torch.Tensor  # float32 [S], 1.0 = off
+    frequency_penalty: torch.Tensor  # float32 [S], 0.0 = off
+    seed: torch.Tensor  # int64 [S], low 63 bits of the request's seed
+    step: torch.Tensor  # int64 [S], index of the token being drawn (tokens generated so far)
+    is_greedy: torch.Tensor  # bool [S]
+    token_history: torch.Tensor | None  # int64 [S, L] prompt + generated ids padded with vocab_size
+    # Host flags (python bools/ints) so a step skips the work nobody in it asked for.
+    any_sampling: bool
+    any_top_k: bool
+    any_top_p: bool
+    any_typical_p: bool
+    max_top_n: int
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    next_ids: torch.Tensor  # int64 [S]
+    logprobs: torch.Tensor  # float32 [S], log-probability of next_ids under the processed distribution
+    top_ids: torch.Tensor | None  # int64 [S, max_top_n]
+    top_logprobs: torch.Tensor | None  # float32 [S, max_top_n]
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """logits: float32 [S, vocab] -> the chosen token of each row and its logprob."""
+    if batch.token_history is not None:
+        logits = _apply_penalties(logits, batch)
+    if batch.any_sampling:
+        logits = logits / batch.temperature.unsqueeze(1)
+        if batch.any_top_k or batch.any_top_p:
+            logits = _top_k_top_p(logits, batch)
+        if batch.any_typical_p:
+            logits = _typical(logits, batch.typical_p)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if batch.any_sampling:
+        noisy = logprobs + _gumbel(batch.seed, batch.step, logits.shape[1])
+        next_ids = torch.where(batch.is_greedy, logprobs.argmax(-1), noisy.argmax(-1))
+    else:
+        next_ids = logprobs.argmax(-1)
+    chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)
+    top_ids = top_logprobs = None
+    if batch.max_top_n > 0:
+        top_logprobs, top_ids = logprobs.topk(batch.max_top_n, dim=-1)
+    return SamplerOutput(next_ids, chosen, top_ids, top_logprobs)
+
+
+def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """CTRL repetition penalty on seen tokens, then OpenAI-style frequency penalty by count."""
+    num_rows, vocab = logits.shape
+    padded = torch.cat([logits, logits.new_zeros(num_rows, 1)], dim=1)  # column `vocab` absorbs padding
+    seen = padded.gather(1, batch.token_history)
+    penalty = batch.repetition_penalty.unsqueeze(1)
+    padded = padded.scatter(1, batch.token_history, torch.where(seen < 0, seen * penalty, seen / penalty))
+    counts = torch.zeros_like(padded).scatter_add_(1, batch.token_history, torch.ones_like(seen))
+    padded = padded - batch.frequency_penalty.unsqueeze(1) * counts
+    return padded[:, :vocab]
+
+
+def _top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Mask everything outside each row's top_k and top_p nucleus (one sort for both)."""
+    vocab = logits.shape[1]
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    k = torch.where(batch.top_k > 0, batch.top_k, vocab).unsqueeze(1)
+    remove = rank >= k
+    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove |= (mass_before >= _threshold(batch.top_p)) & (rank > 0)
+    return logits.scatter(1, sorted_ids, sorted_logits.masked_fill(remove, float("-inf")))
+
+
+def _typical(logits: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling: keep the tokens whose surprise is closest to the entropy."""
+    logp = torch.log_softmax(logits, dim=-1)
+    entropy = -(logp.exp() * logp).nan_to_num().sum(-1, keepdim=True)
+    distance, order = (-logp - entropy).abs().sort(dim=-1)
+    probs = logp.gather(1, order).exp()
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove = (mass_before >= _threshold(typical_p)) & (torch.arange(logits.shape[1], device=logits.device) > 0)
+    keep_sorted = torch.where(remove, float("-inf"), 0.0)
+    return logits + torch.empty_like(logits).scatter_(1, order, keep_sorted)
+
+
+def _threshold(mass: torch.Tensor) -> torch.Tensor:
+    """[S] probability mass -> [S, 1] cut-off; 1.0 means off, even when a cumsum rounds past 1."""
+    return torch.where(mass < 1.0, mass, float("inf")).unsqueeze(1)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (in int64 lanes, values in [0, 2**32)) with good avalanche."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _gumbel(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [S, vocab], a pure function of (seed, step, vocabulary id)."""
+    row_key = _mix32(_mix32((seed & _MASK32) ^ _mix32((seed >> 32) & _MASK32)) ^ step)
+    ids = torch.arange(vocab, device=seed.device, dtype=torch.int64)
+    bits = _mix32((_mix32(ids).unsqueeze(0) ^ row_key.unsqueeze(1)) + 0x9E3779B9 & _MASK32)
+    uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(uniform))

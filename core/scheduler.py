@@ -1,0 +1,78 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each computes.
+
+Pure Python, no torch. Every step, running sequences go first (one decode token each, or the next
+chunk of a long prompt), then waiting requests join in arrival order while the step's token budget
+(`max_batch_prefill_tokens`), the batch size limit and the free KV blocks allow. Admission stops
+at the first request that does not fit, so nobody is overtaken and nobody starves. A request
+reserves the blocks for its whole token budget when admitted, so a running request never runs out
+of cache and nothing is ever preempted.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from tgserve.core.batch import ScheduledSequence, StepPlan
+from tgserve.core.block_manager import BlockManager
+from tgserve.core.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_batch_prefill_tokens: int,
+                 max_batch_size: int | None, is_chunking_allowed: bool = True):
+        self.blocks = block_manager
+        self.max_step_tokens = max_batch_prefill_tokens
+        self.max_batch_size = max_batch_size
+        self.is_chunking_allowed = is_chunking_allowed
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; it joins a step once it fits."""
+        assert self.blocks.blocks_for(seq.max_tokens) <= self.blocks.num_usable_blocks, "request can never fit"
+        self.waiting.append(seq)
+
+    def can_ever_fit(self, max_tokens: int) -> bool:
+        """Whether a request needing `max_tokens` KV slots fits in an empty cache."""
+        return self.blocks.blocks_for(max_tokens) <= self.blocks.num_usable_blocks
+
+    def schedule(self) -> StepPlan:
+        """Pick the next step's sequences and token counts."""
+        plan = StepPlan()
+        budget = self.max_step_tokens
+        for seq in self.running:
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if num_tokens == 0:
+                continue
+            plan.scheduled.append(ScheduledSequence(seq, num_tokens))
+            budget -= num_tokens
+        while self.waiting and budget > 0 and self._has_batch_room():
+            seq = self.waiting[0]
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            is_whole = num_tokens == seq.num_uncomputed_tokens
+            num_blocks = self.blocks.blocks_for(seq.max_tokens)
+            if not (is_whole or self.is_chunking_allowed) or not self.blocks.can_allocate(num_blocks):
+                break
+            self.waiting.popleft()
+            seq.block_ids = self.blocks.allocate(num_blocks)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            plan.scheduled.append(ScheduledSequence(seq, num_tokens))
+            budget -= num_tokens
+        return plan
+
+    def _has_batch_room(self) -> bool:
+        return self.max_batch_size is None or len(self.running) < self.max_batch_size
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or cancelled sequence at once and give its blocks back."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.blocks.free(seq.block_ids)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.block_ids = []
+        seq.status = SequenceStatus.FINISHED

@@ -1,0 +1,38 @@
+"""One request's life inside the engine: its tokens, its KV blocks and its progress."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from tgserve.core.request import GenerationRequest
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued, no KV blocks yet
+    RUNNING = "running"  # holds KV blocks, computed in every step until it finishes
+    FINISHED = "finished"  # done or cancelled; its blocks are back in the pool
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """Mutable per-request state, owned by the engine thread."""
+
+    request_id: int
+    request: GenerationRequest
+    token_ids: list[int]  # prompt followed by generated tokens
+    num_prompt_tokens: int
+    max_tokens: int  # prompt + max_new_tokens: the KV slots reserved at admission
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_ids: list[int] = field(default_factory=list)
+    is_cancelled: bool = False
+    arrival_s: float = 0.0  # time.monotonic() at submit
+    first_scheduled_s: float | None = None  # when it first entered a step (end of its queue time)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
