@@ -8,7 +8,9 @@ the other hooks, so a backend overrides a default simply by implementing the hoo
 
 Conventions: hooks are called with keyword arguments only; `tgserve_get_*` / `tgserve_make_*` return
 one object and the first non-None result wins; `tgserve_on_*` are notifications whose results are
-ignored. A spec only ever changes by gaining parameters.
+ignored. A spec only ever changes by gaining parameters. Wherever a hook receives `dtype` it is a
+`torch.dtype`; `device` is a `torch.device`. The selection and memory hooks (status, device, default
+dtype, free memory, dist backend, synchronize) have no core default: a backend must implement them.
 """
 from __future__ import annotations
 

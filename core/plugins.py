@@ -15,6 +15,9 @@ from tgserve.core import default_plugin, hookspecs
 from tgserve.core.backend_status import BackendStatus
 
 ENTRY_POINT_GROUP = "tgserve.backends"
+# Hooks with no core default: the selected backend itself must answer them.
+REQUIRED_HOOKS = ("tgserve_get_backend_status", "tgserve_get_device", "tgserve_get_default_dtype",
+                  "tgserve_get_free_memory_bytes", "tgserve_get_dist_backend", "tgserve_synchronize")
 
 
 class BackendUnavailable(RuntimeError):
@@ -62,10 +65,14 @@ class BackendRegistry:
                 self.failures[entry_point.name] = f"failed to load {entry_point.value}: {error!r}"
         for name, plugin in (extra_plugins or {}).items():
             self._register(name, plugin)
-        self.pm.check_pending()
 
     def _register(self, name: str, plugin: object) -> None:
+        """Register one backend; a hook name without a spec (a typo) rejects that plugin alone."""
         self.pm.register(plugin, name=f"backend:{name}")
+        unknown = [caller.name for caller in self.pm.get_hookcallers(plugin) or () if not caller.has_spec()]
+        if unknown:
+            self.pm.unregister(plugin)
+            raise pluggy.PluginValidationError(plugin, f"unknown hook(s) {', '.join(unknown)}")
         self.plugins[name] = plugin
 
     def statuses(self) -> list[BackendStatus]:
@@ -83,8 +90,13 @@ class BackendRegistry:
             status = self.pm.subset_hook_caller("tgserve_get_backend_status", others)()
         except Exception as error:
             return BackendStatus(name=name, is_usable=False, reason=f"status check raised {error!r}")
-        if len(status) != 1:
-            return BackendStatus(name=name, is_usable=False, reason="does not implement tgserve_get_backend_status")
+        missing = [hook for hook in REQUIRED_HOOKS if not hasattr(plugin, hook)]
+        if len(status) != 1 or missing:
+            return BackendStatus(name=name, is_usable=False,
+                                 reason=f"plugin does not implement {', '.join(missing) or 'its status hook'}")
+        if status[0].name != name:
+            return BackendStatus(name=name, is_usable=False,
+                                 reason=f"plugin says its name is '{status[0].name}', its entry point says '{name}'")
         return status[0]
 
     def select(self, requested: str = "auto") -> ActiveBackend:
