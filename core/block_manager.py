@@ -10,6 +10,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: list[int] = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
+        self._free_set: set[int] = set(self._free)  # the same ids, to catch double frees
 
     @property
     def num_free_blocks(self) -> int:
@@ -29,9 +30,13 @@ class BlockManager:
     def allocate(self, num_blocks: int) -> list[int]:
         """Take `num_blocks` free blocks; the caller checked `can_allocate`."""
         assert self.can_allocate(num_blocks), f"asked {num_blocks} blocks, {len(self._free)} free"
-        return [self._free.pop() for _ in range(num_blocks)]
+        taken = [self._free.pop() for _ in range(num_blocks)]
+        self._free_set.difference_update(taken)
+        return taken
 
     def free(self, block_ids: list[int]) -> None:
         """Return blocks to the pool."""
+        assert all(0 < b < self.num_blocks for b in block_ids), f"freeing a block outside 1..{self.num_blocks - 1}"
+        assert not self._free_set.intersection(block_ids), "a block was freed twice"
         self._free.extend(reversed(block_ids))
-        assert len(self._free) <= self.num_blocks - 1, "a block was freed twice"
+        self._free_set.update(block_ids)

@@ -79,6 +79,8 @@ class Engine:
         max_tokens = len(request.input_ids) + request.stopping.max_new_tokens
         if not request.input_ids or not self.scheduler.can_ever_fit(max_tokens):
             raise ValueError(f"request needs {max_tokens} KV slots, more than the cache holds")
+        if not 0 <= min(request.input_ids) <= max(request.input_ids) < self.runner.vocab_size:
+            raise ValueError(f"input token ids must be in [0, {self.runner.vocab_size})")
         request.request_id = next(self._ids)
         seq = Sequence(request.request_id, request, list(request.input_ids), len(request.input_ids),
                        max_tokens, arrival_s=time.monotonic())

@@ -1,0 +1,81 @@
+"""RotaryEmbedding against transformers' Qwen2 / Llama rotary embedding on the same q, k and positions."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, Qwen2Config
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb as qwen2_apply
+
+from tgserve.core.layers.rotary import RotaryEmbedding
+from tgserve.core.model_config import ModelConfig
+
+_MAX_POSITIONS = 8192
+_LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0, "original_max_position_embeddings": 1024}
+
+_CASES = {
+    "qwen2-default": (Qwen2Config, Qwen2RotaryEmbedding, qwen2_apply,
+                      {"head_dim": 64, "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0}}),
+    "llama-default": (LlamaConfig, LlamaRotaryEmbedding, llama_apply,
+                      {"head_dim": 128, "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}}),
+    "llama-llama3": (LlamaConfig, LlamaRotaryEmbedding, llama_apply, {"head_dim": 64, "rope_parameters": _LLAMA3}),
+    "llama-linear": (LlamaConfig, LlamaRotaryEmbedding, llama_apply,
+                     {"head_dim": 32, "rope_parameters": {"rope_type": "linear", "rope_theta": 10_000.0,
+                                                          "factor": 4.0}}),
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_rotary_matches_transformers(case):
+    config_cls, hf_rotary_cls, hf_apply, extra = _CASES[case]
+    hf_config = config_cls(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=_MAX_POSITIONS, **extra)
+    # Build ours the way the model does: from config.json through ModelConfig.
+    model_config = ModelConfig.from_dict(hf_config.to_dict())
+    ours = RotaryEmbedding(model_config.head_dim, model_config.max_position_embeddings, model_config.rope_theta,
+                           model_config.rope_scaling, torch.float32, torch.device("cpu"))
+
+    generator = torch.Generator().manual_seed(0)
+    head_dim = model_config.head_dim
+    positions = torch.cat([torch.arange(5), torch.randint(0, _MAX_POSITIONS, (27,), generator=generator),
+                           torch.tensor([_MAX_POSITIONS - 1])])
+    q = torch.randn(len(positions), 4, head_dim, generator=generator)
+    k = torch.randn(len(positions), 2, head_dim, generator=generator)
+    q_ours, k_ours = ours(positions, q, k)
+
+    hf_rotary = hf_rotary_cls(hf_config)
+    cos, sin = hf_rotary(q, positions.unsqueeze(0))  # [1, T, head_dim]
+    q_ref, k_ref = hf_apply(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), cos, sin)
+    assert hf_rotary.attention_scaling == 1.0
+    torch.testing.assert_close(q_ours, q_ref[0].transpose(0, 1), rtol=0, atol=2e-6)
+    torch.testing.assert_close(k_ours, k_ref[0].transpose(0, 1), rtol=0, atol=2e-6)
+
+
+def test_position_zero_is_identity_and_norms_are_kept():
+    rotary = RotaryEmbedding(16, 64, 10_000.0, None, torch.float32, torch.device("cpu"))
+    q, k = torch.randn(3, 2, 16), torch.randn(3, 1, 16)
+    q_rot, k_rot = rotary(torch.tensor([0, 0, 0]), q, k)
+    torch.testing.assert_close(q_rot, q)
+    torch.testing.assert_close(k_rot, k)
+    q_rot, _ = rotary(torch.tensor([1, 17, 63]), q, k)
+    torch.testing.assert_close(q_rot.norm(dim=-1), q.norm(dim=-1))
+
+
+def test_scores_depend_on_relative_position_only():
+    rotary = RotaryEmbedding(32, 256, 10_000.0, None, torch.float32, torch.device("cpu"))
+    q, k = torch.randn(1, 1, 32), torch.randn(1, 1, 32)
+
+    def score(q_pos, k_pos):
+        q_rot, _ = rotary(torch.tensor([q_pos]), q, k)
+        _, k_rot = rotary(torch.tensor([k_pos]), q, k)
+        return (q_rot * k_rot).sum()
+
+    torch.testing.assert_close(score(10, 3), score(107, 100), rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_rope_type_is_refused():
+    with pytest.raises(ValueError, match="unsupported rope_type 'yarn'"):
+        RotaryEmbedding(16, 64, 10_000.0, {"rope_type": "yarn", "factor": 2.0}, torch.float32, torch.device("cpu"))

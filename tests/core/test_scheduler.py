@@ -1,0 +1,333 @@
+"""Scheduler: continuous batching, FIFO admission, step token budget, chunking, block reservation.
+
+Sequences are built directly; `_step` mirrors what `Engine._update` / `_append` do after a step.
+"""
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tgserve.core.block_manager import BlockManager
+from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
+from tgserve.core.scheduler import Scheduler
+from tgserve.core.sequence import Sequence, SequenceStatus
+
+_NEXT_TOKEN = 7
+
+
+def _seq(request_id: int, num_prompt_tokens: int, max_new_tokens: int) -> Sequence:
+    prompt = [1 + i % 50 for i in range(num_prompt_tokens)]
+    request = GenerationRequest(prompt, SamplingParams(), StoppingParams(max_new_tokens), request_id=request_id)
+    return Sequence(request_id, request, list(prompt), num_prompt_tokens, num_prompt_tokens + max_new_tokens)
+
+
+def _scheduler(num_blocks=64, block_size=4, max_step_tokens=64, max_batch_size=None, chunking=True) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, block_size), max_step_tokens, max_batch_size, chunking)
+
+
+def _step(scheduler: Scheduler):
+    """One engine step: schedule, 'compute', append a token to sampling rows, finish at max_new_tokens."""
+    plan = scheduler.schedule()
+    for item in plan.scheduled:
+        seq = item.seq
+        seq.num_computed_tokens += item.num_new_tokens
+        if item.is_sampling:
+            seq.token_ids.append(_NEXT_TOKEN)
+            if seq.num_generated_tokens >= seq.request.stopping.max_new_tokens:
+                scheduler.finish(seq)
+    return plan
+
+
+def _tokens(plan) -> dict[int, int]:
+    return {item.seq.request_id: item.num_new_tokens for item in plan.scheduled}
+
+
+def test_request_joins_running_batch_at_next_step():
+    scheduler = _scheduler()
+    a = _seq(0, 5, 10)
+    scheduler.add(a)
+    assert _tokens(_step(scheduler)) == {0: 5}
+    assert _tokens(_step(scheduler)) == {0: 1}
+    b = _seq(1, 3, 10)
+    scheduler.add(b)
+    assert b.status is SequenceStatus.WAITING and b.block_ids == []
+    plan = _step(scheduler)
+    assert _tokens(plan) == {0: 1, 1: 3}
+    assert [item.seq for item in plan.scheduled] == [a, b]  # running first, then admissions
+    assert all(item.is_sampling for item in plan.scheduled)
+    assert b.status is SequenceStatus.RUNNING and scheduler.running == [a, b]
+    assert _tokens(_step(scheduler)) == {0: 1, 1: 1}
+
+
+def test_empty_scheduler_plans_nothing():
+    scheduler = _scheduler()
+    assert not scheduler.has_work
+    plan = scheduler.schedule()
+    assert not plan and plan.num_tokens == 0
+
+
+def test_later_small_request_never_overtakes_earlier_big_one():
+    # 8 usable blocks of 4 tokens. A holds 6 blocks; B needs 4 (does not fit), C needs 1 (would fit).
+    scheduler = _scheduler(num_blocks=9, block_size=4)
+    a, b, c = _seq(0, 20, 4), _seq(1, 12, 4), _seq(2, 2, 2)
+    scheduler.add(a)
+    _step(scheduler)
+    scheduler.add(b)
+    scheduler.add(c)
+    assert scheduler.blocks.num_free_blocks == 2
+    plan = _step(scheduler)
+    assert _tokens(plan) == {0: 1}
+    assert list(scheduler.waiting) == [b, c]
+    assert c.block_ids == [] and c.status is SequenceStatus.WAITING
+    # No starvation: B runs as soon as A's blocks come back, and before C.
+    while a.status is not SequenceStatus.FINISHED:
+        assert set(_tokens(_step(scheduler))) == {0}
+    plan = _step(scheduler)
+    assert [item.seq for item in plan.scheduled] == [b, c]
+    assert _tokens(plan) == {1: 12, 2: 2}
+
+
+def test_fifo_blocks_admission_even_when_batch_room_remains():
+    scheduler = _scheduler(num_blocks=5, block_size=4)  # 4 usable blocks
+    big, small = _seq(0, 12, 1), _seq(1, 1, 1)  # big needs all 4 blocks
+    scheduler.add(_seq(9, 1, 2))  # holds 1 block
+    _step(scheduler)
+    scheduler.add(big)
+    scheduler.add(small)
+    assert _tokens(_step(scheduler)) == {9: 1}
+    assert list(scheduler.waiting) == [big, small]
+
+
+def test_step_budget_counts_decodes_and_chunks_long_prompt():
+    scheduler = _scheduler(max_step_tokens=8)
+    decoders = [_seq(i, 2, 50) for i in range(3)]
+    for seq in decoders:
+        scheduler.add(seq)
+    assert _step(scheduler).num_tokens == 6
+    long = _seq(10, 10, 3)
+    scheduler.add(long)
+    plan = _step(scheduler)
+    assert _tokens(plan) == {0: 1, 1: 1, 2: 1, 10: 5}
+    assert plan.num_tokens == 8
+    assert not plan.scheduled[-1].is_sampling  # mid-prompt chunk: no token drawn
+    assert long.num_computed_tokens == 5 and long.num_generated_tokens == 0
+    plan = _step(scheduler)
+    assert _tokens(plan) == {0: 1, 1: 1, 2: 1, 10: 5}
+    assert plan.scheduled[-1].is_sampling
+    assert long.num_generated_tokens == 1
+    assert _tokens(_step(scheduler)) == {0: 1, 1: 1, 2: 1, 10: 1}
+
+
+def test_long_prompt_alone_is_chunked_across_steps():
+    scheduler = _scheduler(max_step_tokens=8)
+    seq = _seq(0, 20, 2)
+    scheduler.add(seq)
+    chunks = []
+    while seq.status is not SequenceStatus.FINISHED:
+        plan = _step(scheduler)
+        chunks.append((plan.scheduled[0].num_new_tokens, plan.scheduled[0].is_sampling))
+    assert chunks == [(8, False), (8, False), (4, True), (1, True)]
+
+
+def test_budget_bounds_running_decodes_too():
+    scheduler = _scheduler(max_step_tokens=2)
+    for i in range(3):
+        scheduler.add(_seq(i, 1, 5))
+    assert _tokens(_step(scheduler)) == {0: 1, 1: 1}
+    assert _tokens(_step(scheduler)) == {0: 1, 1: 1}  # budget spent on decodes: request 2 waits
+    assert len(scheduler.waiting) == 1
+
+
+def test_prompt_kept_whole_when_chunking_is_not_allowed():
+    scheduler = _scheduler(max_step_tokens=12, chunking=False)
+    decoder = _seq(0, 2, 3)
+    scheduler.add(decoder)
+    _step(scheduler)
+    long = _seq(1, 12, 1)
+    scheduler.add(long)
+    while decoder.status is not SequenceStatus.FINISHED:
+        assert _tokens(_step(scheduler)) == {0: 1}  # 1 + 12 > 12: the prompt waits, whole
+        assert long.status is SequenceStatus.WAITING
+    plan = _step(scheduler)
+    assert _tokens(plan) == {1: 12}
+    assert plan.scheduled[0].is_sampling
+
+
+def test_max_batch_size_bounds_running_set():
+    scheduler = _scheduler(max_batch_size=2)
+    seqs = [_seq(0, 2, 2)] + [_seq(i, 2, 10) for i in range(1, 4)]
+    for seq in seqs:
+        scheduler.add(seq)
+    assert _tokens(_step(scheduler)) == {0: 2, 1: 2}
+    assert len(scheduler.running) == 2 and len(scheduler.waiting) == 2
+    assert _tokens(_step(scheduler)) == {0: 1, 1: 1}  # request 0 finishes at its 2nd token
+    assert scheduler.running == [seqs[1]]
+    assert _tokens(_step(scheduler)) == {1: 1, 2: 2}
+    assert scheduler.running == seqs[1:3] and list(scheduler.waiting) == [seqs[3]]
+
+
+def test_finish_running_sequence_frees_blocks_at_once():
+    scheduler = _scheduler(num_blocks=9, block_size=4)
+    seq = _seq(0, 5, 7)
+    scheduler.add(seq)
+    _step(scheduler)
+    assert len(seq.block_ids) == 3 and scheduler.blocks.num_free_blocks == 5
+    scheduler.finish(seq)
+    assert scheduler.blocks.num_free_blocks == 8
+    assert seq.status is SequenceStatus.FINISHED and seq.block_ids == []
+    assert not scheduler.has_work
+    assert not scheduler.schedule()
+    scheduler.finish(seq)  # a second finish (late cancel) changes nothing
+    assert scheduler.blocks.num_free_blocks == 8
+
+
+def test_finish_waiting_sequence_removes_it():
+    scheduler = _scheduler(num_blocks=3, block_size=4)
+    first, second = _seq(0, 4, 4), _seq(1, 2, 2)
+    scheduler.add(first)
+    scheduler.add(second)
+    _step(scheduler)
+    assert list(scheduler.waiting) == [second]
+    scheduler.finish(second)
+    assert not scheduler.waiting and second.status is SequenceStatus.FINISHED
+    assert scheduler.blocks.num_free_blocks == 0
+    assert _tokens(_step(scheduler)) == {0: 1}
+
+
+def test_cancelled_head_unblocks_queue():
+    scheduler = _scheduler(num_blocks=5, block_size=4)
+    scheduler.add(_seq(0, 8, 4))  # 3 of 4 blocks
+    _step(scheduler)
+    big, small = _seq(1, 8, 4), _seq(2, 2, 2)
+    scheduler.add(big)
+    scheduler.add(small)
+    assert _tokens(_step(scheduler)) == {0: 1}
+    scheduler.finish(big)
+    assert _tokens(_step(scheduler)) == {0: 1, 2: 2}
+
+
+@pytest.mark.parametrize(("prompt", "max_new", "block_size", "expected"),
+                         [(1, 1, 4, 1), (3, 1, 4, 1), (4, 1, 4, 2), (5, 3, 4, 2), (16, 16, 16, 2), (17, 16, 16, 3),
+                          (7, 9, 1, 16)])
+def test_admission_reserves_blocks_for_whole_budget(prompt, max_new, block_size, expected):
+    scheduler = _scheduler(num_blocks=40, block_size=block_size)
+    seq = _seq(0, prompt, max_new)
+    scheduler.add(seq)
+    scheduler.schedule()
+    assert len(seq.block_ids) == expected == -(-(prompt + max_new) // block_size)
+    assert 0 not in seq.block_ids
+    assert scheduler.blocks.num_free_blocks == 39 - expected
+
+
+def test_request_that_can_never_fit_is_refused():
+    scheduler = _scheduler(num_blocks=3, block_size=4)  # 8 slots
+    assert scheduler.can_ever_fit(8)
+    assert not scheduler.can_ever_fit(9)
+    with pytest.raises(AssertionError):
+        scheduler.add(_seq(0, 5, 4))
+
+
+# --- property: random arrivals, cancels and steps ---------------------------------------------------
+
+_limits = st.fixed_dictionaries({
+    "num_blocks": st.integers(2, 24),
+    "block_size": st.integers(1, 8),
+    "max_step_tokens": st.integers(1, 32),
+    "max_batch_size": st.none() | st.integers(1, 6),
+    "chunking": st.booleans(),
+})
+_op = st.one_of(
+    st.tuples(st.just("arrive"), st.integers(1, 40), st.integers(1, 12)),
+    st.tuples(st.just("cancel"), st.integers(0, 50)),
+    st.tuples(st.just("step")),
+)
+
+
+def _check_invariants(scheduler: Scheduler, limits: dict) -> None:
+    blocks = scheduler.blocks
+    held = [b for seq in scheduler.running for b in seq.block_ids]
+    assert len(held) == len(set(held)), "a block is held twice"
+    assert 0 not in held, "block 0 handed out"
+    assert blocks.num_free_blocks + len(held) == blocks.num_usable_blocks, "a block was lost or double-freed"
+    if limits["max_batch_size"] is not None:
+        assert len(scheduler.running) <= limits["max_batch_size"]
+    for seq in scheduler.running:
+        assert seq.status is SequenceStatus.RUNNING
+        assert len(seq.block_ids) == blocks.blocks_for(seq.max_tokens)
+    for seq in scheduler.waiting:
+        assert seq.status is SequenceStatus.WAITING and seq.block_ids == [] and seq.num_computed_tokens == 0
+
+
+def _check_plan(plan, scheduler: Scheduler, limits: dict) -> None:
+    assert plan.num_tokens <= limits["max_step_tokens"]
+    seqs = [item.seq for item in plan.scheduled]
+    assert len(seqs) == len(set(map(id, seqs)))
+    for item in plan.scheduled:
+        seq = item.seq
+        assert item.num_new_tokens >= 1
+        end = seq.num_computed_tokens + item.num_new_tokens
+        assert end <= len(seq.token_ids)
+        assert end <= len(seq.block_ids) * scheduler.blocks.block_size, "KV written past the reserved blocks"
+        if not limits["chunking"] and seq.num_computed_tokens == 0:
+            assert item.num_new_tokens == seq.num_prompt_tokens, "prompt chunked although chunking is off"
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(limits=_limits, ops=st.lists(_op, max_size=60))
+def test_random_traffic_keeps_invariants_and_serves_everyone(limits, ops):
+    scheduler = _scheduler(limits["num_blocks"], limits["block_size"], limits["max_step_tokens"],
+                           limits["max_batch_size"], limits["chunking"])
+    arrived: list[Sequence] = []
+    cancelled: set[int] = set()
+    admitted: list[int] = []
+
+    def step():
+        plan = scheduler.schedule()
+        _check_plan(plan, scheduler, limits)
+        for item in plan.scheduled:
+            if item.seq.num_computed_tokens == 0:
+                admitted.append(item.seq.request_id)
+        _check_invariants(scheduler, limits)
+        for item in plan.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if item.is_sampling:
+                seq.token_ids.append(_NEXT_TOKEN)
+                if seq.num_generated_tokens >= seq.request.stopping.max_new_tokens:
+                    scheduler.finish(seq)
+        _check_invariants(scheduler, limits)
+
+    for op in ops:
+        if op[0] == "arrive":
+            prompt, max_new = op[1], op[2]
+            if not limits["chunking"]:
+                prompt = min(prompt, limits["max_step_tokens"])  # start-up ensures max_input <= prefill budget
+            if not scheduler.can_ever_fit(prompt + max_new):
+                continue  # the engine refuses it at submit
+            seq = _seq(len(arrived), prompt, max_new)
+            arrived.append(seq)
+            scheduler.add(seq)
+        elif op[0] == "cancel":
+            live = [s for s in arrived if s.status is not SequenceStatus.FINISHED]
+            if live:
+                seq = live[op[1] % len(live)]
+                cancelled.add(seq.request_id)
+                scheduler.finish(seq)
+                _check_invariants(scheduler, limits)
+        else:
+            step()
+
+    # Drain: every step computes at least one token, so this many steps are enough for everyone.
+    max_steps = sum(s.max_tokens for s in arrived) + 1
+    for _ in range(max_steps):
+        if not scheduler.has_work:
+            break
+        step()
+    assert not scheduler.has_work, "a request starved"
+    assert scheduler.blocks.num_free_blocks == scheduler.blocks.num_usable_blocks
+    assert admitted == sorted(admitted), "a later request overtook an earlier one"
+    for seq in arrived:
+        assert seq.status is SequenceStatus.FINISHED and seq.block_ids == []
+        if seq.request_id not in cancelled:
+            assert seq.num_generated_tokens == seq.request.stopping.max_new_tokens
