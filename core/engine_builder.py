@@ -61,6 +61,11 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     num_blocks = num_kv_blocks(config, free_bytes, bytes_per_block, block_size,
                                _activation_bytes(config, model_config, dtype))
     limits = derive_limits(config, model_config, tokenizer.model_max_length, num_blocks, block_size, constraints)
+    usable_blocks = -(-config.max_concurrent_requests * limits.max_total_tokens // block_size) + 1
+    if config.max_batch_total_tokens is None and num_blocks > usable_blocks:
+        # More cache than every allowed request at full length could ever fill is memory thrown away.
+        num_blocks = usable_blocks
+        limits = derive_limits(config, model_config, tokenizer.model_max_length, num_blocks, block_size, constraints)
     log.info("KV-cache blocks: %d, size: %d", num_blocks, block_size)
     log.info("Setting max batch total tokens to %d", limits.max_batch_total_tokens)
     kv_cache = hook.tgserve_make_kv_cache(num_blocks=num_blocks, block_size=block_size, model_config=model_config,

@@ -1,0 +1,93 @@
+"""The `tgserve` command: `serve` (TGI's launcher flags), `backends`, `demo-model`.
+
+The environment is read here, in `main`, and nowhere at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from tgserve.api.cli_flags import add_serve_flags, config_from_args
+from tgserve.api.logging_setup import configure_logging
+from tgserve.core.config import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line, without the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `tgserve` parser with its subcommands."""
+    parser = _Parser(prog="tgserve", description="A text-generation server compatible with Hugging Face TGI")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="serve a model over TGI's HTTP API")
+    add_serve_flags(serve)
+    serve.set_defaults(handler=_serve)
+    backends = commands.add_parser("backends", help="list the backend plugins and whether they can run here")
+    backends.set_defaults(handler=_backends)
+    demo = commands.add_parser("demo-model", help="write the demo checkpoint (or random real-shape weights)")
+    demo.add_argument("dir", help="output directory")
+    demo.add_argument("--shape", choices=("qwen2-0.5b", "qwen2-1.5b", "qwen2-7b"), default=None,
+                      help="random weights with a released model's shapes (default: the small trained demo)")
+    demo.add_argument("--seed", type=int, default=0, help="training / init seed (default: 0)")
+    demo.set_defaults(handler=_demo_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tgserve` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return args.handler(args)
+
+
+def fail(message: object) -> int:
+    """Print one error line on stderr; return the exit code of a start-up failure."""
+    print(f"tgserve: error: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args, os.environ)
+    except ConfigError as error:
+        return fail(error)
+    configure_logging(config.json_output, os.environ.get("LOG_LEVEL", "INFO"))
+    from tgserve.api.server import run_server  # loads torch: bad flags fail before that
+
+    return run_server(config)
+
+
+def _backends(_: argparse.Namespace) -> int:
+    from tgserve.core.plugins import BackendRegistry
+
+    rows = [("NAME", "USABLE", "PRIORITY", "DEVICE / REASON", "INSTALL")]
+    for status in BackendRegistry().statuses():
+        where = status.device_name if status.is_usable else status.reason
+        rows.append((status.name, "yes" if status.is_usable else "no", str(status.priority), where or "-",
+                     status.install_hint or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from tgserve.core.demo_model import write_demo_model
+
+    path = write_demo_model(args.dir, args.shape, seed=args.seed, progress=True)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""`tgserve serve` flags: TGI's launcher names and defaults, each also read from its environment
+variable (UPPER_SNAKE of the flag), the command line winning over the environment."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from tgserve.core.config import DTYPES, ConfigError, ServerConfig
+
+_TRUE = ("1", "true", "yes", "on", "y", "t")
+_FALSE = ("0", "false", "no", "off", "n", "f")
+
+
+@dataclass(slots=True, frozen=True)
+class Flag:
+    """One launcher flag; `dest` is the `ServerConfig` field (or the legacy `max_input_length`)."""
+
+    names: tuple[str, ...]
+    dest: str
+    kind: Callable | None  # int, float, str; None for an on/off switch
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def env_name(self) -> str:
+        return self.dest.upper()
+
+
+SERVE_FLAGS: tuple[Flag, ...] = (
+    Flag(("--model-id",), "model_id", str, "Hub id or local directory of the model (default: the demo model)"),
+    Flag(("--revision",), "revision", str, "Hub revision: commit sha, branch or refs/pr/N"),
+    Flag(("--dtype",), "dtype", str, "Weights and compute dtype (default: the backend's)", DTYPES),
+    Flag(("--backend",), "backend", str, "Backend plugin to run on, or auto for the best usable one"),
+    Flag(("--hostname",), "hostname", str, "Address to listen on"),
+    Flag(("-p", "--port"), "port", int, "Port to listen on"),
+    Flag(("--max-concurrent-requests",), "max_concurrent_requests", int, "Requests in flight before 429"),
+    Flag(("--max-best-of",), "max_best_of", int, "Upper bound of `best_of`"),
+    Flag(("--max-stop-sequences",), "max_stop_sequences", int, "Upper bound of the number of `stop` sequences"),
+    Flag(("--max-top-n-tokens",), "max_top_n_tokens", int, "Upper bound of `top_n_tokens`"),
+    Flag(("--max-input-tokens",), "max_input_tokens", int, "Longest prompt in tokens (default: derived)"),
+    Flag(("--max-input-length",), "max_input_length", int, "Deprecated name of --max-input-tokens"),
+    Flag(("--max-total-tokens",), "max_total_tokens", int, "Prompt + generated tokens per request (default: derived)"),
+    Flag(("--max-batch-prefill-tokens",), "max_batch_prefill_tokens", int, "Tokens computed in one step"),
+    Flag(("--max-batch-total-tokens",), "max_batch_total_tokens", int,
+         "KV-cache capacity in tokens (default: what the memory holds)"),
+    Flag(("--max-batch-size",), "max_batch_size", int, "Sequences per step at most"),
+    Flag(("--max-client-batch-size",), "max_client_batch_size", int, "Prompts per /v1/completions request"),
+    Flag(("--enable-prefill-logprobs",), "enable_prefill_logprobs", None, "Honour `decoder_input_details`"),
+    Flag(("--json-output",), "json_output", None, "Log one JSON object per line"),
+    Flag(("--huggingface-hub-cache",), "huggingface_hub_cache", str, "Hugging Face hub cache directory"),
+    Flag(("--trust-remote-code",), "trust_remote_code", None, "Run the checkpoint's own Python code"),
+    Flag(("--payload-limit",), "payload_limit", int, "Largest request body in bytes"),
+    Flag(("-g", "--graceful-termination-timeout"), "graceful_termination_timeout", int,
+         "Seconds in-flight requests may take to finish after SIGTERM"),
+    Flag(("--cuda-memory-fraction",), "cuda_memory_fraction", float, "Share of the device memory tgserve may use"),
+)
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    """Declare every flag with default None, so an unset flag can fall back to the environment."""
+    for flag in SERVE_FLAGS:
+        default = _DEFAULTS.get(flag.dest)
+        shown = "" if default is None else f"default: {default}; "
+        help_text = f"{flag.help} ({shown}env {flag.env_name})"
+        if flag.kind is None:
+            parser.add_argument(*flag.names, dest=flag.dest, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(*flag.names, dest=flag.dest, type=flag.kind, default=None,
+                                choices=flag.choices, metavar=flag.dest.upper(), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:
+    """Merge command line over environment over defaults into a validated `ServerConfig`.
+
+    Raises ConfigError (with TGI's message where TGI has one) for a bad environment value or a
+    bad combination.
+    """
+    values = {}
+    for flag in SERVE_FLAGS:
+        value = getattr(args, flag.dest, None)
+        if value is None and environ.get(flag.env_name, "") != "":
+            value = _parse_env(flag, environ[flag.env_name])
+        if value is not None:
+            values[flag.dest] = value
+    legacy = values.pop("max_input_length", None)
+    if legacy is not None:
+        if "max_input_tokens" in values:
+            raise ConfigError(
+                f"Both `max_input_tokens` ({values['max_input_tokens']}) and `max_input_length` ({legacy}) are set. "
+                "Please define only `max_input_tokens` as `max_input_length is deprecated for naming consistency.")
+        values["max_input_tokens"] = legacy
+    return ServerConfig(**values)
+
+
+def _parse_env(flag: Flag, raw: str) -> object:
+    if flag.kind is None:
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"environment variable {flag.env_name}={raw!r} is not a boolean (use true or false)")
+    try:
+        value = flag.kind(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {flag.env_name}={raw!r} is not a valid {flag.kind.__name__}") from None
+    if flag.choices is not None and value not in flag.choices:
+        raise ConfigError(f"environment variable {flag.env_name}={raw!r} must be one of {', '.join(flag.choices)}")
+    return value

@@ -1,0 +1,168 @@
+"""Request and response bodies of TGI's native routes, mirroring TGI's `docs/openapi.json`.
+
+Requests are parsed strictly, as TGI's serde does: a string where a number belongs, or a float
+where an integer belongs, is a 422, not a silent coercion. Unknown fields are ignored (serde's
+default). The response models document the routes; the hot path builds the same JSON as plain
+dicts (`tgserve.api.responses`), and a test checks that those dicts validate against these models.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_U32 = 2**32 - 1
+MAX_U64 = 2**64 - 1
+MAX_I32 = 2**31 - 1
+
+_REQUEST_CONFIG = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class GrammarType(BaseModel):
+    """Structured-output constraint (`{"type": "json" | "regex" | "json_schema", "value": ...}`)."""
+
+    model_config = _REQUEST_CONFIG
+    type: Literal["json", "json_object", "regex", "json_schema"]
+    value: Any
+
+
+class GenerateParameters(BaseModel):
+    """TGI's `GenerateParameters`: every omitted field takes its serde default."""
+
+    model_config = _REQUEST_CONFIG
+    best_of: int | None = Field(None, ge=0, description="Generate best_of sequences, return the best")
+    temperature: float | None = Field(None, description="Softmax temperature, > 0")
+    repetition_penalty: float | None = Field(None, description="1.0 means no penalty, > 0")
+    frequency_penalty: float | None = Field(None, description="In [-2, 2]; 0.0 means no penalty")
+    top_k: int | None = Field(None, ge=-MAX_I32 - 1, le=MAX_I32, description="Top-k filtering, > 0")
+    top_p: float | None = Field(None, description="Nucleus sampling, in (0, 1]; 1.0 means off")
+    typical_p: float | None = Field(None, description="Typical decoding mass, in (0, 1)")
+    do_sample: bool = Field(False, description="Activate logits sampling")
+    max_new_tokens: int | None = Field(None, ge=0, le=MAX_U32, description="Tokens to generate at most")
+    return_full_text: bool | None = Field(None, description="Prepend the prompt to the generated text")
+    stop: list[str] = Field(default_factory=list, description="Stop generating at any of these")
+    truncate: int | None = Field(None, ge=0, description="Keep only the last `truncate` input tokens")
+    watermark: bool = Field(False, description="Kirchenbauer watermark (not supported by tgserve yet)")
+    details: bool = Field(False, description="Return generation details")
+    decoder_input_details: bool = Field(False, description="Return prompt token logprobs")
+    seed: int | None = Field(None, ge=0, le=MAX_U64, description="Random sampling seed")
+    top_n_tokens: int | None = Field(None, ge=0, le=MAX_U32, description="Alternatives per token")
+    grammar: GrammarType | None = Field(None, description="Grammar constraint (not supported yet)")
+    adapter_id: str | None = Field(None, description="LoRA adapter id (not supported yet)")
+
+
+def default_parameters() -> GenerateParameters:
+    """What TGI applies when a request has no `parameters` at all: note `do_sample: true`."""
+    return GenerateParameters(do_sample=True)
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /generate and /generate_stream."""
+
+    model_config = _REQUEST_CONFIG
+    inputs: str
+    parameters: GenerateParameters = Field(default_factory=default_parameters)
+
+
+class CompatGenerateRequest(GenerateRequest):
+    """Body of POST / (the Inference API compatible route): a GenerateRequest plus `stream`."""
+
+    stream: bool = False
+
+
+class Token(BaseModel):
+    """One generated token; `text` keeps special tokens, `special` marks them."""
+
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class PrefillToken(BaseModel):
+    """One prompt token; the first one has no logprob."""
+
+    id: int
+    text: str
+    logprob: float | None
+
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class BestOfSequence(BaseModel):
+    """A losing `best_of` candidate (documented for completeness; best_of > 1 is not served yet)."""
+
+    generated_text: str
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None = None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    top_tokens: list[list[Token]] | None = None
+
+
+class Details(BaseModel):
+    """`details` of a /generate response; `top_tokens` is omitted when empty."""
+
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None = None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    top_tokens: list[list[Token]] | None = None
+    best_of_sequences: list[BestOfSequence] | None = None
+
+
+class GenerateResponse(BaseModel):
+    """Body of a /generate response; `details` is omitted unless asked for."""
+
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    """`details` of the last /generate_stream event."""
+
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None = None
+    input_length: int
+
+
+class StreamResponse(BaseModel):
+    """One /generate_stream event; the last carries `generated_text` (and `details` if asked)."""
+
+    index: int
+    token: Token
+    top_tokens: list[Token] | None = None
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+
+
+class ErrorResponse(BaseModel):
+    """TGI's error envelope."""
+
+    error: str
+    error_type: str
+
+
+class Info(BaseModel):
+    """Body of GET /info."""
+
+    model_id: str
+    model_sha: str | None = None
+    model_dtype: str | None = None
+    model_device_type: str | None = None
+    model_pipeline_tag: str | None = None
+    max_concurrent_requests: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_input_tokens: int
+    max_total_tokens: int
+    validation_workers: int
+    max_client_batch_size: int
+    router: str
+    version: str
+    sha: str | None = None
+    docker_label: str | None = None

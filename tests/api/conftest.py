@@ -1,0 +1,132 @@
+"""Shared fixtures of the API tests: the demo checkpoint and real `tgserve serve` processes.
+
+`ServerProcess` starts `python -m tgserve.api.cli serve` on a free port in its own session, with its
+output in a file (never a pipe that could fill up), waits for /health, and stops it with SIGTERM,
+falling back to SIGKILL of the whole process group.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+import pytest
+
+# Small limits keep start-up (warmup) and memory low; generation lengths in the tests fit them.
+TEST_SERVER_FLAGS = ("--max-input-tokens", "1024", "--max-total-tokens", "4096",
+                     "--max-batch-prefill-tokens", "1024", "--max-batch-total-tokens", "32768")
+HEALTH_TIMEOUT_S = 240.0  # model load + warmup on a busy 2-core CI box
+STOP_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tgserve_command(*args: str) -> list[str]:
+    """`python -m tgserve.api.cli ARGS` with this interpreter."""
+    return [sys.executable, "-m", "tgserve.api.cli", *args]
+
+
+class ServerProcess:
+    """One `tgserve serve` process, its output in `log_path`."""
+
+    def __init__(self, model_dir: Path | None, log_path: Path, *flags: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        model_flags = () if model_dir is None else ("--model-id", str(model_dir))
+        command = tgserve_command("serve", *model_flags, "--hostname", "127.0.0.1", "--port", str(self.port), *flags)
+        self._log_file = open(log_path, "wb")
+        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, env=tgserve_env(),
+                                        start_new_session=True)
+
+    def log(self) -> str:
+        """Everything the server printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self, timeout_s: float = HEALTH_TIMEOUT_S) -> "ServerProcess":
+        """Block until GET /health answers 200; fail with the server's log if it dies or hangs."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        self.kill()
+        raise RuntimeError(f"server not healthy after {timeout_s}s:\n{self.log()[-4000:]}")
+
+    def terminate(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM, wait for the exit code; SIGKILL the whole process group if it hangs."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log_file.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group (it runs in its own session)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+def tgserve_env() -> dict[str, str]:
+    """This environment without the variables that would override the tests' flags."""
+    return {k: v for k, v in os.environ.items() if k not in ("PORT", "HOSTNAME", "MODEL_ID", "BACKEND")}
+
+
+@pytest.fixture(scope="session")
+def model_dir(request: pytest.FixtureRequest) -> Path:
+    """The demo checkpoint: the session-wide `demo_model_dir` fixture when the suite has one."""
+    try:
+        return Path(request.getfixturevalue("demo_model_dir"))
+    except pytest.FixtureLookupError:
+        from tgserve.core.demo_model import ensure_demo_model
+        return ensure_demo_model()
+
+
+@pytest.fixture(scope="module")
+def start_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
+    """Factory: start a healthy server with extra flags; every server it started is stopped at teardown.
+
+    `with_model_id=False` leaves out --model-id, so the server falls back to the demo model itself.
+    """
+    started: list[ServerProcess] = []
+
+    def start(*flags: str, with_model_id: bool = True) -> ServerProcess:
+        log_path = tmp_path_factory.mktemp("server") / "server.log"
+        server = ServerProcess(model_dir if with_model_id else None, log_path, *TEST_SERVER_FLAGS, *flags)
+        started.append(server)
+        return server.wait_healthy()
+
+    yield start
+    for server in started:
+        server.terminate()
+
+
+@pytest.fixture
+def run_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """Run `tgserve ARGS` to completion and return its result (text stdout / stderr)."""
+
+    def run(*args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run(tgserve_command(*args), capture_output=True, text=True, timeout=timeout_s,
+                              env=tgserve_env())
+
+    return run
