@@ -16,7 +16,7 @@ import uvicorn
 from tgserve.api.app import create_app
 from tgserve.api.cli import fail
 from tgserve.core.config import ConfigError, ServerConfig
-from tgserve.core.engine_builder import build_engine
+from tgserve.core.engine_builder import start_engine
 from tgserve.core.model_source import ModelNotFound
 from tgserve.core.plugins import BackendRegistry, BackendUnavailable
 
@@ -32,7 +32,7 @@ def run_server(config: ServerConfig) -> int:
         backend = BackendRegistry().select(config.backend)
         logger.info("Backend: %s (%s)", backend.name, backend.status.device_name)
         # Progress bars only for a person watching a terminal: never in logs or JSON output.
-        engine = build_engine(config, backend, progress=sys.stderr.isatty() and not config.json_output)
+        engine = start_engine(config, backend, progress=sys.stderr.isatty() and not config.json_output)
     except STARTUP_ERRORS as error:
         return fail(error)
     server = uvicorn.Server(uvicorn.Config(

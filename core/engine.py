@@ -68,9 +68,18 @@ class Engine:
     # --- any thread ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Run the loop on a new thread; does nothing if the loop already runs."""
+        if self._is_running:
+            return
         self._is_running = True
         self._thread = threading.Thread(target=self._loop, name="tgserve-engine", daemon=True)
         self._thread.start()
+
+    def run_in_current_thread(self) -> None:
+        """Run the loop on the calling thread until `shutdown` (see `engine_builder.start_engine`)."""
+        self._is_running = True
+        self._thread = threading.current_thread()
+        self._loop()
 
     def submit(self, request: GenerationRequest, sink: Sink) -> int:
         """Queue `request`; returns its id. `sink` is called from the engine thread."""
@@ -142,7 +151,7 @@ class Engine:
             time.sleep(0.05)
         self._is_running = False
         self._inbox.put(("wake", None))
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
     # --- engine thread -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ warm up with a full prefill step, then hand the backend the ready model.
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 
@@ -80,6 +81,39 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     return Engine(config, limits, info, tokenizer, scheduler, runner)
 
 
+def start_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = True) -> Engine:
+    """Build the engine on a thread of its own and run its loop there; return once it serves.
+
+    Every torch op of the server then comes from that one thread. A second thread doing torch work
+    gives OpenMP a second worker pool, and once the pools hold more threads than there are cores
+    libgomp stops spinning between parallel regions: measured here (2 cores), decode steps of the
+    Qwen2-0.5B shape ran 30-40% slower when built on one thread and stepped on another.
+    Re-raises whatever `build_engine` raised.
+    """
+    built: dict[str, object] = {}
+    ready = threading.Event()
+
+    def run() -> None:
+        try:
+            engine = build_engine(config, backend, progress)
+        except BaseException as error:  # handed to the caller below
+            built["error"] = error
+            ready.set()
+            return
+        built["engine"] = engine
+        ready.set()
+        engine.run_in_current_thread()
+
+    threading.Thread(target=run, name="tgserve-engine", daemon=True).start()
+    ready.wait()
+    if "error" in built:
+        raise built["error"]
+    engine = built["engine"]
+    while not engine.is_healthy:  # the loop sets itself running right after `ready`
+        threading.Event().wait(0.001)
+    return engine
+
+
 def _activation_bytes(config: ServerConfig, model: ModelConfig, dtype: torch.dtype) -> int:
     """Rough peak memory of one full prefill step (activations and logits), kept out of the KV cache."""
     item = torch.empty((), dtype=dtype).element_size()
@@ -89,4 +123,4 @@ def _activation_bytes(config: ServerConfig, model: ModelConfig, dtype: torch.dty
     return tokens * per_token + sampling_rows * model.vocab_size * 4 * 8
 
 
-__all__ = ["build_engine", "resolve_source", "ConfigError"]
+__all__ = ["build_engine", "start_engine", "resolve_source", "ConfigError"]

@@ -15,7 +15,7 @@ from tgserve.core.batch import ForwardBatch
 from tgserve.core.layers.attention import PagedAttention
 from tgserve.core.layers.linear import Linear, LinearMethod
 from tgserve.core.layers.norm import RMSNorm
-from tgserve.core.layers.rotary import RotaryEmbedding
+from tgserve.core.layers.rotary import RotaryEmbedding, apply_rotary
 from tgserve.core.model_config import ModelConfig
 
 
@@ -36,13 +36,13 @@ class DecoderLayer(nn.Module):
         self.attention = attention
         self.intermediate_size = cfg.intermediate_size
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, layer_cache, batch: ForwardBatch) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]."""
+    def forward(self, x: torch.Tensor, cos_sin, layer_cache, batch: ForwardBatch) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]; cos_sin: this step's rotary tables, [T, 1, head_dim] each."""
         qkv = self.qkv_proj(self.input_layernorm(x))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(batch.positions, q, k)
+        q, k = apply_rotary(cos_sin, q, k)
         attn = self.attention.forward(q, k, v.reshape(-1, self.num_kv_heads, self.head_dim), layer_cache, batch)
         x = x + self.o_proj(attn)
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).split(self.intermediate_size, dim=-1)
@@ -76,8 +76,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, kv_cache) -> torch.Tensor:
         """Run every layer over the packed tokens of `batch`; returns hidden states [T, hidden]."""
         x = F.embedding(batch.input_ids, self.embed_tokens)
+        cos_sin = self.rotary.lookup(batch.positions)
         for layer, layer_cache in zip(self.layers, kv_cache.layers):
-            x = layer(x, self.rotary, layer_cache, batch)
+            x = layer(x, cos_sin, layer_cache, batch)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
