@@ -50,7 +50,8 @@ class _Active:
 
 class Engine:
     def __init__(self, config: ServerConfig, limits: RuntimeLimits, model_info: ModelInfo,
-                 tokenizer: Tokenizer, scheduler: Scheduler, runner: ModelRunner):
+                 tokenizer: Tokenizer, scheduler: Scheduler, runner: ModelRunner,
+                 on_shutdown: Callable[[], object] = lambda: None):
         self.config = config
         self.limits = limits
         self.model_info = model_info
@@ -64,6 +65,7 @@ class Engine:
         self._is_running = False
         self._is_healthy = True
         self._thread: threading.Thread | None = None
+        self._on_shutdown = on_shutdown  # the backend's tgserve_on_shutdown, called once at the end
 
     # --- any thread ----------------------------------------------------------------------------
 
@@ -153,6 +155,7 @@ class Engine:
         self._inbox.put(("wake", None))
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
+        self._on_shutdown()
 
     # --- engine thread -------------------------------------------------------------------------
 

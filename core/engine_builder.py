@@ -78,7 +78,7 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     hook.tgserve_on_model_ready(model=model, kv_cache=kv_cache, limits=limits)
     info = ModelInfo(model_id=source.model_id, model_sha=source.sha, model_dtype=dtype_name,
                      model_device_type=device.type, backend=backend.name, eos_token_ids=tokenizer.eos_token_ids)
-    return Engine(config, limits, info, tokenizer, scheduler, runner)
+    return Engine(config, limits, info, tokenizer, scheduler, runner, on_shutdown=hook.tgserve_on_shutdown)
 
 
 def start_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = True) -> Engine:

@@ -5,7 +5,11 @@ small step budget so that long prompts are chunked and prefill and decode share 
 """
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
+from safetensors.torch import load_file, save_file
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,9 +29,40 @@ PROMPTS = [
 NEW_TOKENS = 16
 
 
+def _as_llama(demo_dir, out_dir, is_tied: bool):
+    """The trained demo weights as a Llama checkpoint (q/k/v biases on), with Llama 3.1 rope scaling.
+
+    Qwen2 is Llama plus q/k/v biases, so the same tensors make a valid Llama model whose greedy
+    output is text, not near-ties; the llama3 rope_type and (optionally) tied embeddings exercise
+    the code paths Qwen2 checkpoints do not.
+    """
+    for path in demo_dir.iterdir():
+        if path.name != "model.safetensors":
+            shutil.copy(path, out_dir / path.name)
+    config = json.loads((demo_dir / "config.json").read_text())
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=True, mlp_bias=False,
+                  tie_word_embeddings=is_tied,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = load_file(str(demo_dir / "model.safetensors"))
+    if is_tied:
+        del tensors["lm_head.weight"]
+    save_file(tensors, str(out_dir / "model.safetensors"))
+    return out_dir
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama", "llama-tied"])
+def model_dir(request, demo_model_dir, tmp_path_factory):
+    if request.param == "qwen2":
+        return demo_model_dir
+    return _as_llama(demo_model_dir, tmp_path_factory.mktemp(request.param), request.param == "llama-tied")
+
+
 @pytest.fixture(scope="module")
-def engine(demo_model_dir):
-    config = ServerConfig(model_id=str(demo_model_dir), dtype="float32", max_batch_prefill_tokens=24,
+def engine(model_dir):
+    config = ServerConfig(model_id=str(model_dir), dtype="float32", max_batch_prefill_tokens=24,
                           max_batch_total_tokens=2048, max_total_tokens=512)
     engine = build_engine(config, BackendRegistry().select("cpu"), progress=False)
     engine.start()
@@ -36,10 +71,11 @@ def engine(demo_model_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(demo_model_dir):
+def reference(model_dir):
     """transformers' greedy continuation (ids) of every prompt."""
-    tokenizer = AutoTokenizer.from_pretrained(str(demo_model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(demo_model_dir), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    assert type(model).__name__ == json.loads((model_dir / "config.json").read_text())["architectures"][0]
     out = {}
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
