@@ -28,6 +28,7 @@ import httpx
 NEW_TOKENS = 64
 PROMPT_TOKENS = 128
 CONCURRENCY = (1, 4, 16)
+REPEATS = 3  # each figure is the median of this many runs: a shared 2-core VM is noisy
 
 
 def _free_port() -> int:
@@ -93,17 +94,22 @@ def bench_tgserve(model_dir: Path, dtype: str) -> dict:
     try:
         server.wait_ready()
         asyncio.run(_concurrent(server.url, 2, 16, 8))  # warm the HTTP path
-        (times,) = asyncio.run(_concurrent(server.url, 1, 16, NEW_TOKENS))
-        decode_ms = (times[-1] - times[1]) / (len(times) - 2) * 1000
-        ttfts = [asyncio.run(_concurrent(server.url, 1, PROMPT_TOKENS, 1))[0] for _ in range(3)]
-        ttft_ms = min(t[1] - t[0] for t in ttfts) * 1000
-        throughput = {}
-        for n in CONCURRENCY:
+
+        def decode_ms() -> float:
+            (times,) = asyncio.run(_concurrent(server.url, 1, 16, NEW_TOKENS))
+            return (times[-1] - times[1]) / (len(times) - 2) * 1000
+
+        def ttft_ms() -> float:
+            (times,) = asyncio.run(_concurrent(server.url, 1, PROMPT_TOKENS, 1))
+            return (times[1] - times[0]) * 1000
+
+        def tokens_per_s(n: int) -> float:
             start = time.perf_counter()
             results = asyncio.run(_concurrent(server.url, n, 16, NEW_TOKENS))
-            tokens = sum(len(r) - 1 for r in results)
-            throughput[n] = tokens / (time.perf_counter() - start)
-        return {"decode_ms_per_token": decode_ms, "ttft_128_ms": ttft_ms, "output_tokens_per_s": throughput}
+            return sum(len(r) - 1 for r in results) / (time.perf_counter() - start)
+
+        return {"decode_ms_per_token": _median(decode_ms), "ttft_128_ms": _median(ttft_ms),
+                "output_tokens_per_s": {n: _median(lambda: tokens_per_s(n)) for n in CONCURRENCY}}
     finally:
         server.stop()
 
@@ -126,15 +132,23 @@ def bench_transformers(model_dir: Path, dtype: str) -> dict:
         return time.perf_counter() - start
 
     generate([_prompt(16, 0)], 4)  # warm up
-    one = generate([_prompt(16, 0)], 1)
-    full = generate([_prompt(16, 0)], NEW_TOKENS)
-    decode_ms = (full - one) / (NEW_TOKENS - 1) * 1000
-    ttft_ms = min(generate([_prompt(PROMPT_TOKENS, 0)], 1) for _ in range(3)) * 1000
-    throughput = {}
-    for n in CONCURRENCY:
-        elapsed = generate([_prompt(16, i) for i in range(n)], NEW_TOKENS)
-        throughput[n] = n * NEW_TOKENS / elapsed
-    return {"decode_ms_per_token": decode_ms, "ttft_128_ms": ttft_ms, "output_tokens_per_s": throughput}
+
+    def decode_ms() -> float:
+        one = generate([_prompt(16, 0)], 1)
+        return (generate([_prompt(16, 0)], NEW_TOKENS) - one) / (NEW_TOKENS - 1) * 1000
+
+    def tokens_per_s(n: int) -> float:
+        return n * NEW_TOKENS / generate([_prompt(16, i) for i in range(n)], NEW_TOKENS)
+
+    return {"decode_ms_per_token": _median(decode_ms),
+            "ttft_128_ms": _median(lambda: generate([_prompt(PROMPT_TOKENS, 0)], 1) * 1000),
+            "output_tokens_per_s": {n: _median(lambda: tokens_per_s(n)) for n in CONCURRENCY}}
+
+
+def _median(measure) -> float:
+    """The median of REPEATS calls of `measure`."""
+    values = sorted(measure() for _ in range(REPEATS))
+    return values[len(values) // 2]
 
 
 def _table(results: dict) -> str:
