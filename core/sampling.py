@@ -55,17 +55,16 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
             logits = _top_k_top_p(logits, batch)
         if batch.any_typical_p:
             logits = _typical(logits, batch.typical_p)
-    log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)  # [S, 1]; logprobs = logits - this
+    logprobs = torch.log_softmax(logits, dim=-1)  # one fused pass; cheaper here than logsumexp
     if batch.any_sampling:
-        noisy = logits + _gumbel(batch.seed, batch.step, logits.shape[1])
-        next_ids = torch.where(batch.is_greedy, logits.argmax(-1), noisy.argmax(-1))
+        noisy = logprobs + _gumbel(batch.seed, batch.step, logits.shape[1])
+        next_ids = torch.where(batch.is_greedy, logprobs.argmax(-1), noisy.argmax(-1))
+        chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)
     else:
-        next_ids = logits.argmax(-1)
-    chosen = (logits.gather(1, next_ids.unsqueeze(1)) - log_normalizer).squeeze(1)
+        chosen, next_ids = logprobs.max(dim=-1)
     top_ids = top_logprobs = None
     if batch.max_top_n > 0:
-        top_logits, top_ids = logits.topk(batch.max_top_n, dim=-1)
-        top_logprobs = top_logits - log_normalizer
+        top_logprobs, top_ids = logprobs.topk(batch.max_top_n, dim=-1)
     return SamplerOutput(next_ids, chosen, top_ids, top_logprobs)
 
 
