@@ -1,8 +1,10 @@
 """The FastAPI application: TGI's routes over one engine.
 
-`create_app(engine)` wires the routes, the error envelope and `--payload-limit` around an engine
-that `build_engine` made. Its lifespan starts the engine loop and, on shutdown (uvicorn runs it
-after in-flight requests drained or --graceful-termination-timeout passed), stops it.
+`create_app(engine)` wires the routes, the error envelope, `--payload-limit` and the operational
+layers (`api.middleware`: auth, CORS, tracing, request ids) around an engine that `build_engine`
+made, and attaches the engine's step observer that feeds /metrics. Its lifespan starts the engine
+loop and the `--prometheus-port` listener and, on shutdown (uvicorn runs it after in-flight
+requests drained or --graceful-termination-timeout passed), stops them and flushes traces.
 """
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from fastapi import FastAPI
 
-from tgserve.api import routes_generate, routes_info
+from tgserve.api import metrics_http, routes_generate, routes_info, routes_openai, routes_tokenize
 from tgserve.api.body_limit import BodyLimitMiddleware
 from tgserve.api.errors import install_error_handlers
+from tgserve.api.metrics_engine import EngineMetrics
+from tgserve.api.middleware import install_middleware
 from tgserve.api.routes_info import server_version
 from tgserve.api.state import ServerState
+from tgserve.api.tracing import make_tracer_provider, shutdown_tracer_provider
 
 if TYPE_CHECKING:
     from tgserve.core.engine import Engine
@@ -33,20 +38,34 @@ def create_app(engine: "Engine") -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        metrics_listener = await metrics_http.start_metrics_listener(config.hostname, config.prometheus_port,
+                                                                     state.metrics.render)
         logger.info("Connected")
         try:
             yield
         finally:
+            if metrics_listener is not None:
+                metrics_listener.close()
             drain_timeout_s = min(ENGINE_STOP_TIMEOUT_S, float(engine.config.graceful_termination_timeout))
             await asyncio.to_thread(engine.shutdown, drain_timeout_s)
+            if tracer_provider is not None:
+                await asyncio.to_thread(shutdown_tracer_provider, tracer_provider)
             logger.info("engine stopped")
 
     app = FastAPI(title="tgserve", version=server_version(), lifespan=lifespan,
                   description="Text generation server compatible with Hugging Face TGI",
                   openapi_url="/api-doc/openapi.json", docs_url="/docs", redoc_url=None)
-    app.state.tgserve = ServerState.from_engine(engine)
+    config = engine.config
+    tracer_provider = (make_tracer_provider(config.otlp_endpoint, config.otlp_service_name)
+                       if config.otlp_endpoint else None)
+    state = app.state.tgserve = ServerState.from_engine(engine)
+    engine.set_observer(EngineMetrics(state.metrics))
     install_error_handlers(app)
     app.include_router(routes_info.router)
     app.include_router(routes_generate.router)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_tokenize.router)
+    app.include_router(metrics_http.router)
     app.add_middleware(BodyLimitMiddleware, limit_bytes=engine.config.payload_limit)
+    install_middleware(app, config, tracer_provider)
     return app

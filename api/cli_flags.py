@@ -22,6 +22,7 @@ class Flag:
     kind: Callable | None  # int, float, str; None for an on/off switch
     help: str
     choices: tuple[str, ...] | None = None
+    is_repeatable: bool = False  # may be given several times; its environment variable is comma-separated
 
     @property
     def env_name(self) -> str:
@@ -55,6 +56,12 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag(("-g", "--graceful-termination-timeout"), "graceful_termination_timeout", int,
          "Seconds in-flight requests may take to finish after SIGTERM"),
     Flag(("--cuda-memory-fraction",), "cuda_memory_fraction", float, "Share of the device memory tgserve may use"),
+    Flag(("--prometheus-port",), "prometheus_port", int, "Port of a second listener serving /metrics (0: none)"),
+    Flag(("--api-key",), "api_key", str, "Bearer token the generation routes require"),
+    Flag(("--cors-allow-origin",), "cors_allow_origin", str, "Origin allowed to call from a browser (repeatable; "
+         "none: any origin)", is_repeatable=True),
+    Flag(("--otlp-endpoint",), "otlp_endpoint", str, "OpenTelemetry collector (OTLP/gRPC) to send request spans to"),
+    Flag(("--otlp-service-name",), "otlp_service_name", str, "service.name of the exported spans"),
 )
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
@@ -64,10 +71,13 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     """Declare every flag with default None, so an unset flag can fall back to the environment."""
     for flag in SERVE_FLAGS:
         default = _DEFAULTS.get(flag.dest)
-        shown = "" if default is None else f"default: {default}; "
+        shown = "" if default in (None, ()) else f"default: {default}; "
         help_text = f"{flag.help} ({shown}env {flag.env_name})"
         if flag.kind is None:
             parser.add_argument(*flag.names, dest=flag.dest, action="store_true", default=None, help=help_text)
+        elif flag.is_repeatable:
+            parser.add_argument(*flag.names, dest=flag.dest, type=flag.kind, default=None, action="append",
+                                metavar=flag.dest.upper(), help=help_text)
         else:
             parser.add_argument(*flag.names, dest=flag.dest, type=flag.kind, default=None,
                                 choices=flag.choices, metavar=flag.dest.upper(), help=help_text)
@@ -85,7 +95,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
         if value is None and environ.get(flag.env_name, "") != "":
             value = _parse_env(flag, environ[flag.env_name])
         if value is not None:
-            values[flag.dest] = value
+            values[flag.dest] = tuple(value) if flag.is_repeatable else value
     legacy = values.pop("max_input_length", None)
     if legacy is not None:
         if "max_input_tokens" in values:
@@ -104,6 +114,8 @@ def _parse_env(flag: Flag, raw: str) -> object:
         if lowered in _FALSE:
             return False
         raise ConfigError(f"environment variable {flag.env_name}={raw!r} is not a boolean (use true or false)")
+    if flag.is_repeatable:
+        return [flag.kind(part.strip()) for part in raw.split(",") if part.strip()]
     try:
         value = flag.kind(raw)
     except ValueError:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from tgserve.api.responses import sse_data
 from tgserve.api.validation import ValidationError
@@ -94,6 +96,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         return envelope_response(validation_error(_describe_request_error(exc)))
+
+    @app.exception_handler(HTTPException)
+    async def _undecodable_body(request: Request, exc: HTTPException) -> Response:
+        # FastAPI answers a body that is not UTF-8 or nests too deep with a bare 400; make it the
+        # same 422 as malformed JSON. Other HTTP errors (404, 405) keep FastAPI's answer.
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            return envelope_response(validation_error(f"Failed to parse the request body as JSON: {exc.__cause__}"))
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -14,6 +14,7 @@ from starlette.requests import Request
 
 from tgserve.api.errors import (ApiError, ClientDisconnected, generation_error, incomplete_generation_error,
                                 shutting_down_error, validation_error)
+from tgserve.api.metrics_requests import metered_stream
 from tgserve.api.responses import CollectedGeneration
 from tgserve.api.schemas import GenerateRequest
 from tgserve.api.state import ServerState
@@ -38,6 +39,7 @@ class PreparedRequest:
     input_length: int  # prompt tokens after truncation
     prompt_prefix: str  # the prompt when return_full_text, else ""
     top_n_tokens: int
+    best_of: int = 1  # candidates to run (`tgserve.api.best_of`); 1 = just `request`
 
 
 async def prepare_request(state: ServerState, body: GenerateRequest, timer: RequestTimer) -> PreparedRequest:
@@ -49,7 +51,9 @@ async def prepare_request(state: ServerState, body: GenerateRequest, timer: Requ
         input_ids, max_new_tokens = fit_input_ids(input_ids, checked.truncate, checked.max_new_tokens,
                                                   state.limits)
     except ValidationError as error:
+        state.metrics.record_failure("validation")
         raise validation_error(error) from None
+    state.metrics.record_validated(len(input_ids), max_new_tokens)
     request = GenerationRequest(
         input_ids=input_ids,
         sampling=checked.sampling,
@@ -60,7 +64,7 @@ async def prepare_request(state: ServerState, body: GenerateRequest, timer: Requ
     timer.mark_queued()
     return PreparedRequest(request=request, input_length=len(input_ids),
                            prompt_prefix=body.inputs if params.return_full_text else "",
-                           top_n_tokens=checked.top_n_tokens)
+                           top_n_tokens=checked.top_n_tokens, best_of=checked.best_of)
 
 
 async def _encode(state: ServerState, text: str) -> list[int]:
@@ -70,12 +74,18 @@ async def _encode(state: ServerState, text: str) -> list[int]:
         raise ValidationError(f"tokenizer error {error}") from None
 
 
-async def collect_generation(state: ServerState, prepared: PreparedRequest,
-                             timer: RequestTimer) -> CollectedGeneration:
-    """Run the request to its end; raise `ApiError` 424 on an engine error, 500 if cut short."""
+async def collect_generation(state: ServerState, prepared: PreparedRequest, timer: RequestTimer,
+                             is_metered: bool = True) -> CollectedGeneration:
+    """Run the request to its end; raise `ApiError` 424 on an engine error, 500 if cut short.
+
+    is_metered: record the outcome in the request metrics (False for extra best_of candidates).
+    """
     collected = CollectedGeneration()
+    events = state.engine.stream(prepared.request)
+    if is_metered:
+        events = metered_stream(state.metrics, events, timer)
     try:
-        async with aclosing(state.engine.stream(prepared.request)) as events:
+        async with aclosing(events):
             async for event in events:
                 collected.add(event)
                 if event.finish is not None:

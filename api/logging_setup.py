@@ -1,7 +1,8 @@
 """Process-wide logging: plain lines by default, one JSON object per line with `--json-output`.
 
 The JSON shape follows TGI's tracing subscriber closely enough for log pipelines keyed on it:
-`timestamp` (RFC 3339, UTC), `level`, `message`, `target` (the logger name).
+`timestamp` (RFC 3339, UTC), `level`, `message`, `target` (the logger name), plus `request_id` on
+every line logged while serving an HTTP request (`tgserve.api.request_id`).
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import logging
 import sys
 from datetime import datetime, timezone
+
+from tgserve.api.request_id import current_request_id
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)-5s %(name)s: %(message)s"
 
@@ -24,6 +27,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "target": record.name,
         }
+        request_id = current_request_id()
+        if request_id is not None:
+            entry["request_id"] = request_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from tgserve.core.request import Finish, TokenEvent, TopToken
 
@@ -45,18 +46,25 @@ class CollectedGeneration:
 
 
 def generate_response_json(collected: CollectedGeneration, *, prompt_prefix: str, details: bool,
-                           top_n_tokens: int) -> dict:
-    """Body of a /generate answer. `prompt_prefix` is the prompt when return_full_text, else ""."""
+                           top_n_tokens: int, best_of_sequences: Sequence[CollectedGeneration] = ()) -> dict:
+    """Body of a /generate answer. `prompt_prefix` is the prompt when return_full_text, else "".
+
+    best_of_sequences: the losing best_of candidates, reported in `details` (omitted when none).
+    """
     finish = collected.finish
     assert finish is not None, "only finished generations are answered"
     body: dict = {"generated_text": prompt_prefix + finish.text}
     if details:
         body["details"] = details_json(collected, top_n_tokens)
+        if best_of_sequences:
+            body["details"]["best_of_sequences"] = [
+                {"generated_text": prompt_prefix + other.finish.text, **details_json(other, top_n_tokens)}
+                for other in best_of_sequences]
     return body
 
 
 def details_json(collected: CollectedGeneration, top_n_tokens: int) -> dict:
-    """TGI's `Details` (best_of_sequences omitted: best_of > 1 is refused)."""
+    """TGI's `Details` without best_of_sequences; with generated_text, also a `BestOfSequence`."""
     finish = collected.finish
     assert finish is not None
     details: dict = {

@@ -6,8 +6,9 @@ import logging
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from tgserve.api.best_of import collect_best_of
 from tgserve.api.errors import overloaded_error
-from tgserve.api.generation import cancel_on_disconnect, collect_generation, prepare_request
+from tgserve.api.generation import cancel_on_disconnect, prepare_request
 from tgserve.api.responses import generate_response_json
 from tgserve.api.schemas import CompatGenerateRequest, ErrorResponse, GenerateRequest, GenerateResponse, StreamResponse
 from tgserve.api.state import ServerState, get_state
@@ -54,7 +55,7 @@ async def _generate(state: ServerState, body: GenerateRequest, request: Request)
         raise overloaded_error()
     try:
         prepared = await prepare_request(state, body, timer)
-        collected = await cancel_on_disconnect(request, collect_generation(state, prepared, timer))
+        collected, others = await cancel_on_disconnect(request, collect_best_of(state, prepared, timer))
     finally:
         state.limiter.release()
     finish = collected.finish
@@ -62,7 +63,7 @@ async def _generate(state: ServerState, body: GenerateRequest, request: Request)
     params = body.parameters
     body_json = generate_response_json(collected, prompt_prefix=prepared.prompt_prefix,
                                        details=params.details or params.decoder_input_details,
-                                       top_n_tokens=prepared.top_n_tokens)
+                                       top_n_tokens=prepared.top_n_tokens, best_of_sequences=others)
     headers = timer.headers(finish, compute_type=state.compute_type, num_characters=len(body.inputs),
                             num_prompt_tokens=prepared.input_length)
     logger.info("Success %s", timer.log_fields(finish))

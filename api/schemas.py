@@ -30,7 +30,7 @@ class GenerateParameters(BaseModel):
     """TGI's `GenerateParameters`: every omitted field takes its serde default."""
 
     model_config = _REQUEST_CONFIG
-    best_of: int | None = Field(None, ge=0, description="Generate best_of sequences, return the best")
+    best_of: int | None = Field(None, ge=0, description="Sample best_of sequences, return the best mean logprob")
     temperature: float | None = Field(None, description="Softmax temperature, > 0")
     repetition_penalty: float | None = Field(None, description="1.0 means no penalty, > 0")
     frequency_penalty: float | None = Field(None, description="In [-2, 2]; 0.0 means no penalty")
@@ -42,7 +42,7 @@ class GenerateParameters(BaseModel):
     return_full_text: bool | None = Field(None, description="Prepend the prompt to the generated text")
     stop: list[str] = Field(default_factory=list, description="Stop generating at any of these")
     truncate: int | None = Field(None, ge=0, description="Keep only the last `truncate` input tokens")
-    watermark: bool = Field(False, description="Kirchenbauer watermark (not supported by tgserve yet)")
+    watermark: bool = Field(False, description="Kirchenbauer watermark (gamma 0.5, delta 2.0 by default)")
     details: bool = Field(False, description="Return generation details")
     decoder_input_details: bool = Field(False, description="Return prompt token logprobs")
     seed: int | None = Field(None, ge=0, le=MAX_U64, description="Random sampling seed")
@@ -91,7 +91,7 @@ FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
 class BestOfSequence(BaseModel):
-    """A losing `best_of` candidate (documented for completeness; best_of > 1 is not served yet)."""
+    """A losing `best_of` candidate: its own text, seed and tokens (`details.best_of_sequences`)."""
 
     generated_text: str
     finish_reason: FinishReason

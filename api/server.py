@@ -15,6 +15,7 @@ import uvicorn
 
 from tgserve.api.app import create_app
 from tgserve.api.cli import fail
+from tgserve.api.tracing import require_opentelemetry
 from tgserve.core.config import ConfigError, ServerConfig
 from tgserve.core.engine_builder import start_engine
 from tgserve.core.model_source import ModelNotFound
@@ -29,6 +30,8 @@ _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def run_server(config: ServerConfig) -> int:
     """Serve `config` until a termination signal; return the process exit code."""
     try:
+        if config.otlp_endpoint:
+            require_opentelemetry()  # fail before the model loads: the user asked for tracing
         backend = BackendRegistry().select(config.backend)
         logger.info("Backend: %s (%s)", backend.name, backend.status.device_name)
         # Progress bars only for a person watching a terminal: never in logs or JSON output.

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from tgserve.api.concurrency import ConcurrencyLimiter
+from tgserve.api.metrics import ServerMetrics
 from tgserve.api.validation import ValidationLimits
 
 if TYPE_CHECKING:
@@ -22,14 +23,16 @@ class ServerState:
     limits: ValidationLimits
     compute_type: str  # x-compute-type header, e.g. "cpu+optimized"
     default_return_full_text: bool  # POST / only: TGI's default from the model's pipeline tag
+    metrics: ServerMetrics  # this app's Prometheus metrics (GET /metrics)
 
     @classmethod
     def from_engine(cls, engine: "Engine") -> "ServerState":
         """Derive the shared state from a built engine's config, limits and model info."""
         config, limits = engine.config, engine.limits
+        metrics = ServerMetrics(limits)
         return cls(
             engine=engine,
-            limiter=ConcurrencyLimiter(config.max_concurrent_requests),
+            limiter=ConcurrencyLimiter(config.max_concurrent_requests, metrics),
             limits=ValidationLimits(
                 max_best_of=config.max_best_of, max_stop_sequences=config.max_stop_sequences,
                 max_top_n_tokens=config.max_top_n_tokens, max_input_tokens=limits.max_input_tokens,
@@ -37,6 +40,7 @@ class ServerState:
             compute_type=f"{engine.model_info.model_device_type}+optimized",
             # TGI: true for a "text-generation" hub pipeline tag or none; ModelInfo has no tag yet.
             default_return_full_text=True,
+            metrics=metrics,
         )
 
 

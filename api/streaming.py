@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from tgserve.api.errors import ApiError, incomplete_generation_error, overloaded_error, validation_error
 from tgserve.api.generation import ENGINE_ERRORS, engine_error, prepare_request
+from tgserve.api.metrics_requests import metered_stream
 from tgserve.api.responses import sse_data, stream_event_json
 from tgserve.api.schemas import GenerateRequest
 from tgserve.api.state import ServerState
@@ -49,6 +50,8 @@ async def generate_stream_events(state: ServerState, body: GenerateRequest,
     try:
         check_stream_parameters(body.parameters)
     except ValidationError as error:
+        state.metrics.record_request()
+        state.metrics.record_failure("validation")
         yield validation_error(error).sse_event()
         return
     if not state.limiter.try_acquire():
@@ -69,7 +72,7 @@ async def _token_events(state: ServerState, body: GenerateRequest, timer: Reques
         return
     is_finished = False
     try:
-        async with aclosing(state.engine.stream(prepared.request)) as events:
+        async with aclosing(metered_stream(state.metrics, state.engine.stream(prepared.request), timer)) as events:
             async for event in events:
                 yield sse_data(stream_event_json(event, prompt_prefix=prepared.prompt_prefix,
                                                  details=body.parameters.details,

@@ -38,6 +38,13 @@ class CheckedParameters:
     stop_sequences: tuple[str, ...]
     truncate: int | None  # keep the last `truncate` input tokens
     top_n_tokens: int
+    best_of: int = 1  # candidates to sample; the one with the best mean logprob is answered
+
+
+def random_seed() -> int:
+    """The seed of a request that sets none (TGI draws a random u64): 63 random bits, so it fits
+    the OpenAPI `seed` format (int64) that generated clients rely on; the sampler uses 63 bits."""
+    return secrets.randbits(63)
 
 
 def check_stream_parameters(params: GenerateParameters) -> None:
@@ -57,10 +64,10 @@ def check_best_of(best_of: int, max_best_of: int) -> None:
 
 
 def check_parameters(inputs: str, params: GenerateParameters, limits: ValidationLimits,
-                     draw_seed: Callable[[], int] = lambda: secrets.randbits(64)) -> CheckedParameters:
+                     draw_seed: Callable[[], int] = random_seed) -> CheckedParameters:
     """Validate everything that does not need the token count, in TGI's order.
 
-    draw_seed: source of the seed when the request sets none (TGI draws a random u64 always;
+    draw_seed: source of the seed when the request sets none (`random_seed`; TGI draws a u64 always;
         the engine reports it in details.seed only when the request samples).
     """
     best_of = params.best_of if params.best_of is not None else 1
@@ -90,9 +97,9 @@ def check_parameters(inputs: str, params: GenerateParameters, limits: Validation
                               f"Given: {params.truncate}")
     check_supported(params)
     return CheckedParameters(
-        sampling=SamplingParams(do_sample=params.do_sample, seed=seed, **sampling),
+        sampling=SamplingParams(do_sample=params.do_sample, seed=seed, watermark=params.watermark, **sampling),
         max_new_tokens=params.max_new_tokens, stop_sequences=tuple(params.stop),
-        truncate=params.truncate, top_n_tokens=top_n_tokens)
+        truncate=params.truncate, top_n_tokens=top_n_tokens, best_of=max(best_of, 1))
 
 
 def _check_sampling(params: GenerateParameters) -> dict[str, float | int]:
@@ -125,14 +132,10 @@ def _check_sampling(params: GenerateParameters) -> dict[str, float | int]:
 
 def check_supported(params: GenerateParameters) -> None:
     """Refuse valid TGI features tgserve does not implement yet, rather than ignore them."""
-    if params.best_of is not None and params.best_of > 1:
-        raise ValidationError("`best_of` > 1 is not supported by tgserve yet")
     if params.grammar is not None:
         raise ValidationError("`grammar` is not supported by tgserve yet")
     if params.adapter_id is not None:
         raise ValidationError("`adapter_id` is not supported by tgserve yet")
-    if params.watermark:
-        raise ValidationError("`watermark` is not supported by tgserve yet")
 
 
 def fit_input_ids(input_ids: list[int], truncate: int | None, max_new_tokens: int | None,

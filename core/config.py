@@ -5,7 +5,7 @@ Values the user did not set stay None here; what start-up derives from the model
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -41,6 +41,11 @@ class ServerConfig:
     payload_limit: int = 2_000_000
     graceful_termination_timeout: int = 90  # seconds SIGTERM waits for in-flight requests
     cuda_memory_fraction: float = 1.0  # share of the memory the backend reports that tgserve may use
+    prometheus_port: int = 9000  # second listener serving only /metrics; 0: none
+    api_key: str | None = field(default=None, repr=False)  # bearer token of the generation routes
+    cors_allow_origin: tuple[str, ...] = ()  # origins browsers may call from; empty: any origin
+    otlp_endpoint: str | None = None  # OpenTelemetry collector (OTLP/gRPC) receiving one span per request
+    otlp_service_name: str = "text-generation-inference.router"  # service.name of those spans
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -50,6 +55,8 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"`{name}` must be > 0. Given: {value}")
+        if not 0 <= self.prometheus_port <= 65535:
+            raise ConfigError(f"`prometheus_port` must be in [0, 65535]. Given: {self.prometheus_port}")
         if not 0.0 < self.cuda_memory_fraction <= 1.0:
             raise ConfigError(f"`cuda_memory_fraction` must be in (0, 1]. Given: {self.cuda_memory_fraction}")
         _check_token_limits(self.max_input_tokens, self.max_total_tokens,

@@ -22,6 +22,7 @@ from tgserve.core.model_runner import ModelRunner, SampledToken
 from tgserve.core.request import ErrorEvent, Finish, GenerationRequest, ModelInfo, TokenEvent, TopToken
 from tgserve.core.scheduler import Scheduler
 from tgserve.core.sequence import Sequence
+from tgserve.core.step_stats import StepObserver, StepStats
 from tgserve.core.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class _Active:
 class Engine:
     def __init__(self, config: ServerConfig, limits: RuntimeLimits, model_info: ModelInfo,
                  tokenizer: Tokenizer, scheduler: Scheduler, runner: ModelRunner,
-                 on_shutdown: Callable[[], object] = lambda: None):
+                 on_shutdown: Callable[[], object] = lambda: None, observer: StepObserver | None = None):
         self.config = config
         self.limits = limits
         self.model_info = model_info
@@ -66,6 +67,8 @@ class Engine:
         self._is_healthy = True
         self._thread: threading.Thread | None = None
         self._on_shutdown = on_shutdown  # the backend's tgserve_on_shutdown, called once at the end
+        self._observer = observer  # told about every step (see `set_observer`)
+        self._filter_s = 0.0  # seconds spent freeing finished/cancelled sequences since the last step report
 
     # --- any thread ----------------------------------------------------------------------------
 
@@ -97,6 +100,10 @@ class Engine:
                        max_tokens, arrival_s=time.monotonic())
         self._inbox.put(("add", _Active(seq, sink)))
         return request.request_id
+
+    def set_observer(self, observer: StepObserver | None) -> None:
+        """Report every step to `observer` from now on (None: stop reporting); any thread may call it."""
+        self._observer = observer
 
     def cancel(self, request_id: int) -> None:
         """Drop a request: it leaves the batch before the next step and frees its blocks."""
@@ -162,23 +169,70 @@ class Engine:
     def _loop(self) -> None:
         while self._is_running:
             self._drain_inbox(block=not self.scheduler.has_work)
-            plan = self.scheduler.schedule()
-            if not plan:
-                continue
-            now = time.monotonic()
+            self._step()
+
+    def _step(self) -> None:
+        """Plan, compute and apply one step; report it to the observer, if any."""
+        started_s = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if not plan:
+            self._filter_s = 0.0
+            if self._observer is not None:
+                self._notify(self._observer.on_idle)
+            return
+        scheduled_s = time.perf_counter()
+        now = time.monotonic()
+        num_new_seqs = num_prefill_tokens = 0
+        for item in plan.scheduled:
+            seq = item.seq
+            if seq.first_scheduled_s is None:
+                seq.first_scheduled_s = now
+                num_new_seqs += 1
+            num_prefill_tokens += max(0, min(item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens))
+        try:
+            output = self.runner.execute(plan)
+        except Exception as error:  # a failed step fails its requests, never the engine
+            failed_s = time.perf_counter()
+            log.exception("step failed")
+            self._is_healthy = False
             for item in plan.scheduled:
-                if item.seq.first_scheduled_s is None:
-                    item.seq.first_scheduled_s = now
-            try:
-                output = self.runner.execute(plan)
-            except Exception as error:  # a failed step fails its requests, never the engine
-                log.exception("step failed")
-                self._is_healthy = False
-                for item in plan.scheduled:
-                    self._fail(item.seq.request_id, f"Request failed during generation: {error}")
-                continue
-            self._is_healthy = True
-            self._update(plan, output)
+                self._fail(item.seq.request_id, f"Request failed during generation: {error}")
+            self._report(plan, num_new_seqs, num_prefill_tokens, (started_s, scheduled_s, failed_s), False)
+            return
+        self._is_healthy = True
+        forwarded_s = time.perf_counter()
+        self._update(plan, output)
+        self._report(plan, num_new_seqs, num_prefill_tokens, (started_s, scheduled_s, forwarded_s), True)
+
+    def _report(self, plan, num_new_seqs: int, num_prefill_tokens: int,
+                marks_s: tuple[float, float, float], is_ok: bool) -> None:
+        """Hand the observer this step's `StepStats`; `marks_s` = perf_counter at start, planned, computed."""
+        observer, filter_s, self._filter_s = self._observer, self._filter_s, 0.0
+        if observer is None:
+            return
+        ended_s = time.perf_counter()
+        started_s, scheduled_s, forwarded_s = marks_s
+        running = self.scheduler.running
+        stats = StepStats(
+            num_seqs=len(plan.scheduled), num_new_seqs=num_new_seqs, num_tokens=plan.num_tokens,
+            num_prefill_tokens=num_prefill_tokens, num_running=len(running), num_waiting=len(self.scheduler.waiting),
+            max_batch_tokens=sum(seq.max_tokens for seq in running), schedule_s=scheduled_s - started_s,
+            forward_s=forwarded_s - scheduled_s, update_s=ended_s - forwarded_s if is_ok else 0.0,
+            filter_s=filter_s, duration_s=ended_s - started_s, is_ok=is_ok)
+        self._notify(observer.on_step, stats)
+
+    @staticmethod
+    def _notify(callback: Callable, *args: object) -> None:
+        try:
+            callback(*args)
+        except Exception:  # a broken observer must not stop the engine
+            log.exception("step observer failed")
+
+    def _release(self, seq: Sequence) -> None:
+        """Take `seq` out of the batch and free its blocks, timed as the step's filter work."""
+        started_s = time.perf_counter()
+        self.scheduler.finish(seq)
+        self._filter_s += time.perf_counter() - started_s
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -189,7 +243,7 @@ class Engine:
                     self._active[payload.seq.request_id] = payload
                     self.scheduler.add(payload.seq)
                 elif kind == "cancel" and payload in self._active:
-                    self.scheduler.finish(self._active.pop(payload).seq)
+                    self._release(self._active.pop(payload).seq)
                 message = self._inbox.get_nowait()
         except queue.Empty:
             pass
@@ -197,7 +251,7 @@ class Engine:
     def _fail(self, request_id: int, message: str) -> None:
         active = self._active.pop(request_id, None)
         if active is not None:
-            self.scheduler.finish(active.seq)
+            self._release(active.seq)
             active.sink(ErrorEvent(message))
 
     def _update(self, plan, output) -> None:
@@ -227,7 +281,7 @@ class Engine:
                             seed=None if sampling.is_greedy else sampling.seed,
                             text=tokenizer.decode(generated, skip_special_tokens=True),
                             queue_s=seq.first_scheduled_s - seq.arrival_s, inference_s=now - seq.first_scheduled_s)
-            self.scheduler.finish(seq)
+            self._release(seq)
             del self._active[seq.request_id]
         active.sink(TokenEvent(
             id=token.id, text=text, logprob=token.logprob, special=tokenizer.is_special(token.id),

@@ -11,6 +11,7 @@ import torch
 
 from tgserve.core.batch import ForwardBatch, StepPlan
 from tgserve.core.sampling import SamplingBatch, sample
+from tgserve.core.watermark import DEFAULT_DELTA, DEFAULT_GAMMA, WatermarkBatch
 
 
 @dataclass(slots=True)
@@ -27,13 +28,16 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model, kv_cache, attention, device: torch.device, vocab_size: int):
+    def __init__(self, model, kv_cache, attention, device: torch.device, vocab_size: int,
+                 watermark_gamma: float = DEFAULT_GAMMA, watermark_delta: float = DEFAULT_DELTA):
         self.model = model
         self.kv_cache = kv_cache
         self.attention = attention
         self.device = device
         self.vocab_size = vocab_size
         self.block_size = kv_cache.block_size
+        self.watermark_gamma = watermark_gamma  # --watermark-gamma: green share of the vocabulary
+        self.watermark_delta = watermark_delta  # --watermark-delta: logit bias of green ids
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
@@ -110,7 +114,16 @@ class ModelRunner:
             is_greedy=column(greedy, torch.bool), token_history=history,
             any_sampling=not all(greedy), any_top_k=any(p.top_k > 0 for p in params),
             any_top_p=any(p.top_p < 1.0 for p in params), any_typical_p=any(p.typical_p < 1.0 for p in params),
-            max_top_n=max(s.request.top_n_tokens for s in seqs))
+            max_top_n=max(s.request.top_n_tokens for s in seqs),
+            watermark=self._watermark_batch(seqs) if any(p.watermark for p in params) else None)
+
+    def _watermark_batch(self, seqs: list) -> WatermarkBatch:
+        """Each row's previous token (the greenlist seed) and flag; built only when a row asked."""
+        dev = self.device
+        return WatermarkBatch(
+            prev_ids=torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.int64).to(dev),
+            is_watermarked=torch.tensor([s.request.sampling.watermark for s in seqs], dtype=torch.bool).to(dev),
+            gamma=self.watermark_gamma, delta=self.watermark_delta)
 
     def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor, batch: ForwardBatch) -> dict[int, list[float]]:
         """Logprobs of prompt tokens for requests that asked (decoder_input_details); rare, so simple."""

@@ -1,16 +1,21 @@
 """Choosing the next token for every sampling sequence of a step, with TGI's parameters.
 
-Order, as TGI: repetition penalty, frequency penalty, temperature, top-k, top-p, typical-p, then
-greedy argmax or a seeded draw. Rows of the batch are independent: a seeded row draws its noise
-from a counter-based hash of (seed, generated-token index, vocabulary id), never from a shared
-generator, so its text does not depend on what else shares the batch. Sampling by
-argmax(logprobs + Gumbel noise) is an exact draw from the distribution.
+Order, as TGI: watermark (`tgserve.core.watermark`), repetition penalty, frequency penalty,
+temperature, top-k, top-p, typical-p, then greedy argmax or a seeded draw. Rows of the batch are
+independent: a seeded row draws its noise from a counter-based hash of (seed, generated-token
+index, vocabulary id), never from a shared generator, so its text does not depend on what else
+shares the batch. Sampling by argmax(logprobs + Gumbel noise) is an exact draw from the
+distribution.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from tgserve.core.watermark import WatermarkBatch
 
 _MASK32 = 0xFFFFFFFF
 
@@ -35,6 +40,7 @@ class SamplingBatch:
     any_top_p: bool
     any_typical_p: bool
     max_top_n: int
+    watermark: WatermarkBatch | None = None  # None unless a row of the step asked (host-side any_watermark)
 
 
 @dataclass(slots=True)
@@ -47,6 +53,8 @@ class SamplerOutput:
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """logits: float32 [S, vocab] -> the chosen token of each row and its logprob."""
+    if batch.watermark is not None:
+        logits = batch.watermark.apply(logits)
     if batch.token_history is not None:
         logits = _apply_penalties(logits, batch)
     if batch.any_sampling:
@@ -110,7 +118,7 @@ def _threshold(mass: torch.Tensor) -> torch.Tensor:
     return torch.where(mass < 1.0, mass, float("inf")).unsqueeze(1)
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
+def mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash (in int64 lanes, values in [0, 2**32)) with good avalanche."""
     x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
     x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
@@ -119,8 +127,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def _gumbel(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
     """Gumbel(0, 1) noise [S, vocab], a pure function of (seed, step, vocabulary id)."""
-    row_key = _mix32(_mix32((seed & _MASK32) ^ _mix32((seed >> 32) & _MASK32)) ^ step)
+    row_key = mix32(mix32((seed & _MASK32) ^ mix32((seed >> 32) & _MASK32)) ^ step)
     ids = torch.arange(vocab, device=seed.device, dtype=torch.int64)
-    bits = _mix32((_mix32(ids).unsqueeze(0) ^ row_key.unsqueeze(1)) + 0x9E3779B9 & _MASK32)
+    bits = mix32((mix32(ids).unsqueeze(0) ^ row_key.unsqueeze(1)) + 0x9E3779B9 & _MASK32)
     uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
     return -torch.log(-torch.log(uniform))

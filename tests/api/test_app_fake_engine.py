@@ -47,6 +47,9 @@ class FakeEngine:
     def start(self) -> None:
         self.started = True
 
+    def set_observer(self, observer) -> None:
+        self.observer = observer  # the app's metrics observer; this fake runs no steps to report
+
     def shutdown(self, drain_timeout_s: float) -> None:
         self.stopped = True
 

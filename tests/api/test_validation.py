@@ -54,14 +54,19 @@ def test_best_of_disabled_when_max_is_one():
 
 
 @pytest.mark.parametrize("params, field", [
-    (dict(best_of=2, do_sample=True), "best_of"),
     (dict(grammar={"type": "regex", "value": "a+"}), "grammar"),
     (dict(adapter_id="my-lora"), "adapter_id"),
-    (dict(watermark=True), "watermark"),
 ])
 def test_unsupported_features_are_refused_not_ignored(params, field):
     with pytest.raises(ValidationError, match=f"`{field}`.* is not supported by tgserve yet"):
         check(**params)
+
+
+def test_best_of_and_watermark_are_carried_to_the_request():
+    checked = check(best_of=2, top_k=5, watermark=True)
+    assert checked.best_of == 2 and checked.sampling.watermark and checked.sampling.seed == 1234
+    assert check().best_of == 1 and not check().sampling.watermark
+    assert check(best_of=0).best_of == 1  # TGI treats 0 like 1 outside streaming
 
 
 def test_stream_only_checks():

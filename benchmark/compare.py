@@ -1,0 +1,103 @@
+"""`tgserve benchmark compare`: tgserve and the peer engines on one checkpoint and workload, one table.
+
+tgserve is measured by the engine micro-benchmark in this process (built and stepped on this
+thread); each peer by its runner in a child process with its own python, one after the other, so
+no two engines share the cores. Every column gets the same metric names (peer_protocol.py):
+  - decode ms/token at batch 1: tgserve's mean decode step; a peer's marginal token time;
+  - TTFT: tgserve's median prefill step (it samples the first token); a peer's median 1-token call;
+  - output tokens/s at each batch size: batch * decode_length / the wall time of prefill + decode;
+  - the roofline: one batch-1 decode floor for the checkpoint (same bytes for every engine at this
+    dtype), measured in this run, and each engine's floor / decode ms.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import replace
+from pathlib import Path
+
+from tgserve.benchmark.engine_bench import EngineBenchConfig, run_engine_bench
+from tgserve.benchmark.engine_report import busy_warning
+from tgserve.benchmark.peers import registry
+
+IMPOSSIBLE_FRACTION = 1.05  # above this a decode figure beats physics: flagged, not hidden
+
+
+def tgserve_result(report: dict) -> dict:
+    """The engine micro-benchmark's report as a peer-style result (the same metric names)."""
+    rows = {row["batch_size"]: row for row in report["results"]}
+    one = rows[1]
+    metrics = {"decode_ms_per_token": one["decode"]["avg_ms"], "ttft_ms": one["prefill"]["p50_ms"],
+               "output_tokens_per_s": {str(b): row["output_tokens_per_s"]["avg"] for b, row in rows.items() if b != 1}}
+    return {"engine": "tgserve", "version": report["meta"].get("tgserve", ""), "is_available": True,
+            "metrics": metrics, "settings": {"threads": report["meta"]["torch_threads"],
+                                              "backend": report["meta"]["backend"]}, "notes": []}
+
+
+def add_fractions(results: list[dict], floor_ms: float | None) -> None:
+    """Set metrics["fraction_of_floor"] = floor_ms / decode_ms_per_token on every available result."""
+    for result in results:
+        if result.get("is_available") and floor_ms:
+            fraction = floor_ms / result["metrics"]["decode_ms_per_token"]
+            result["metrics"]["fraction_of_floor"] = fraction
+            if fraction > IMPOSSIBLE_FRACTION:
+                result.setdefault("notes", []).append(
+                    f"decode faster than the memory floor ({fraction:.2f}x): a noisy measurement (more --runs, a quiet "
+                    "machine) or a bandwidth probe that under-reads this device")
+
+
+def _cell(result: dict, key: str, sub: str | None, digits: int) -> str:
+    if not result.get("is_available"):
+        return "n/a"
+    value = result["metrics"].get(key)
+    if sub is not None:
+        value = (value or {}).get(sub)
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_compare_table(results: list[dict], roofline: dict | None, sequence_length: int,
+                         batch_sizes: list[int], tgserve_meta: dict | None = None) -> str:
+    """One row per metric, one column per engine; unavailable engines get n/a and their reason below."""
+    rows = [("decode ms/token, batch 1", "decode_ms_per_token", None, 1),
+            (f"TTFT ms, {sequence_length}-token prompt", "ttft_ms", None, 1)]
+    rows += [(f"output tok/s, batch {b}", "output_tokens_per_s", str(b), 1) for b in batch_sizes]
+    rows += [("floor / decode, batch 1", "fraction_of_floor", None, 2)]
+    lines = ["| metric | " + " | ".join(r["engine"] for r in results) + " |", "|---|" + "---|" * len(results)]
+    for label, key, sub, digits in rows:
+        lines.append(f"| {label} | " + " | ".join(_cell(r, key, sub, digits) for r in results) + " |")
+    warning = busy_warning(tgserve_meta) if tgserve_meta else ""
+    if warning:
+        lines.append("\n" + warning)
+    if roofline:
+        lines.append(f"\nbatch-1 decode floor: {roofline['batch1_floor_ms']:.2f} ms = "
+                     f"{roofline['batch1_decode_bytes'] / 1e6:.1f} MB read per step / "
+                     f"{roofline['read_bytes_per_s'] / 1e9:.1f} GB/s measured in this run")
+    for result in results:
+        if not result.get("is_available"):
+            lines.append(f"{result['engine']}: not measured: {result.get('reason', 'no reason given')}")
+        for note in result.get("notes", []):
+            lines.append(f"{result['engine']}: {note}")
+    return "\n".join(lines)
+
+
+def run_compare(config: EngineBenchConfig, peers: list[str], venvs_dir: Path, timeout_s: float,
+                threads: int | None = None) -> dict:
+    """tgserve (in this process), then each peer; returns {"tgserve_report", "roofline", "results"}."""
+    import torch
+
+    config = replace(config, batch_sizes=tuple(sorted({1, *config.batch_sizes})))
+    report = run_engine_bench(config)
+    gc.collect()  # the engine is dropped before the peers load their copies of the model
+    roofline = report["roofline"]
+    results = [tgserve_result(report)]
+    args = registry.runner_args(Path(report["meta"]["model_dir"]), report["meta"]["dtype"], config.sequence_length,
+                                config.decode_length, [b for b in config.batch_sizes if b != 1], config.runs,
+                                config.warmups, threads or torch.get_num_threads(), config.seed)
+    on_cpu = report["meta"]["device"] == "cpu"
+    for name in peers:
+        spec = registry.PEERS[name]
+        if spec.is_cpu_only and not on_cpu:
+            results.append(registry.unavailable(spec, f"a CPU engine; tgserve ran on {report['meta']['device']}"))
+            continue
+        results.append(registry.run_peer(spec, venvs_dir, args, timeout_s))
+    add_fractions(results, roofline["batch1_floor_ms"] if roofline else None)
+    return {"tgserve_report": report, "roofline": roofline, "results": results}

@@ -1,0 +1,98 @@
+"""Chat messages -> prompt text (`tgserve.api.chat_template`) on the demo tokenizer, and TGI's
+"Template error: template not found" for a checkpoint without a chat template, through the app."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tgserve.api.app import create_app
+from tgserve.api.chat_template import render_sync, template_messages
+from tgserve.api.errors import ApiError
+from tgserve.api.openai_schemas import ChatMessage
+from tgserve.core.tokenizer import Tokenizer
+from tests.api.test_app_fake_engine import FakeEngine
+
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+
+
+def messages(*pairs: tuple[str, object]) -> list[ChatMessage]:
+    return [ChatMessage.model_validate({"role": role, "content": content}) for role, content in pairs]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir: Path) -> Tokenizer:
+    return Tokenizer(model_dir)
+
+
+def tokenizer_copy(model_dir: Path, directory: Path, chat_template: str | None) -> Tokenizer:
+    """The demo tokenizer from a checkpoint copy whose only chat template is `chat_template`."""
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(model_dir / name, directory / name)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)  # and no chat_template.jinja is copied
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return Tokenizer(directory)
+
+
+@pytest.fixture(scope="module")
+def templateless_tokenizer(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    return tokenizer_copy(model_dir, tmp_path_factory.mktemp("no-template"), None)
+
+
+def test_renders_with_a_generation_prompt(tokenizer):
+    text = render_sync(tokenizer, messages(("user", "Hi")))
+    assert text == SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    with_system = render_sync(tokenizer, messages(("system", "Be brief."), ("user", "Hi")))
+    assert with_system.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+def test_text_parts_are_joined_and_none_is_empty():
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "this?"}]
+    assert template_messages(messages(("user", parts), ("assistant", None))) == [
+        {"role": "user", "content": "What is this?"}, {"role": "assistant", "content": ""}]
+
+
+def test_a_final_assistant_message_is_continued(tokenizer):
+    text = render_sync(tokenizer, messages(("user", "Hi"), ("assistant", "Hello the")))
+    assert text.endswith("<|im_start|>assistant\nHello the")
+
+
+@pytest.mark.parametrize("content", [
+    [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+    [{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}],
+])
+def test_images_are_refused(tokenizer, content):
+    with pytest.raises(ApiError) as refused:
+        render_sync(tokenizer, messages(("user", content)))
+    assert (refused.value.status_code, refused.value.error_type) == (422, "validation")
+    assert "image content parts are not supported" in refused.value.message
+
+
+def test_template_errors(model_dir, tmp_path, templateless_tokenizer):
+    assert templateless_tokenizer.chat_template is None
+    with pytest.raises(ApiError) as missing:
+        render_sync(templateless_tokenizer, messages(("user", "Hi")))
+    assert missing.value.body() == {"error": "Template error: template not found", "error_type": "template_error"}
+    raising = tokenizer_copy(model_dir, tmp_path, "{{ raise_exception('Conversation roles must alternate') }}")
+    with pytest.raises(ApiError) as failed:
+        render_sync(raising, messages(("user", "Hi")))
+    assert failed.value.error_type == "template_error"
+    assert failed.value.message.startswith("Template error: ") and "roles must alternate" in failed.value.message
+
+
+def test_a_checkpoint_without_template_gets_tgi_422(templateless_tokenizer):
+    engine = FakeEngine()  # refused before generation: only the tokenizer matters
+    engine.tokenizer = templateless_tokenizer
+    client = TestClient(create_app(engine))
+    expected = {"error": "Template error: template not found", "error_type": "template_error"}
+    body = {"messages": [{"role": "user", "content": "Hi"}]}
+    for path, extra in (("/v1/chat/completions", {}), ("/v1/chat/completions", {"stream": True}),
+                        ("/chat_tokenize", {})):
+        response = client.post(path, json={**body, **extra})
+        assert (response.status_code, response.json()) == (422, expected), path

@@ -1,0 +1,230 @@
+"""Operations against one real `tgserve serve` process started with every operational flag:
+--api-key, --cors-allow-origin (twice), --json-output, --otlp-endpoint (a local OTLP/gRPC collector
+in this test), --otlp-service-name and --prometheus-port. Raw httpx throughout.
+
+The metrics test reads TGI's Grafana dashboard and checks that every series its PromQL names is
+exported, and moved once requests flowed; a client that hangs up mid-stream must leave the batch
+(and count as dropped) within a couple of seconds.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import free_port
+
+grpc = pytest.importorskip("grpc")
+trace_service = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
+trace_service_grpc = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc")
+
+DASHBOARD = Path("/work/shared/reference/tgi-grafana-dashboard.json")
+API_KEY = "Sesame-42"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ORIGINS = ("http://a.example", "http://b.example")
+SERVICE_NAME = "tgserve-e2e"
+LONG_STREAM = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 1000, "details": True}}
+SERIES = re.compile(r"(tgi_[a-z_]+)(\{[^}]*\})?")
+SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$", re.M)
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+class Collector(trace_service_grpc.TraceServiceServicer):
+    """A minimal OTLP/gRPC trace collector: keeps (service.name, span name, attributes) of every span."""
+
+    def __init__(self):
+        self.spans: list[tuple[str, str, dict]] = []
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):  # noqa: N802 (the gRPC method's name)
+        with self.lock:
+            for resource_spans in request.resource_spans:
+                resource = {kv.key: kv.value.string_value for kv in resource_spans.resource.attributes}
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        attributes = {kv.key: kv.value for kv in span.attributes}
+                        self.spans.append((resource.get("service.name"), span.name, attributes))
+        return trace_service.ExportTraceServiceResponse()
+
+
+@pytest.fixture(scope="module")
+def collector():
+    servicer = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_grpc.add_TraceServiceServicer_to_server(servicer, server)
+    servicer.port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer
+    server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def server(collector, start_server):
+    """The server; `collector` first, so it outlives the server and receives the spans flushed at exit."""
+    prometheus_port = free_port()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")  # export spans every 200 ms instead of every 5 s
+        server = start_server(
+            "--api-key", API_KEY, "--cors-allow-origin", ORIGINS[0], "--cors-allow-origin", ORIGINS[1],
+            "--json-output", "--otlp-endpoint", f"http://127.0.0.1:{collector.port}",
+            "--otlp-service-name", SERVICE_NAME, "--prometheus-port", str(prometheus_port))
+    server.prometheus_url = f"http://127.0.0.1:{prometheus_port}"
+    return server
+
+
+def scrape(url: str) -> tuple[dict[tuple[str, frozenset], float], dict[str, str]]:
+    """(samples keyed by (name, labels), family types) from a /metrics text."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    samples = {}
+    for match in SAMPLE.finditer(text):
+        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
+        samples[(match["name"], labels)] = float(match["value"])
+    return samples, types
+
+
+def dashboard_series() -> set[tuple[str, frozenset]]:
+    """Every (metric name, label matchers other than `container`) the dashboard's queries use."""
+    found = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "expr":
+                    for name, labels in SERIES.findall(value):
+                        matchers = frozenset((k, v) for k, v in re.findall(r'(\w+)="([^"]*)"', labels)
+                                             if k != "container")
+                        found.add((name, matchers))
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(json.loads(DASHBOARD.read_text()))
+    return found
+
+
+def value(samples, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+def test_every_dashboard_series_is_exported_and_moves(server):
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as client:
+        with client.stream("POST", "/generate_stream", json=LONG_STREAM) as stream:
+            events = (line for line in stream.iter_lines() if line.startswith("data:"))
+            next(events), next(events)
+            # Joins the running batch (a concat); the stream is then dropped mid-way.
+            joined = client.post("/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}})
+            assert joined.status_code == 200
+        assert client.post("/generate", json={"inputs": "", "parameters": {}}).status_code == 422
+    series = dashboard_series()
+    assert len(series) >= 20
+    samples, types = scrape(server.url)
+    for name, matchers in sorted(series):
+        family = name if name in types else re.sub(r"_(bucket|sum|count)$", "", name)
+        assert family in types, f"{name} (dashboard) is not exported"
+        assert any(n == name and matchers <= ls for n, ls in samples), f"no {name}{set(matchers)} sample"
+        if types[family] == "counter":
+            assert value(samples, name, **dict(matchers)) > 0, f"{name}{set(matchers)} never moved"
+        elif types[family] == "histogram":
+            assert value(samples, family + "_count", **dict(matchers)) > 0, f"{family}{set(matchers)} never moved"
+    assert value(samples, "tgi_request_failure", err="validation") >= 1
+    assert value(samples, "tgi_batch_max_total_tokens") == 32768  # the tests' --max-batch-total-tokens
+    second, _ = scrape(server.prometheus_url)  # --prometheus-port serves the same families
+    assert {n for n, _ in second} == {n for n, _ in samples}
+
+
+def wait_until_idle(url: str, timeout_s: float = 30.0) -> dict:
+    """Scrape until no request runs or waits (an earlier test's stream may still be leaving)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples, _ = scrape(url)
+        if value(samples, "tgi_batch_current_size") == value(samples, "tgi_queue_size") == 0:
+            return samples
+        assert time.monotonic() < deadline, "the server never became idle"
+        time.sleep(0.05)
+
+
+def test_client_disconnect_drops_the_request_and_empties_the_batch(server):
+    before = wait_until_idle(server.url)
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as client:
+        with client.stream("POST", "/generate_stream", json=LONG_STREAM) as stream:
+            events = (line for line in stream.iter_lines() if line.startswith("data:"))
+            for _ in range(3):
+                next(events)
+            during, _ = scrape(server.url)
+            assert value(during, "tgi_batch_current_size") == 1
+    closed_s = time.monotonic()
+    while True:
+        after, _ = scrape(server.url)
+        is_dropped = value(after, "tgi_request_failure", err="dropped") == value(
+            before, "tgi_request_failure", err="dropped") + 1
+        if is_dropped and value(after, "tgi_batch_current_size") == 0:
+            break
+        assert time.monotonic() - closed_s < 3.0, "the dropped stream still holds its place in the batch"
+        time.sleep(0.05)
+    assert value(after, "tgi_batch_current_max_tokens") == 0
+
+
+@pytest.mark.parametrize("path", ["/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions",
+                                  "/tokenize", "/vertex", "/invocations"])
+def test_generation_routes_refuse_a_missing_or_wrong_key(server, path):
+    for headers in ({}, {"Authorization": "Bearer nope"}):
+        response = httpx.post(f"{server.url}{path}", json={"inputs": "Hi"}, headers=headers, timeout=30)
+        assert response.status_code == 401 and response.content == b""
+
+
+def test_key_opens_generation_and_service_routes_need_none(server):
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
+    lowered = {"Authorization": f"bearer {API_KEY.lower()}"}
+    assert httpx.post(f"{server.url}/generate", json=body, headers=lowered, timeout=60).status_code == 200
+    for path in ("/info", "/health", "/metrics", "/v1/models"):
+        assert httpx.get(f"{server.url}{path}", timeout=30).status_code == 200, path
+
+
+def test_cors_preflight_and_headers(server):
+    preflight = {"Origin": ORIGINS[1], "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    response = httpx.options(f"{server.url}/generate", headers=preflight, timeout=30)
+    assert response.status_code == 200 and response.headers["access-control-allow-origin"] == ORIGINS[1]
+    assert {m.strip() for m in response.headers["access-control-allow-methods"].split(",")} == {"GET", "POST"}
+    refused = httpx.options(f"{server.url}/generate", headers={**preflight, "Origin": "http://evil.example"})
+    assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    info = httpx.get(f"{server.url}/info", headers={"Origin": ORIGINS[0]}, timeout=30)
+    assert info.headers["access-control-allow-origin"] == ORIGINS[0]
+
+
+def test_json_logs_name_each_request(server):
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
+    for path in ("/generate", "/generate_stream"):
+        assert httpx.post(f"{server.url}{path}", json=body, headers=AUTH, timeout=60).status_code == 200
+    records = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    successes = [r for r in records if r["message"].startswith("Success")]
+    ids = [r.get("request_id") for r in successes]
+    assert len(ids) >= 2 and all(ids) and len(set(ids)) == len(ids)
+    assert all("request_id" not in r for r in records if r["message"] == "Connected")  # not about a request
+
+
+def test_otlp_spans_reach_the_collector(server, collector):
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
+    assert httpx.post(f"{server.url}/generate", json=body, headers=AUTH, timeout=60).status_code == 200
+    assert httpx.post(f"{server.url}/generate", json=body, timeout=60).status_code == 401
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with collector.lock:
+            spans = [s for s in collector.spans if s[1] == "generate"]
+        if len(spans) >= 2:
+            break
+        time.sleep(0.1)
+    assert {service for service, _, _ in spans} == {SERVICE_NAME}
+    statuses = {attributes["http.response.status_code"].int_value for _, _, attributes in spans}
+    assert {200, 401} <= statuses
