@@ -56,6 +56,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag(("-g", "--graceful-termination-timeout"), "graceful_termination_timeout", int,
          "Seconds in-flight requests may take to finish after SIGTERM"),
     Flag(("--cuda-memory-fraction",), "cuda_memory_fraction", float, "Share of the device memory tgserve may use"),
+    Flag(("--watermark-gamma",), "watermark_gamma", float, "Greenlist share of the vocabulary for watermarking"),
+    Flag(("--watermark-delta",), "watermark_delta", float, "Logit bias of greenlist tokens for watermarking"),
     Flag(("--prometheus-port",), "prometheus_port", int, "Port of a second listener serving /metrics (0: none)"),
     Flag(("--api-key",), "api_key", str, "Bearer token the generation routes require"),
     Flag(("--cors-allow-origin",), "cors_allow_origin", str, "Origin allowed to call from a browser (repeatable; "

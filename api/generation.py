@@ -42,12 +42,17 @@ class PreparedRequest:
     best_of: int = 1  # candidates to run (`tgserve.api.best_of`); 1 = just `request`
 
 
-async def prepare_request(state: ServerState, body: GenerateRequest, timer: RequestTimer) -> PreparedRequest:
-    """Validate and tokenize `body`; raise `ApiError` (422) with TGI's message if it is invalid."""
+async def prepare_request(state: ServerState, body: GenerateRequest, timer: RequestTimer, *,
+                          add_special_tokens: bool = True) -> PreparedRequest:
+    """Validate and tokenize `body`; raise `ApiError` (422) with TGI's message if it is invalid.
+
+    add_special_tokens: False for chat-templated text, which already spells BOS and friends out
+    (TGI tokenizes chat input with `add_special_tokens: false`; adding them would double BOS).
+    """
     params = body.parameters
     try:
         checked = check_parameters(body.inputs, params, state.limits)
-        input_ids = await _encode(state, body.inputs)
+        input_ids = await _encode(state, body.inputs, add_special_tokens)
         input_ids, max_new_tokens = fit_input_ids(input_ids, checked.truncate, checked.max_new_tokens,
                                                   state.limits)
     except ValidationError as error:
@@ -67,9 +72,9 @@ async def prepare_request(state: ServerState, body: GenerateRequest, timer: Requ
                            top_n_tokens=checked.top_n_tokens, best_of=checked.best_of)
 
 
-async def _encode(state: ServerState, text: str) -> list[int]:
+async def _encode(state: ServerState, text: str, add_special_tokens: bool) -> list[int]:
     try:
-        return await asyncio.to_thread(state.engine.tokenizer.encode, text)
+        return await asyncio.to_thread(state.engine.tokenizer.encode, text, add_special_tokens)
     except Exception as error:  # a tokenizer failure is the request's fault, as in TGI
         raise ValidationError(f"tokenizer error {error}") from None
 

@@ -34,7 +34,11 @@ async def chat_generate_request(state: ServerState, body: ChatRequest) -> Genera
     Raises `ApiError` 422 for what tgserve refuses and for template errors.
     """
     check_chat_fields(body)
-    inputs = await render_chat(state.engine.tokenizer, body.messages)
+    try:
+        inputs = await render_chat(state.engine.tokenizer, body.messages)
+    except ApiError:
+        state.metrics.record_failure("template")
+        raise
     return GenerateRequest(inputs=inputs, parameters=chat_parameters(body))
 
 

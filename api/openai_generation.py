@@ -12,15 +12,15 @@ import logging
 from contextlib import aclosing
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
-from tgserve.api.errors import ApiError, incomplete_generation_error, overloaded_error, validation_error
+from tgserve.api.errors import ApiError, incomplete_generation_error, overloaded_error
 from tgserve.api.generation import (ENGINE_ERRORS, PreparedRequest, collect_generation, engine_error,
                                     prepare_request)
+from tgserve.api.metrics_requests import metered_stream
 from tgserve.api.responses import CollectedGeneration
 from tgserve.api.schemas import GenerateRequest
 from tgserve.api.state import ServerState
 from tgserve.api.timing import RequestTimer
-from tgserve.api.validation import ValidationError, check_parameters, fit_input_ids
-from tgserve.core.request import GenerationRequest, StoppingParams, TokenEvent
+from tgserve.core.request import TokenEvent
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,43 +28,9 @@ Prepare = Callable[[RequestTimer], Awaitable[PreparedRequest]]
 StreamItem = PreparedRequest | TokenEvent | ApiError  # what `stream_generation` yields
 
 
-async def prepare_templated_request(state: ServerState, body: GenerateRequest,
-                                    timer: RequestTimer) -> PreparedRequest:
-    """`prepare_request` for chat-templated text: tokenized without added special tokens.
-
-    The template already wrote BOS and friends as text (TGI: `add_special_tokens: false`);
-    adding them again would double them on Llama-style tokenizers. Mirrors `prepare_request`
-    step for step; it folds into it once `prepare_request` takes `add_special_tokens`.
-    """
-    params = body.parameters
-    try:
-        checked = check_parameters(body.inputs, params, state.limits)
-        input_ids = await _encode_without_special_tokens(state, body.inputs)
-        input_ids, max_new_tokens = fit_input_ids(input_ids, checked.truncate, checked.max_new_tokens,
-                                                  state.limits)
-    except ValidationError as error:
-        raise validation_error(error) from None
-    request = GenerationRequest(
-        input_ids=input_ids, sampling=checked.sampling,
-        stopping=StoppingParams(max_new_tokens=max_new_tokens, stop_sequences=checked.stop_sequences),
-        top_n_tokens=checked.top_n_tokens)
-    timer.mark_queued()
-    return PreparedRequest(request=request, input_length=len(input_ids), prompt_prefix="",
-                           top_n_tokens=checked.top_n_tokens)
-
-
-async def _encode_without_special_tokens(state: ServerState, text: str) -> list[int]:
-    try:
-        return await asyncio.to_thread(state.engine.tokenizer.encode, text, False)
-    except Exception as error:  # a tokenizer failure is the request's fault, as in TGI
-        raise ValidationError(f"tokenizer error {error}") from None
-
-
 def preparer(state: ServerState, body: GenerateRequest, *, is_templated: bool) -> Prepare:
     """The preparation step of one prompt: templated chat text or a raw completions prompt."""
-    if is_templated:
-        return lambda timer: prepare_templated_request(state, body, timer)
-    return lambda timer: prepare_request(state, body, timer)
+    return lambda timer: prepare_request(state, body, timer, add_special_tokens=not is_templated)
 
 
 async def generate_to_end(state: ServerState, prepare: Prepare,
@@ -115,7 +81,7 @@ async def stream_generation(state: ServerState, prepare: Prepare, timer: Request
 async def _engine_events(state: ServerState, prepared: PreparedRequest,
                          timer: RequestTimer) -> AsyncIterator[TokenEvent | ApiError]:
     try:
-        async with aclosing(state.engine.stream(prepared.request)) as events:
+        async with aclosing(metered_stream(state.metrics, state.engine.stream(prepared.request), timer)) as events:
             async for event in events:
                 yield event
                 if event.finish is not None:

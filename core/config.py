@@ -41,6 +41,8 @@ class ServerConfig:
     payload_limit: int = 2_000_000
     graceful_termination_timeout: int = 90  # seconds SIGTERM waits for in-flight requests
     cuda_memory_fraction: float = 1.0  # share of the memory the backend reports that tgserve may use
+    watermark_gamma: float = 0.5  # share of the vocabulary on each greenlist (Kirchenbauer et al.)
+    watermark_delta: float = 2.0  # logit bias added to greenlist tokens
     prometheus_port: int = 9000  # second listener serving only /metrics; 0: none
     api_key: str | None = field(default=None, repr=False)  # bearer token of the generation routes
     cors_allow_origin: tuple[str, ...] = ()  # origins browsers may call from; empty: any origin
@@ -57,6 +59,8 @@ class ServerConfig:
                 raise ConfigError(f"`{name}` must be > 0. Given: {value}")
         if not 0 <= self.prometheus_port <= 65535:
             raise ConfigError(f"`prometheus_port` must be in [0, 65535]. Given: {self.prometheus_port}")
+        if not 0.0 < self.watermark_gamma < 1.0:
+            raise ConfigError(f"`watermark_gamma` must be in (0, 1). Given: {self.watermark_gamma}")
         if not 0.0 < self.cuda_memory_fraction <= 1.0:
             raise ConfigError(f"`cuda_memory_fraction` must be in (0, 1]. Given: {self.cuda_memory_fraction}")
         _check_token_limits(self.max_input_tokens, self.max_total_tokens,

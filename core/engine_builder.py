@@ -71,7 +71,8 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     log.info("Setting max batch total tokens to %d", limits.max_batch_total_tokens)
     kv_cache = hook.tgserve_make_kv_cache(num_blocks=num_blocks, block_size=block_size, model_config=model_config,
                                           device=device, dtype=dtype)
-    runner = ModelRunner(model, kv_cache, attention, device, model_config.vocab_size)
+    runner = ModelRunner(model, kv_cache, attention, device, model_config.vocab_size,
+                         watermark_gamma=config.watermark_gamma, watermark_delta=config.watermark_delta)
     scheduler = Scheduler(BlockManager(num_blocks, block_size), limits.max_batch_prefill_tokens,
                           limits.max_batch_size, constraints.supports_chunked_prefill if constraints else True)
     warmup(runner, scheduler, limits, config.max_top_n_tokens)

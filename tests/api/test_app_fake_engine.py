@@ -24,7 +24,7 @@ from tgserve.core.request import Finish, ModelInfo, TokenEvent, TopToken
 class CharTokenizer:
     """One token per character."""
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) for c in text]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
