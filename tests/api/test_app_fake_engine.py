@@ -3,6 +3,8 @@
 disconnect closes the stream and cancels the request in the engine."""
 from __future__ import annotations
 
+import contextlib
+
 import asyncio
 import socket
 import threading
@@ -144,19 +146,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def live_server():
-    """A real uvicorn (in a thread) over a slow fake engine, so a client can hang up mid-stream."""
-    engine = FakeEngine(token_delay_s=0.02, max_concurrent_requests=1)
+@contextlib.contextmanager
+def serve_in_thread(engine):
+    """A real uvicorn (in a thread) over `engine`; yields its base URL."""
     server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=free_port(),
                                            log_config=None, lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    yield engine, f"http://127.0.0.1:{server.config.port}"
+    yield f"http://127.0.0.1:{server.config.port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_server():
+    """A real uvicorn over a slow fake engine, so a client can hang up mid-stream."""
+    engine = FakeEngine(token_delay_s=0.02, max_concurrent_requests=1)
+    with serve_in_thread(engine) as url:
+        yield engine, url
 
 
 def test_disconnect_cancels_the_request_and_frees_the_permit(live_server):

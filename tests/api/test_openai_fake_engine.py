@@ -4,16 +4,14 @@ cancels every one of its requests and gives their permits back."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from tgserve.api.app import create_app
-from tests.api.test_app_fake_engine import CharTokenizer, FakeEngine, free_port
+from tests.api.test_app_fake_engine import CharTokenizer, FakeEngine, serve_in_thread
 
 DONE = "[DONE]"
 
@@ -77,17 +75,10 @@ def test_completions_join_the_prompts_choices_and_usage():
 
 @pytest.fixture
 def live_server():
-    """A real uvicorn (in a thread) over a slow fake engine, so a client can hang up mid-stream."""
+    """A real uvicorn over a slow fake engine, so a client can hang up mid-stream."""
     engine = chat_engine(token_delay_s=0.02, max_concurrent_requests=2)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=free_port(),
-                                           log_config=None, lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield engine, f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(engine) as url:
+        yield engine, url
 
 
 @pytest.mark.parametrize(("path", "body"), [
