@@ -90,27 +90,26 @@ class PrefillToken(BaseModel):
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
-class BestOfSequence(BaseModel):
+class SequenceDetails(BaseModel):
+    """What TGI reports about one generated sequence; shared by `details` and best_of candidates."""
+
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None = None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    top_tokens: list[list[Token]] | None = None
+
+
+class BestOfSequence(SequenceDetails):
     """A losing `best_of` candidate: its own text, seed and tokens (`details.best_of_sequences`)."""
 
     generated_text: str
-    finish_reason: FinishReason
-    generated_tokens: int
-    seed: int | None = None
-    prefill: list[PrefillToken]
-    tokens: list[Token]
-    top_tokens: list[list[Token]] | None = None
 
 
-class Details(BaseModel):
+class Details(SequenceDetails):
     """`details` of a /generate response; `top_tokens` is omitted when empty."""
 
-    finish_reason: FinishReason
-    generated_tokens: int
-    seed: int | None = None
-    prefill: list[PrefillToken]
-    tokens: list[Token]
-    top_tokens: list[list[Token]] | None = None
     best_of_sequences: list[BestOfSequence] | None = None
 
 

@@ -121,6 +121,19 @@ def start_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         server.terminate()
 
 
+@pytest.fixture(scope="module")
+def server(start_server) -> ServerProcess:
+    """One default server per test module; a module that needs flags defines its own `server`."""
+    return start_server()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Iterator[httpx.Client]:
+    """An httpx client on the module's server; modules using another client override this."""
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        yield client
+
+
 @pytest.fixture
 def run_cli() -> Callable[..., subprocess.CompletedProcess]:
     """Run `tgserve ARGS` to completion and return its result (text stdout / stderr)."""

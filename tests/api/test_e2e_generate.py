@@ -11,17 +11,6 @@ from tgserve.api.schemas import GenerateResponse, Info, StreamResponse
 PROMPT = "Once upon a time"
 
 
-@pytest.fixture(scope="module")
-def server(start_server):
-    return start_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=120) as client:
-        yield client
-
-
 def generate(client: httpx.Client, inputs: str = PROMPT, **params) -> httpx.Response:
     return client.post("/generate", json={"inputs": inputs, "parameters": params})
 

@@ -17,11 +17,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the cli
 
 
 @pytest.fixture(scope="module")
-def server(start_server):
-    return start_server()
-
-
-@pytest.fixture(scope="module")
 def client(server):
     return text_generation.Client(server.url, timeout=120)
 

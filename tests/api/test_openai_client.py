@@ -14,11 +14,6 @@ PROMPTS = ["Once upon a time", "The capital of France is"]
 
 
 @pytest.fixture(scope="module")
-def server(start_server):
-    return start_server()
-
-
-@pytest.fixture(scope="module")
 def client(server):
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0) as client:
         yield client

@@ -16,17 +16,6 @@ CHATML_FRANCE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|
 NOT_YET = "is not supported by tgserve yet"
 
 
-@pytest.fixture(scope="module")
-def server(start_server):
-    return start_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=120) as client:
-        yield client
-
-
 def sse_data(client: httpx.Client, path: str, body: dict) -> list:
     """POST a streaming request; every `data:` payload, JSON-decoded except `[DONE]`."""
     with client.stream("POST", path, json=body) as response:

@@ -1,7 +1,12 @@
 """Run requests through a real in-process Engine and collect their events (test helper)."""
 from __future__ import annotations
 
+import contextlib
 import threading
+
+from tgserve.core.config import ServerConfig
+from tgserve.core.engine_builder import build_engine
+from tgserve.core.plugins import BackendRegistry
 
 from tgserve.core.request import ErrorEvent, GenerationRequest, SamplingParams, StoppingParams
 
@@ -39,3 +44,15 @@ def run_all(engine, requests, timeout_s: float = 120) -> list[Collected]:
     for sink in sinks:
         assert sink.done.wait(timeout_s), "request did not finish"
     return sinks
+
+
+@contextlib.contextmanager
+def running_engine(model_dir, **config):
+    """A started cpu-backend Engine on `model_dir` with ServerConfig fields `config`; shut down after."""
+    engine = build_engine(ServerConfig(model_id=str(model_dir), **config), BackendRegistry().select("cpu"),
+                          progress=False)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.shutdown(drain_timeout_s=5)

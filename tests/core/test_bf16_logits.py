@@ -9,11 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tgserve.core.config import ServerConfig
-from tgserve.core.engine_builder import build_engine
-from tgserve.core.plugins import BackendRegistry
 
-from .engine_harness import request, run_all
+from .engine_harness import request, run_all, running_engine
 
 PROMPTS = ["The lighthouse stands on a rock", "Q: What is the capital of France?\nA:", "今天天气很好"]
 TOLERANCE = 0.1  # nats; bf16 keeps ~3 significant digits, logits here span ~20
@@ -21,12 +18,9 @@ TOLERANCE = 0.1  # nats; bf16 keeps ~3 significant digits, logits here span ~20
 
 @pytest.fixture(scope="module")
 def engine(demo_model_dir):
-    config = ServerConfig(model_id=str(demo_model_dir), dtype="bfloat16", max_batch_total_tokens=1024,
-                          max_total_tokens=256, max_batch_prefill_tokens=256)
-    engine = build_engine(config, BackendRegistry().select("cpu"), progress=False)
-    engine.start()
-    yield engine
-    engine.shutdown(drain_timeout_s=5)
+    with running_engine(demo_model_dir, dtype="bfloat16", max_batch_total_tokens=1024, max_total_tokens=256,
+                        max_batch_prefill_tokens=256) as engine:
+        yield engine
 
 
 def test_first_token_logprobs_close_to_transformers_bf16(engine, demo_model_dir):

@@ -5,22 +5,16 @@ import time
 
 import pytest
 
-from tgserve.core.config import ServerConfig
-from tgserve.core.engine_builder import build_engine
-from tgserve.core.plugins import BackendRegistry
 from tgserve.core.request import ErrorEvent, GenerationRequest, SamplingParams, StoppingParams
 
-from .engine_harness import Collected, request, run_all
+from .engine_harness import Collected, request, run_all, running_engine
 
 
 @pytest.fixture(scope="module")
 def engine(demo_model_dir):
-    config = ServerConfig(model_id=str(demo_model_dir), max_batch_prefill_tokens=64, max_batch_total_tokens=4096,
-                          max_total_tokens=512)
-    engine = build_engine(config, BackendRegistry().select("cpu"), progress=False)
-    engine.start()
-    yield engine
-    engine.shutdown(drain_timeout_s=5)
+    with running_engine(demo_model_dir, max_batch_prefill_tokens=64, max_batch_total_tokens=4096,
+                        max_total_tokens=512) as engine:
+        yield engine
 
 
 def _encode(engine, text):

@@ -13,11 +13,8 @@ from safetensors.torch import load_file, save_file
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tgserve.core.config import ServerConfig
-from tgserve.core.engine_builder import build_engine
-from tgserve.core.plugins import BackendRegistry
 
-from .engine_harness import request, run_all
+from .engine_harness import request, run_all, running_engine
 
 PROMPTS = [
     "The river ran",
@@ -62,12 +59,9 @@ def model_dir(request, demo_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    config = ServerConfig(model_id=str(model_dir), dtype="float32", max_batch_prefill_tokens=24,
-                          max_batch_total_tokens=2048, max_total_tokens=512)
-    engine = build_engine(config, BackendRegistry().select("cpu"), progress=False)
-    engine.start()
-    yield engine
-    engine.shutdown(drain_timeout_s=5)
+    with running_engine(model_dir, dtype="float32", max_batch_prefill_tokens=24, max_batch_total_tokens=2048,
+                        max_total_tokens=512) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")

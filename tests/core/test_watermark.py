@@ -10,13 +10,10 @@ import math
 import pytest
 import torch
 
-from tgserve.core.config import ServerConfig
-from tgserve.core.engine_builder import build_engine
-from tgserve.core.plugins import BackendRegistry
 from tgserve.core.sampling import SamplingBatch, sample
 from tgserve.core.watermark import DEFAULT_DELTA, DEFAULT_GAMMA, WatermarkBatch, detect, is_green
 
-from .engine_harness import request, run_all
+from .engine_harness import request, run_all, running_engine
 
 VOCAB = 4096
 DETECTION_Z = 4.0  # the paper's threshold: z > 4 means watermarked
@@ -108,12 +105,9 @@ PROMPTS = ("Once upon a time", "The river ran", "In the garden", "A small dog")
 
 @pytest.fixture(scope="module")
 def engine(demo_model_dir):
-    config = ServerConfig(model_id=str(demo_model_dir), max_batch_prefill_tokens=256, max_batch_total_tokens=4096,
-                          max_total_tokens=512)
-    engine = build_engine(config, BackendRegistry().select("cpu"), progress=False)
-    engine.start()
-    yield engine
-    engine.shutdown(drain_timeout_s=5)
+    with running_engine(demo_model_dir, max_batch_prefill_tokens=256, max_batch_total_tokens=4096,
+                        max_total_tokens=512) as engine:
+        yield engine
 
 
 def _pooled_z_score(engine, is_watermarked: bool) -> float:
