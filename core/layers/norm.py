@@ -15,5 +15,5 @@ class RMSNorm(nn.Module):
         """x: [num_tokens, hidden] -> same shape and dtype."""
         dtype = x.dtype
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = x32 * x32.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
         return self.weight * x32.to(dtype)

@@ -42,24 +42,27 @@ class RotaryEmbedding(nn.Module):
         inv_freq = _inverse_frequencies(head_dim, theta, scaling)
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat([angles, angles], dim=-1)  # [max_positions, head_dim], HF's rotate_half layout
+        # rotate_half(x) * sin == swap_halves(x) * signed_sin, with the sign folded into the table.
+        signed_sin = torch.cat([-angles.sin(), angles.sin()], dim=-1)
         self.register_buffer("cos", emb.cos().to(dtype=dtype, device=device), persistent=False)
-        self.register_buffer("sin", emb.sin().to(dtype=dtype, device=device), persistent=False)
+        self.register_buffer("signed_sin", signed_sin.to(dtype=dtype, device=device), persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> (cos, sin), each [T, 1, head_dim]; once per step, shared by all layers."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """positions [T] -> (cos, signed_sin), each [T, 1, head_dim]; once per step, shared by all layers."""
+        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """positions [T]; q [T, heads, head_dim]; k [T, kv_heads, head_dim] -> rotated q, k."""
-        return apply_rotary(self.lookup(positions), q, k)
+        qk = torch.cat([q, k], dim=1)
+        rotated = apply_rotary(self.lookup(positions), qk)
+        return rotated[:, :q.shape[1]], rotated[:, q.shape[1]:]
 
 
-def apply_rotary(cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
-    """Rotate q [T, heads, d] and k [T, kv_heads, d] by the looked-up (cos, sin) [T, 1, d]."""
-    cos, sin = cos_sin
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+def apply_rotary(cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, d] (queries and keys together, one call) by the looked-up (cos, signed_sin).
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    Same products and sum as HF's `x * cos + rotate_half(x) * sin`, so float32 results are identical."""
+    cos, signed_sin = cos_sin
     half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    return x * cos + swapped * signed_sin

@@ -39,11 +39,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos_sin, layer_cache, batch: ForwardBatch) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]; cos_sin: this step's rotary tables, [T, 1, head_dim] each."""
         qkv = self.qkv_proj(self.input_layernorm(x))
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(cos_sin, q, k)
-        attn = self.attention.forward(q, k, v.reshape(-1, self.num_kv_heads, self.head_dim), layer_cache, batch)
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = apply_rotary(cos_sin, qk.unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim)))
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        attn = self.attention.forward(q, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim)), layer_cache, batch)
         x = x + self.o_proj(attn)
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).split(self.intermediate_size, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
