@@ -32,7 +32,9 @@ class PagedAttention:
 class TorchAttentionMetadata:
     unpad_index: torch.Tensor | None  # int64 [T], row of each packed token in the [S * max_q] padded layout
     mask: torch.Tensor  # bool [S, 1, max_q, max_ctx], True where a query may attend to a key
-    is_masked_out: torch.Tensor | None  # decode only: ~mask, computed once per step rather than per layer
+    # decode only: float32 [S * kv_heads, 1, max_ctx], 0 where a key counts and -inf where it is padding;
+    # made once per step so each layer's scores come out of one baddbmm, masked.
+    decode_bias: torch.Tensor | None
     is_decode: bool  # every sequence computes one token: T == S, no padding needed
 
 
@@ -52,8 +54,10 @@ class TorchPagedAttention(PagedAttention):
         max_q, max_ctx = batch.max_query_len, batch.max_context_len
         if max_q == 1:
             mask = torch.arange(max_ctx, device=device).view(1, max_ctx) < batch.context_lens.view(num_seqs, 1)
-            mask = mask.view(num_seqs, 1, 1, max_ctx)
-            return TorchAttentionMetadata(unpad_index=None, mask=mask, is_masked_out=~mask, is_decode=True)
+            bias = torch.zeros(num_seqs, 1, max_ctx, device=device).masked_fill_(~mask.unsqueeze(1), float("-inf"))
+            bias = bias.repeat_interleave(self.num_kv_heads, dim=0)
+            return TorchAttentionMetadata(unpad_index=None, mask=mask.view(num_seqs, 1, 1, max_ctx),
+                                          decode_bias=bias, is_decode=True)
         seq_of_token = torch.repeat_interleave(
             torch.arange(num_seqs, device=device), batch.query_lens, output_size=num_tokens)
         offset = torch.arange(num_tokens, device=device) - batch.cu_seqlens_q[seq_of_token]
@@ -64,7 +68,7 @@ class TorchPagedAttention(PagedAttention):
         k_pos = torch.arange(max_ctx, device=device).view(1, 1, max_ctx)
         mask = (k_pos <= q_pos) & (k_pos < batch.context_lens.view(num_seqs, 1, 1))
         mask = mask | ((q_pos < 0) & (k_pos == 0))  # padding rows see one key, so no row is all -inf
-        return TorchAttentionMetadata(unpad_index=unpad_index, mask=mask.unsqueeze(1), is_masked_out=None,
+        return TorchAttentionMetadata(unpad_index=unpad_index, mask=mask.unsqueeze(1), decode_bias=None,
                                       is_decode=False)
 
     def forward(self, q, k, v, layer_cache, batch):
@@ -76,7 +80,7 @@ class TorchPagedAttention(PagedAttention):
         keys = self._gather(k_cache, batch.block_tables, max_ctx)
         values = self._gather(v_cache, batch.block_tables, max_ctx)
         if meta.is_decode:
-            return self._decode(q, keys, values, meta.is_masked_out)
+            return self._decode(q, keys, values, meta.decode_bias)
         q_pad = q.new_zeros(num_seqs * max_q, self.num_heads, self.head_dim).index_copy_(0, meta.unpad_index, q)
         q_pad = q_pad.view(num_seqs, max_q, self.num_heads, self.head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q_pad, keys, values, attn_mask=meta.mask, scale=self.scale,
@@ -84,26 +88,32 @@ class TorchPagedAttention(PagedAttention):
         out = out.transpose(1, 2).reshape(num_seqs * max_q, self.num_heads * self.head_dim)
         return out.index_select(0, meta.unpad_index)
 
-    def _decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                is_masked_out: torch.Tensor) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """One query per sequence: two batched matmuls beat SDPA's masked CPU kernel ~8x here.
 
-        q [S, heads, d]; keys/values [S, kv_heads, ctx, d]; is_masked_out [S, 1, 1, ctx] -> [S, heads * d].
+        q [S, heads, d]; keys/values [S, kv_heads, ctx, d]; bias [S * kv_heads, 1, ctx] -> [S, heads * d].
         Query heads sharing a KV head are stacked as rows, so no K/V is repeated. The matmuls run
         in float32 whatever the cache dtype: these are tiny GEMMs, where torch's bf16 kernels cost
         3x the float32 ones on CPU (18-26 us against 7 us at 14 heads x 160 keys, measured on Zen5),
         more than converting the gathered K/V; a no-op for float32 models.
         """
-        num_seqs = q.shape[0]
-        group = self.num_heads // self.num_kv_heads
-        q = q.view(num_seqs, self.num_kv_heads, group, self.head_dim).float() * self.scale
-        scores = torch.matmul(q, keys.float().transpose(-1, -2))  # [S, kv_heads, group, ctx]
-        probs = scores.masked_fill_(is_masked_out, float("-inf")).softmax(dim=-1)
-        out = torch.matmul(probs, values.float()).to(values.dtype)
-        return out.reshape(num_seqs, self.num_heads * self.head_dim)
+        num_seqs, ctx = q.shape[0], keys.shape[2]
+        rows, group = num_seqs * self.num_kv_heads, self.num_heads // self.num_kv_heads
+        q = _float32_copy(q).view(rows, group, self.head_dim)
+        # One copy each converts and lays out K/V [S * kv_heads, ctx, d] so the matmuls need no other.
+        keys32 = _float32_copy(keys).view(rows, ctx, self.head_dim)
+        values32 = _float32_copy(values).view(rows, ctx, self.head_dim)
+        probs = torch.baddbmm(bias, q, keys32.transpose(1, 2), alpha=self.scale).softmax(dim=-1)  # [S * kv_heads, group, ctx]
+        return torch.bmm(probs, values32).to(values.dtype).view(num_seqs, self.num_heads * self.head_dim)
 
     def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor, max_ctx: int) -> torch.Tensor:
         """cache [blocks, block_size, kv_heads, d] -> [S, kv_heads, max_ctx, d] for each sequence."""
         num_seqs = block_tables.shape[0]
-        gathered = cache[block_tables].view(num_seqs, -1, self.num_kv_heads, self.head_dim)
+        # index_select over the flat table: 5x faster than advanced indexing with the 2-D table on CPU.
+        gathered = cache.index_select(0, block_tables.flatten()).view(num_seqs, -1, self.num_kv_heads, self.head_dim)
         return gathered[:, :max_ctx].transpose(1, 2)
+
+
+def _float32_copy(x: torch.Tensor) -> torch.Tensor:
+    """x, any dtype and strides -> a contiguous float32 copy, converted and laid out in one pass."""
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x)
