@@ -27,7 +27,9 @@ class ScheduledSequence:
 
 @dataclass(slots=True)
 class StepPlan:
-    """Everything the scheduler decided for one step (host side)."""
+    """Everything the scheduler decided for one step (host side).
+
+    Sequences that compute exactly one token come first, so the device batch can split them off."""
 
     scheduled: list[ScheduledSequence] = field(default_factory=list)
 
@@ -56,4 +58,9 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # int64 [num_logits], rows of the hidden states that need logits
     max_query_len: int  # host int, max(query_lens)
     max_context_len: int  # host int, max(context_lens)
+    # Host ints that let attention treat decode rows apart from prefill rows in a mixed step: the
+    # first `num_decode_seqs` sequences compute one token each (the runner puts them first).
+    num_decode_seqs: int
+    max_decode_context_len: int  # max(context_lens[:num_decode_seqs]), 0 when there are none
+    max_prefill_context_len: int  # max(context_lens[num_decode_seqs:]), 0 when there are none
     attention: object = None  # per-step metadata the attention backend prepared from the fields above

@@ -67,6 +67,7 @@ class ModelRunner:
             if item.is_sampling:
                 sampling_rows.append(i)
         max_ctx = max(context_lens)
+        num_decode = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))  # leading decode rows
         num_table_blocks = -(-max_ctx // self.block_size)
         tables = [t[:num_table_blocks] + [0] * (num_table_blocks - min(len(t), num_table_blocks)) for t in tables]
         dev = self.device
@@ -85,7 +86,9 @@ class ModelRunner:
             slot_mapping=slot_mapping, block_tables=block_tables,
             context_lens=torch.tensor(context_lens, dtype=torch.int64).to(dev), query_lens=query_lens_t,
             cu_seqlens_q=cu_seqlens_q, logits_indices=cu_seqlens_q[1:][torch.tensor(sampling_rows, dtype=torch.int64).to(dev)] - 1,
-            max_query_len=max(query_lens), max_context_len=max_ctx)
+            max_query_len=max(query_lens), max_context_len=max_ctx, num_decode_seqs=num_decode,
+            max_decode_context_len=max(context_lens[:num_decode], default=0),
+            max_prefill_context_len=max(context_lens[num_decode:], default=0))
         batch.attention = self.attention.prepare(batch)
         return batch, sampling_rows
 

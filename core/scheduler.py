@@ -62,6 +62,8 @@ class Scheduler:
             self.running.append(seq)
             plan.scheduled.append(ScheduledSequence(seq, num_tokens))
             budget -= num_tokens
+        # Sequences computing one token first (stable): attention runs them apart from the prefill rows.
+        plan.scheduled.sort(key=lambda item: item.num_new_tokens != 1)
         return plan
 
     def _has_batch_room(self) -> bool:

@@ -1,9 +1,12 @@
 """Paged attention: write this step's K/V into cache blocks, then attend over each sequence's blocks.
 
 `PagedAttention` is the interface a backend implements (`tgserve_make_attention`); the class here
-is the core's reference on plain torch, used by every backend without a faster kernel. One path
-serves prefill, chunked prefill and decode: queries are padded to [S, max_query_len], keys gathered
-to [S, max_context_len] through the block tables, and a mask keeps each query causal.
+is the core's reference on plain torch, used by every backend without a faster kernel. A step's
+sequences come in two groups (the runner puts decode rows first): decode rows, one query each,
+attend through two batched matmuls; prefill and chunked-prefill rows are padded to
+[S_prefill, max_query_len] and go through `scaled_dot_product_attention` with a causal mask. Keeping
+the groups apart matters in a mixed step: padding seven decode rows to a new prompt's 128 queries
+would make the prefill kernel do 8x the work.
 """
 from __future__ import annotations
 
@@ -30,16 +33,17 @@ class PagedAttention:
 
 @dataclass(slots=True)
 class TorchAttentionMetadata:
-    unpad_index: torch.Tensor | None  # int64 [T], row of each packed token in the [S * max_q] padded layout
-    mask: torch.Tensor  # bool [S, 1, max_q, max_ctx], True where a query may attend to a key
-    # decode only: float32 [S * kv_heads, 1, max_ctx], 0 where a key counts and -inf where it is padding;
-    # made once per step so each layer's scores come out of one baddbmm, masked.
+    num_decode_seqs: int  # host int, the leading sequences that compute one token each
+    # float32 [num_decode_seqs * kv_heads, 1, max_decode_ctx]: 0 where a key counts, -inf on padding;
+    # made once per step so each layer's decode scores come out of one baddbmm, masked. None: no decode rows.
     decode_bias: torch.Tensor | None
-    is_decode: bool  # every sequence computes one token: T == S, no padding needed
+    # int64 [T - num_decode_seqs]: row of each prefill token in the [S_prefill * max_q] padded layout
+    unpad_index: torch.Tensor | None
+    prefill_mask: torch.Tensor | None  # bool [S_prefill, 1, max_q, max_prefill_ctx], True: query sees key
 
 
 class TorchPagedAttention(PagedAttention):
-    """Reference implementation with `scaled_dot_product_attention`; no Python loop over the batch."""
+    """Reference implementation on torch ops; no Python loop over the batch."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int):
         self.num_heads = num_heads
@@ -49,41 +53,65 @@ class TorchPagedAttention(PagedAttention):
         self.scale = head_dim ** -0.5
 
     def prepare(self, batch: ForwardBatch) -> TorchAttentionMetadata:
+        num_decode, num_seqs = batch.num_decode_seqs, batch.query_lens.shape[0]
+        decode_bias = unpad_index = prefill_mask = None
+        if num_decode > 0:
+            decode_bias = self._decode_bias(batch.context_lens[:num_decode], batch.max_decode_context_len)
+        if num_decode < num_seqs:
+            unpad_index, prefill_mask = self._prefill_layout(batch, num_decode)
+        return TorchAttentionMetadata(num_decode, decode_bias, unpad_index, prefill_mask)
+
+    def _decode_bias(self, context_lens: torch.Tensor, max_ctx: int) -> torch.Tensor:
+        """context_lens [S_decode] -> the additive mask [S_decode * kv_heads, 1, max_ctx]."""
+        num_seqs = context_lens.shape[0]
+        is_key = torch.arange(max_ctx, device=context_lens.device).view(1, max_ctx) < context_lens.view(num_seqs, 1)
+        bias = torch.zeros(num_seqs, 1, max_ctx, device=context_lens.device)
+        bias.masked_fill_(~is_key.unsqueeze(1), float("-inf"))
+        return bias.repeat_interleave(self.num_kv_heads, dim=0)
+
+    def _prefill_layout(self, batch: ForwardBatch, num_decode: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded-row index of each prefill token and the causal mask of the prefill sequences."""
         device = batch.input_ids.device
-        num_seqs, num_tokens = batch.query_lens.shape[0], batch.input_ids.shape[0]
-        max_q, max_ctx = batch.max_query_len, batch.max_context_len
-        if max_q == 1:
-            mask = torch.arange(max_ctx, device=device).view(1, max_ctx) < batch.context_lens.view(num_seqs, 1)
-            bias = torch.zeros(num_seqs, 1, max_ctx, device=device).masked_fill_(~mask.unsqueeze(1), float("-inf"))
-            bias = bias.repeat_interleave(self.num_kv_heads, dim=0)
-            return TorchAttentionMetadata(unpad_index=None, mask=mask.view(num_seqs, 1, 1, max_ctx),
-                                          decode_bias=bias, is_decode=True)
-        seq_of_token = torch.repeat_interleave(
-            torch.arange(num_seqs, device=device), batch.query_lens, output_size=num_tokens)
-        offset = torch.arange(num_tokens, device=device) - batch.cu_seqlens_q[seq_of_token]
+        query_lens, context_lens = batch.query_lens[num_decode:], batch.context_lens[num_decode:]
+        num_seqs, num_tokens = query_lens.shape[0], batch.input_ids.shape[0] - num_decode
+        max_q, max_ctx = batch.max_query_len, batch.max_prefill_context_len
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens,
+                                               output_size=num_tokens)
+        cu_seqlens_q = batch.cu_seqlens_q[num_decode:] - num_decode  # decode tokens are the first rows
+        offset = torch.arange(num_tokens, device=device) - cu_seqlens_q[seq_of_token]
         unpad_index = seq_of_token * max_q + offset
         # Position of each padded query row; padding rows get -1 and are fixed up below.
         q_pos = torch.full((num_seqs * max_q,), -1, dtype=torch.int64, device=device)
-        q_pos = q_pos.index_copy(0, unpad_index, batch.positions).view(num_seqs, max_q, 1)
+        q_pos = q_pos.index_copy(0, unpad_index, batch.positions[num_decode:]).view(num_seqs, max_q, 1)
         k_pos = torch.arange(max_ctx, device=device).view(1, 1, max_ctx)
-        mask = (k_pos <= q_pos) & (k_pos < batch.context_lens.view(num_seqs, 1, 1))
+        mask = (k_pos <= q_pos) & (k_pos < context_lens.view(num_seqs, 1, 1))
         mask = mask | ((q_pos < 0) & (k_pos == 0))  # padding rows see one key, so no row is all -inf
-        return TorchAttentionMetadata(unpad_index=unpad_index, mask=mask.unsqueeze(1), decode_bias=None,
-                                      is_decode=False)
+        return unpad_index, mask.unsqueeze(1)
 
     def forward(self, q, k, v, layer_cache, batch):
         meta: TorchAttentionMetadata = batch.attention
         k_cache, v_cache = layer_cache
         k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k)
         v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, v)
-        num_seqs, max_q, max_ctx = batch.query_lens.shape[0], batch.max_query_len, batch.max_context_len
-        keys = self._gather(k_cache, batch.block_tables, max_ctx)
-        values = self._gather(v_cache, batch.block_tables, max_ctx)
-        if meta.is_decode:
-            return self._decode(q, keys, values, meta.decode_bias)
+        num_decode = meta.num_decode_seqs
+        outputs = []
+        if meta.decode_bias is not None:
+            tables, ctx = batch.block_tables[:num_decode], batch.max_decode_context_len
+            outputs.append(self._decode(q[:num_decode], self._gather(k_cache, tables, ctx),
+                                        self._gather(v_cache, tables, ctx), meta.decode_bias))
+        if meta.prefill_mask is not None:
+            tables, ctx = batch.block_tables[num_decode:], batch.max_prefill_context_len
+            outputs.append(self._prefill(q[num_decode:], self._gather(k_cache, tables, ctx),
+                                         self._gather(v_cache, tables, ctx), meta))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _prefill(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 meta: TorchAttentionMetadata) -> torch.Tensor:
+        """q [T_prefill, heads, d]; keys/values [S_prefill, kv_heads, ctx, d] -> [T_prefill, heads * d]."""
+        num_seqs, max_q = meta.prefill_mask.shape[0], meta.prefill_mask.shape[2]
         q_pad = q.new_zeros(num_seqs * max_q, self.num_heads, self.head_dim).index_copy_(0, meta.unpad_index, q)
         q_pad = q_pad.view(num_seqs, max_q, self.num_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q_pad, keys, values, attn_mask=meta.mask, scale=self.scale,
+        out = F.scaled_dot_product_attention(q_pad, keys, values, attn_mask=meta.prefill_mask, scale=self.scale,
                                              enable_gqa=self.num_heads != self.num_kv_heads)
         out = out.transpose(1, 2).reshape(num_seqs * max_q, self.num_heads * self.head_dim)
         return out.index_select(0, meta.unpad_index)
@@ -109,6 +137,7 @@ class TorchPagedAttention(PagedAttention):
     def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor, max_ctx: int) -> torch.Tensor:
         """cache [blocks, block_size, kv_heads, d] -> [S, kv_heads, max_ctx, d] for each sequence."""
         num_seqs = block_tables.shape[0]
+        block_tables = block_tables[:, :-(-max_ctx // self.block_size)]  # this group may need fewer blocks
         # index_select over the flat table: 5x faster than advanced indexing with the 2-D table on CPU.
         gathered = cache.index_select(0, block_tables.flatten()).view(num_seqs, -1, self.num_kv_heads, self.head_dim)
         return gathered[:, :max_ctx].transpose(1, 2)
