@@ -8,10 +8,14 @@ no two engines share the cores. Every column gets the same metric names (peer_pr
   - output tokens/s at each batch size: batch * decode_length / the wall time of prefill + decode;
   - the roofline: one batch-1 decode floor for the checkpoint (same bytes for every engine at this
     dtype), measured in this run, and each engine's floor / decode ms.
+With --rounds N the whole sequence (tgserve, then each peer) runs N times and each cell is the median
+over the rounds: on a shared VM memory bandwidth swings by 1.5x for minutes at a time, so engines
+measured once, minutes apart, can be compared in different weather; interleaved rounds cannot.
 """
 from __future__ import annotations
 
 import gc
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,14 +84,30 @@ def format_compare_table(results: list[dict], roofline: dict | None, sequence_le
 
 
 def run_compare(config: EngineBenchConfig, peers: list[str], venvs_dir: Path, timeout_s: float,
-                threads: int | None = None) -> dict:
-    """tgserve (in this process), then each peer; returns {"tgserve_report", "roofline", "results"}."""
+                threads: int | None = None, rounds: int = 1) -> dict:
+    """`rounds` x (tgserve in this process, then each peer); returns {"tgserve_report", "roofline",
+    "results", "rounds"}: each result holds the median of its metrics over the rounds."""
+    if rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {rounds}")
+    runs = [_run_round(config, peers, venvs_dir, timeout_s, threads) for _ in range(rounds)]
+    roofline = dict(runs[-1]["roofline"]) if runs[-1]["roofline"] else None
+    if roofline:
+        roofline["batch1_floor_ms"] = statistics.median(r["roofline"]["batch1_floor_ms"] for r in runs)
+        roofline["read_bytes_per_s"] = statistics.median(r["roofline"]["read_bytes_per_s"] for r in runs)
+    results = merge_rounds([r["results"] for r in runs])
+    add_fractions(results, roofline["batch1_floor_ms"] if roofline else None)
+    return {"tgserve_report": runs[-1]["tgserve_report"], "roofline": roofline, "results": results,
+            "rounds": [r["results"] for r in runs]}
+
+
+def _run_round(config: EngineBenchConfig, peers: list[str], venvs_dir: Path, timeout_s: float,
+               threads: int | None) -> dict:
+    """tgserve (in this process), then each peer, once."""
     import torch
 
     config = replace(config, batch_sizes=tuple(sorted({1, *config.batch_sizes})))
     report = run_engine_bench(config)
     gc.collect()  # the engine is dropped before the peers load their copies of the model
-    roofline = report["roofline"]
     results = [tgserve_result(report)]
     args = registry.runner_args(Path(report["meta"]["model_dir"]), report["meta"]["dtype"], config.sequence_length,
                                 config.decode_length, [b for b in config.batch_sizes if b != 1], config.runs,
@@ -99,5 +119,25 @@ def run_compare(config: EngineBenchConfig, peers: list[str], venvs_dir: Path, ti
             results.append(registry.unavailable(spec, f"a CPU engine; tgserve ran on {report['meta']['device']}"))
             continue
         results.append(registry.run_peer(spec, venvs_dir, args, timeout_s))
-    add_fractions(results, roofline["batch1_floor_ms"] if roofline else None)
-    return {"tgserve_report": report, "roofline": roofline, "results": results}
+    return {"tgserve_report": report, "roofline": report["roofline"], "results": results}
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """Per engine (same column order in every round), each metric's median over the rounds where the
+    engine ran; an engine unavailable in every round stays as the last round reported it."""
+    merged = []
+    for column in zip(*rounds):
+        available = [r for r in column if r.get("is_available")]
+        if not available:
+            merged.append(column[-1])
+            continue
+        metrics = {"decode_ms_per_token": statistics.median(r["metrics"]["decode_ms_per_token"] for r in available),
+                   "ttft_ms": statistics.median(r["metrics"]["ttft_ms"] for r in available),
+                   "output_tokens_per_s": {}}
+        for batch in available[-1]["metrics"].get("output_tokens_per_s", {}):
+            values = [r["metrics"]["output_tokens_per_s"][batch] for r in available
+                      if batch in r["metrics"].get("output_tokens_per_s", {})]
+            metrics["output_tokens_per_s"][batch] = statistics.median(values)
+        notes = [n for n in available[-1].get("notes", []) if "memory floor" not in n]
+        merged.append({**available[-1], "metrics": metrics, "notes": notes, "num_rounds": len(available)})
+    return merged

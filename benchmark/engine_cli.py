@@ -51,6 +51,8 @@ def add_engine_parsers(benchmark_commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--peers", default="transformers,llamacpp,vllm", help="default: transformers,llamacpp,vllm")
     compare.add_argument("--peers-dir", default=None, help=VENVS_DIR_HELP)
     compare.add_argument("--peer-timeout-s", type=float, default=1800, help="per peer (default: 1800)")
+    compare.add_argument("--rounds", type=int, default=1,
+                         help="repeat tgserve and the peers this many times, interleaved; cells are medians (default: 1)")
     compare.set_defaults(handler=run_compare_command)
     peers = benchmark_commands.add_parser("peers", help="install the peer engines into venvs of their own")
     peers_commands = peers.add_subparsers(dest="peers_command", metavar="PEERS", required=True)
@@ -109,7 +111,8 @@ def run_compare_command(args: argparse.Namespace) -> int:
         peers = parse_peer_names(args.peers)
         if args.bandwidth_probe_mb <= 0:
             raise ValueError("compare reports the roofline: --bandwidth-probe-mb must be > 0")
-        outcome = run_compare(_bench_config(args), peers, _venvs_dir(args.peers_dir), args.peer_timeout_s)
+        outcome = run_compare(_bench_config(args), peers, _venvs_dir(args.peers_dir), args.peer_timeout_s,
+                              rounds=args.rounds)
     except (ValueError, ConfigError, BackendUnavailable, OSError) as error:
         return _error(error)
     batch_sizes = [b for b in sorted(args.batch_size) if b != 1]

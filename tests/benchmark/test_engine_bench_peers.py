@@ -119,7 +119,7 @@ def test_compare_command_end_to_end_with_a_fake_peer(demo_model_dir, tmp_path, m
     """))
     out = tmp_path / "compare.json"
     code = main(["benchmark", "compare", "--model-id", str(demo_model_dir), "--dtype", "float32", "--peers", "fake",
-                 "--batch-size", "2", "--sequence-length", "8", "--decode-length", "3", "--runs", "1",
+                 "--batch-size", "2", "--sequence-length", "8", "--decode-length", "3", "--runs", "1", "--rounds", "2",
                  "--bandwidth-probe-mb", "8", "--peers-dir", str(tmp_path), "--result-file", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
@@ -129,6 +129,7 @@ def test_compare_command_end_to_end_with_a_fake_peer(demo_model_dir, tmp_path, m
     assert set(saved["results"][0]["metrics"]) == {"decode_ms_per_token", "ttft_ms", "output_tokens_per_s",
                                                    "fraction_of_floor"}
     assert saved["roofline"]["batch1_floor_ms"] > 0 and saved["tgserve_report"]["results"][0]["batch_size"] == 1
+    assert len(saved["rounds"]) == 2 and saved["results"][1]["num_rounds"] == 2
 
 
 def test_peers_setup_rejects_unknown_peers(capsys):
@@ -141,3 +142,29 @@ def test_a_decode_faster_than_the_floor_is_flagged():
     compare.add_fractions(results, floor_ms=30.0)
     assert results[0]["metrics"]["fraction_of_floor"] == pytest.approx(1.5)
     assert "faster than the memory floor" in results[0]["notes"][0]
+
+
+def test_rounds_merge_to_per_metric_medians_per_engine():
+    def result(decode_ms, ttft_ms, tps8):
+        return dict(FAKE_RESULT, metrics={"decode_ms_per_token": decode_ms, "ttft_ms": ttft_ms,
+                                          "output_tokens_per_s": {"8": tps8}})
+    unavailable = {"engine": "vLLM-CPU", "is_available": False, "reason": "not set up"}
+    rounds = [[result(30.0, 100.0, 90.0), unavailable], [result(20.0, 300.0, 110.0), unavailable],
+              [result(25.0, 200.0, 70.0), unavailable]]
+    merged = compare.merge_rounds(rounds)
+    assert merged[0]["metrics"] == {"decode_ms_per_token": 25.0, "ttft_ms": 200.0, "output_tokens_per_s": {"8": 90.0}}
+    assert merged[0]["num_rounds"] == 3 and merged[0]["notes"] == FAKE_RESULT["notes"]
+    assert merged[1] == unavailable
+
+
+def test_an_engine_that_failed_in_some_rounds_is_the_median_of_the_others():
+    ok = dict(FAKE_RESULT, metrics={"decode_ms_per_token": 22.0, "ttft_ms": 150.0, "output_tokens_per_s": {}})
+    failed = {"engine": "llama.cpp", "is_available": False, "reason": "crashed"}
+    merged = compare.merge_rounds([[failed], [ok]])
+    assert merged[0]["is_available"] and merged[0]["metrics"]["decode_ms_per_token"] == 22.0
+    assert merged[0]["num_rounds"] == 1
+
+
+def test_rounds_must_be_positive(capsys):
+    assert main(["benchmark", "compare", "--rounds", "0", "--peers", "transformers"]) == 1
+    assert "--rounds must be >= 1" in capsys.readouterr().err
