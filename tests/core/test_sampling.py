@@ -11,7 +11,7 @@ import torch
 from transformers import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper,
                           TypicalLogitsWarper)
 
-from tgserve.core.sampling import SamplingBatch, sample
+from tgserve.core.sampling import SamplingBatch, argmax_rows, sample
 
 _GREEDY = {"greedy": True}
 
@@ -272,3 +272,14 @@ def test_top_n_contains_a_sampled_choice_inside_top_k():
     for row in range(20):
         assert out.next_ids[row] in out.top_ids[row]
     assert math.isclose(out.top_logprobs[0].exp().sum().item(), 1.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [151936, 1000, 7])
+def test_argmax_rows_is_torch_max_including_ties(vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=generator)
+    x[1, :] = 0.0  # all tied: the first index
+    x[2, vocab // 2] = x[2, vocab - 1] = 100.0  # tie between slices: the earlier one
+    x[3, 0] = float("-inf")
+    x[4, :] = float("-inf")  # nothing finite: index 0, as torch.max
+    assert torch.equal(argmax_rows(x), x.max(dim=-1).indices)

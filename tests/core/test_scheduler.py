@@ -60,6 +60,20 @@ def test_request_joins_running_batch_at_next_step():
     assert _tokens(_step(scheduler)) == {0: 1, 1: 1}
 
 
+def test_one_token_rows_come_first_in_the_plan():
+    """A one-token prompt admitted behind a chunked prompt is listed before it (attention splits there)."""
+    scheduler = _scheduler(max_step_tokens=6)
+    a, b, c = _seq(0, 2, 8), _seq(1, 8, 8), _seq(2, 1, 8)
+    scheduler.add(a)
+    assert _tokens(_step(scheduler)) == {0: 2}
+    scheduler.add(b)
+    assert _tokens(_step(scheduler)) == {0: 1, 1: 5}
+    scheduler.add(c)
+    plan = _step(scheduler)
+    assert [(item.seq.request_id, item.num_new_tokens) for item in plan.scheduled] == [(0, 1), (2, 1), (1, 3)]
+    assert scheduler.running == [a, b, c]  # admission order is unchanged
+
+
 def test_empty_scheduler_plans_nothing():
     scheduler = _scheduler()
     assert not scheduler.has_work
@@ -285,9 +299,8 @@ def test_random_traffic_keeps_invariants_and_serves_everyone(limits, ops):
     def step():
         plan = scheduler.schedule()
         _check_plan(plan, scheduler, limits)
-        for item in plan.scheduled:
-            if item.seq.num_computed_tokens == 0:
-                admitted.append(item.seq.request_id)
+        # Requests admitted in the same step are simultaneous (the plan lists one-token rows first).
+        admitted.extend(sorted(item.seq.request_id for item in plan.scheduled if item.seq.num_computed_tokens == 0))
         _check_invariants(scheduler, limits)
         for item in plan.scheduled:
             seq = item.seq
