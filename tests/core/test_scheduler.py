@@ -27,8 +27,14 @@ def _scheduler(num_blocks=64, block_size=4, max_step_tokens=64, max_batch_size=N
 
 
 def _step(scheduler: Scheduler):
-    """One engine step: schedule, 'compute', append a token to sampling rows, finish at max_new_tokens."""
+    """One engine step: schedule, then `_compute` the plan."""
     plan = scheduler.schedule()
+    _compute(scheduler, plan)
+    return plan
+
+
+def _compute(scheduler: Scheduler, plan) -> None:
+    """'Compute' a plan: append a token to sampling rows, finish them at max_new_tokens."""
     for item in plan.scheduled:
         seq = item.seq
         seq.num_computed_tokens += item.num_new_tokens
@@ -36,7 +42,6 @@ def _step(scheduler: Scheduler):
             seq.token_ids.append(_NEXT_TOKEN)
             if seq.num_generated_tokens >= seq.request.stopping.max_new_tokens:
                 scheduler.finish(seq)
-    return plan
 
 
 def _tokens(plan) -> dict[int, int]:
@@ -302,13 +307,7 @@ def test_random_traffic_keeps_invariants_and_serves_everyone(limits, ops):
         # Requests admitted in the same step are simultaneous (the plan lists one-token rows first).
         admitted.extend(sorted(item.seq.request_id for item in plan.scheduled if item.seq.num_computed_tokens == 0))
         _check_invariants(scheduler, limits)
-        for item in plan.scheduled:
-            seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
-            if item.is_sampling:
-                seq.token_ids.append(_NEXT_TOKEN)
-                if seq.num_generated_tokens >= seq.request.stopping.max_new_tokens:
-                    scheduler.finish(seq)
+        _compute(scheduler, plan)
         _check_invariants(scheduler, limits)
 
     for op in ops:
