@@ -123,7 +123,7 @@ class TorchPagedAttention(PagedAttention):
         Query heads sharing a KV head are stacked as rows, so no K/V is repeated. The matmuls run
         in float32 whatever the cache dtype: these are tiny GEMMs, where torch's bf16 kernels cost
         3x the float32 ones on CPU (18-26 us against 7 us at 14 heads x 160 keys, measured on Zen5),
-        more than converting the gathered K/V; a no-op for float32 models.
+        more than converting the gathered K/V (for float32 models only the layout copy remains).
         """
         num_seqs, ctx = q.shape[0], keys.shape[2]
         rows, group = num_seqs * self.num_kv_heads, self.num_heads // self.num_kv_heads
@@ -131,7 +131,8 @@ class TorchPagedAttention(PagedAttention):
         # One copy each converts and lays out K/V [S * kv_heads, ctx, d] so the matmuls need no other.
         keys32 = _float32_copy(keys).view(rows, ctx, self.head_dim)
         values32 = _float32_copy(values).view(rows, ctx, self.head_dim)
-        probs = torch.baddbmm(bias, q, keys32.transpose(1, 2), alpha=self.scale).softmax(dim=-1)  # [S * kv_heads, group, ctx]
+        scores = torch.baddbmm(bias, q, keys32.transpose(1, 2), alpha=self.scale)  # [S * kv_heads, group, ctx]
+        probs = scores.softmax(dim=-1)
         return torch.bmm(probs, values32).to(values.dtype).view(num_seqs, self.num_heads * self.head_dim)
 
     def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor, max_ctx: int) -> torch.Tensor:
