@@ -81,31 +81,41 @@ def _bench_config(args: argparse.Namespace):
                              bandwidth_probe_bytes=args.bandwidth_probe_mb << 20)
 
 
-def run_engine_command(args: argparse.Namespace) -> int:
-    """Handler of `tgserve benchmark engine`."""
-    from tgserve.benchmark.engine_bench import run_engine_bench
-    from tgserve.benchmark.engine_report import format_engine_report, write_report
+def _run_errors() -> tuple[type[Exception], ...]:
+    """What a benchmark run reports as a one-line error instead of a traceback (bad flags, no backend, I/O)."""
     from tgserve.core.config import ConfigError
     from tgserve.core.plugins import BackendUnavailable
 
+    return ValueError, ConfigError, BackendUnavailable, OSError
+
+
+def _report(table: str, result: dict, result_file: str | None) -> int:
+    """Print the table; write the JSON when asked."""
+    from tgserve.benchmark.engine_report import write_report
+
+    print(table)
+    if result_file:
+        write_report(result_file, result)
+        print(f"wrote {result_file}")
+    return 0
+
+
+def run_engine_command(args: argparse.Namespace) -> int:
+    """Handler of `tgserve benchmark engine`."""
+    from tgserve.benchmark.engine_bench import run_engine_bench
+    from tgserve.benchmark.engine_report import format_engine_report
+
     try:
         report = run_engine_bench(_bench_config(args))
-    except (ValueError, ConfigError, BackendUnavailable, OSError) as error:
+    except _run_errors() as error:
         return _error(error)
-    print(format_engine_report(report))
-    if args.result_file:
-        write_report(args.result_file, report)
-        print(f"wrote {args.result_file}")
-    return 0
+    return _report(format_engine_report(report), report, args.result_file)
 
 
 def run_compare_command(args: argparse.Namespace) -> int:
     """Handler of `tgserve benchmark compare`."""
     from tgserve.benchmark.compare import format_compare_table, run_compare
-    from tgserve.benchmark.engine_report import write_report
     from tgserve.benchmark.peers.registry import parse_peer_names
-    from tgserve.core.config import ConfigError
-    from tgserve.core.plugins import BackendUnavailable
 
     try:
         peers = parse_peer_names(args.peers)
@@ -113,15 +123,12 @@ def run_compare_command(args: argparse.Namespace) -> int:
             raise ValueError("compare reports the roofline: --bandwidth-probe-mb must be > 0")
         outcome = run_compare(_bench_config(args), peers, _venvs_dir(args.peers_dir), args.peer_timeout_s,
                               rounds=args.rounds)
-    except (ValueError, ConfigError, BackendUnavailable, OSError) as error:
+    except _run_errors() as error:
         return _error(error)
     batch_sizes = [b for b in sorted(args.batch_size) if b != 1]
-    print(format_compare_table(outcome["results"], outcome["roofline"], args.sequence_length, batch_sizes,
-                               outcome["tgserve_report"]["meta"]))
-    if args.result_file:
-        write_report(args.result_file, outcome)
-        print(f"wrote {args.result_file}")
-    return 0
+    table = format_compare_table(outcome["results"], outcome["roofline"], args.sequence_length, batch_sizes,
+                                 outcome["tgserve_report"]["meta"])
+    return _report(table, outcome, args.result_file)
 
 
 def run_peers_setup_command(args: argparse.Namespace) -> int:
