@@ -73,13 +73,19 @@ def _backends(_: argparse.Namespace) -> int:
     from tgserve.core.plugins import BackendRegistry
 
     rows = [("NAME", "USABLE", "PRIORITY", "DEVICE / REASON", "INSTALL")]
-    for status in BackendRegistry().statuses():
+    statuses = BackendRegistry().statuses()
+    for status in statuses:
         where = status.device_name if status.is_usable else status.reason
         rows.append((status.name, "yes" if status.is_usable else "no", str(status.priority), where or "-",
                      status.install_hint or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    for status in statuses:
+        # Under the table, as "cpu: native bf16  yes": the first word never equals a backend's name.
+        what_width = max((len(what) for what, _ in status.details), default=0)
+        for what, state in status.details:
+            print(f"{status.name}: {what.ljust(what_width)}  {state}")
     return 0
 
 

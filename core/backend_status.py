@@ -14,3 +14,6 @@ class BackendStatus:
     reason: str = ""  # why it is not usable, one line; empty when usable
     install_hint: str = ""  # e.g. "pip install tgserve[gaudi]"
     device_name: str = ""  # e.g. "NVIDIA H100 80GB HBM3", "cpu (2 threads)"
+    # (what, state) rows `tgserve backends` prints under the table for a usable backend: the ISA or
+    # kernels it runs and which fast paths are on, e.g. (("native bf16", "yes"),). Empty: none.
+    details: tuple[tuple[str, str], ...] = ()

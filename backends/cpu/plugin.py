@@ -1,16 +1,24 @@
 """The cpu backend: always usable, the default where no accelerator is present (CI, laptops).
 
 Runs the core's torch model code; its own contributions are thread settings, a memory budget that
-leaves the machine responsive, and oneDNN-packed linear layers.
+leaves the machine responsive, oneDNN-packed linear layers, and the dtype this CPU runs fastest.
+`TGSERVE_CPU_ISA` (auto | avx2) is read once, by `cpu_kernels`, on the first hook call.
 """
 from __future__ import annotations
+
+import functools
+import logging
+import os
 
 import torch
 
 from tgserve.backends.cpu import host
+from tgserve.backends.cpu.kernels import ISA_ENV, CpuIsaError, CpuKernels, detect_kernels
 from tgserve.backends.cpu.linear import make_onednn_linear_method
 from tgserve.core.backend_status import BackendStatus
 from tgserve.core.hookspecs import hookimpl
+
+log = logging.getLogger(__name__)
 
 NAME = "cpu"
 # Share of the available RAM the KV cache may take: the rest stays for the OS, the tokenizer,
@@ -19,12 +27,27 @@ MEMORY_SHARE = 0.30
 BLOCK_SIZE_TOKENS = 16
 
 
+@functools.cache
+def cpu_kernels() -> CpuKernels:
+    """The ISA and fast paths of this process, from TGSERVE_CPU_ISA (read here only) and the host.
+
+    Decided on the first hook call (the status check at start-up), then fixed for the process.
+    Raises CpuIsaError for a value it cannot honour; the status hook turns that into a reason.
+    """
+    return detect_kernels(os.environ.get(ISA_ENV, "auto"))
+
+
 @hookimpl
 def tgserve_get_backend_status():
     num_threads = host.num_physical_cores(host.usable_cpus())
-    isa = host.best_isa(host.cpu_flags())
+    try:
+        kernels = cpu_kernels()
+    except CpuIsaError as error:
+        return BackendStatus(name=NAME, is_usable=False, reason=str(error))
+    isa = f"{kernels.isa}, portable path forced" if kernels.is_forced_portable else kernels.isa
     details = f"{num_threads} threads, {isa}" if isa else f"{num_threads} threads"
-    return BackendStatus(name=NAME, is_usable=True, priority=0, device_name=f"cpu ({details})")
+    return BackendStatus(name=NAME, is_usable=True, priority=0, device_name=f"cpu ({details})",
+                         details=kernels.describe())
 
 
 @hookimpl
@@ -38,6 +61,12 @@ def tgserve_on_startup(config):
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set, or parallel work already started in this process
         pass
+    kernels = cpu_kernels()
+    log.info("CPU kernels: %s", "; ".join(f"{what} {state}" for what, state in kernels.describe()))
+    if kernels.is_forced_portable and not kernels.is_torch_portable:
+        log.warning("%s=avx2 forces tgserve's portable path, but torch's own kernels still run %s%s: set "
+                    "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 before start to run as an AVX2-only CPU",
+                    ISA_ENV, kernels.torch_capability, " and oneDNN bf16" if kernels.has_onednn_bf16_isa else "")
 
 
 @hookimpl
@@ -47,15 +76,8 @@ def tgserve_get_device(rank):
 
 @hookimpl
 def tgserve_get_default_dtype():
-    flags = host.cpu_flags()
-    if flags:
-        return "bfloat16" if host.has_native_bf16(flags) else "float32"
-    # No /proc/cpuinfo (not Linux): trust oneDNN's own check when this torch build has it.
-    is_bf16_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return "bfloat16" if is_bf16_supported is not None and is_bf16_supported() else "float32"
-    except RuntimeError:
-        return "float32"
+    """bf16 where native bf16 and the packed bf16 linears both run here, else float32."""
+    return cpu_kernels().default_dtype
 
 
 @hookimpl
@@ -73,14 +95,23 @@ def tgserve_synchronize(device):
     return True  # CPU ops have finished when they return
 
 
+# The one line `--dtype bfloat16` logs where bf16 has no fast path here (until CPU bf16 kernels exist).
+SLOW_BF16_MESSAGE = "bfloat16 runs through a slower path on this CPU (%s: %s); use --dtype float32 instead"
+
+
 @hookimpl
 def tgserve_make_linear_method(quantize, dtype, device):
-    """oneDNN-packed weights for unquantized bf16/fp32; None leaves the core's reference method."""
+    """oneDNN-packed weights for unquantized bf16/fp32 where this CPU runs them; None leaves the
+    core's reference method (`F.linear`). bf16 without a fast path here logs one line saying so."""
     if quantize is not None:
         return None  # no CPU quantized kernels yet
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
-    return make_onednn_linear_method(dtype)
+    kernels = cpu_kernels()
+    if dtype == torch.bfloat16 and not kernels.has_fast_bf16:
+        why = "no native bf16" if not kernels.is_native_bf16 else "oneDNN has no bf16 path here"
+        log.warning(SLOW_BF16_MESSAGE, kernels.isa or "unknown ISA", why)
+    return make_onednn_linear_method(dtype) if kernels.allows_onednn(dtype) else None
 
 
 @hookimpl
