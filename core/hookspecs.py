@@ -28,7 +28,8 @@ def tgserve_get_backend_status():
     """Say whether this backend can run here, and how well.
 
     Returns: a `tgserve.core.backend_status.BackendStatus` (name, is_usable, priority, reason,
-    install_hint). Every backend answers; the results are collected, none wins.
+    install_hint, device_name, and `details`: the ISA / kernels / fast paths `tgserve backends`
+    lists). Every backend answers; the results are collected, none wins.
     Called: once per process, at start-up and by `tgserve backends`, before any other hook.
     It must be cheap and must not raise: a missing SDK or device is a `reason`, not an exception.
     """

@@ -258,6 +258,22 @@ def test_forced_avx2_takes_the_portable_path_here(cpu_isa):
     assert details["torch CPU capability"] == torch.backends.cpu.get_cpu_capability()
 
 
+@pytest.mark.parametrize("capability, has_onednn_bf16, warns", [
+    ("AVX512", True, True), ("AVX512", False, True), ("AVX2", True, True), ("AVX2", False, False)])
+def test_forced_avx2_says_what_torch_still_runs_above_it(monkeypatch, cpu_isa, caplog, restore_threads,
+                                                         capability, has_onednn_bf16, warns):
+    cpu_isa("avx2")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(kernels, "_onednn_has_bf16", lambda: has_onednn_bf16)
+    with caplog.at_level(logging.INFO):
+        plugin.tgserve_on_startup(config=ServerConfig())
+    assert any("CPU kernels: kernel ISA avx2; portable path forced yes" in r.getMessage() for r in caplog.records)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == warns
+    if warns:
+        assert f"still run {capability}" in warnings[0] and "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2" in warnings[0]
+
+
 SLOW_BF16 = "bfloat16 runs through a slower path on this CPU"
 
 
