@@ -52,9 +52,7 @@ def serving_model_config(model: ModelConfig, config: ServerConfig) -> ModelConfi
     context, max_total = served.max_context_tokens, config.max_total_tokens
     if max_total is not None and context is not None and max_total > context:
         raise ConfigError(f"`max_total_tokens`({max_total}) must be <= {context}, the positions this model covers "
-                          f"({_describe(served)}). Stretch them with `--rope-scaling dynamic` or `--rope-factor "
-                          f"{math.ceil(max_total / model.max_position_embeddings)}`, or serve a checkpoint whose "
-                          "config.json has `rope_scaling` (YaRN)")
+                          f"({_describe(served)}). {_stretch_hint(served, max_total)}")
     if max_total is None and (context is None or context > model.max_position_embeddings):
         log.info("Positions reach past `max_position_embeddings` (%s); as TGI, the default limits stay at %d. "
                  "Serve longer requests with `--max-total-tokens N --max-input-tokens N-1`",
@@ -76,6 +74,14 @@ def _check_scaling(scaling: dict | None) -> None:
     factor = scaling.get("factor")
     if rope_type in _NEEDS_FACTOR and not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
         raise ConfigError(f"rope scaling '{rope_type}' in config.json needs a positive number `factor`. Given: {factor}")
+
+
+def _stretch_hint(model: ModelConfig, max_total: int) -> str:
+    if model.rope_scaling is None:
+        return (f"Stretch them with `--rope-scaling dynamic` or `--rope-factor "
+                f"{math.ceil(max_total / model.max_position_embeddings)}`, or add YaRN to config.json's "
+                "`rope_scaling` as Qwen2's model cards do")
+    return "Decrease `--max-total-tokens`, or raise the rope scaling `factor` (`--rope-factor` replaces it by linear)"
 
 
 def _describe(model: ModelConfig) -> str:
