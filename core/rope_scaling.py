@@ -44,8 +44,8 @@ def serving_model_config(model: ModelConfig, config: ServerConfig) -> ModelConfi
     flags = rope_from_flags(config.rope_scaling, config.rope_factor)
     if flags is not None:
         if scaling is not None:
-            log.warning("--rope-scaling %s --rope-factor %s replace the checkpoint's %s rope scaling", flags["rope_type"],
-                        flags["factor"], scaling["rope_type"])
+            log.warning("--rope-scaling %s --rope-factor %s replace the checkpoint's %s rope scaling",
+                        flags["rope_type"], flags["factor"], scaling["rope_type"])
         scaling = normalize_rope_scaling(flags, model.max_position_embeddings, None)
     _check_scaling(scaling)
     served = dataclasses.replace(model, rope_scaling=scaling)
@@ -72,7 +72,8 @@ def _check_scaling(scaling: dict | None) -> None:
         raise ConfigError(f"rope scaling type '{rope_type}' in config.json is not supported "
                           f"(supported: {', '.join(ROPE_TYPES)})")
     factor = scaling.get("factor")
-    if rope_type in _NEEDS_FACTOR and not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+    is_usable = isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0
+    if rope_type in _NEEDS_FACTOR and not is_usable:
         raise ConfigError(f"rope scaling '{rope_type}' in config.json needs a positive number `factor`. Given: {factor}")
 
 

@@ -19,7 +19,8 @@ class UnsupportedRopeType(ValueError):
     """The checkpoint (or a flag) asks for a rope_type tgserve does not compute."""
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: dict | None, num_positions: int) -> tuple[torch.Tensor, float]:
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None,
+                     num_positions: int) -> tuple[torch.Tensor, float]:
     """(inv_freq float32 [head_dim // 2], attention factor) for positions 0 .. num_positions - 1."""
     rope_type = (scaling or {}).get("rope_type", "default")
     if rope_type == "default":
