@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from tgserve.core.config import DTYPES, ConfigError, ServerConfig
+from tgserve.core.config import DTYPES, ROPE_SCALINGS, ConfigError, ServerConfig
 
 _TRUE = ("1", "true", "yes", "on", "y", "t")
 _FALSE = ("0", "false", "no", "off", "n", "f")
@@ -52,6 +52,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag(("--json-output",), "json_output", None, "Log one JSON object per line"),
     Flag(("--huggingface-hub-cache",), "huggingface_hub_cache", str, "Hugging Face hub cache directory"),
     Flag(("--trust-remote-code",), "trust_remote_code", None, "Run the checkpoint's own Python code"),
+    Flag(("--rope-scaling",), "rope_scaling", str, "RoPE scaling replacing the checkpoint's (factor 1.0 unless "
+         "--rope-factor is given)", ROPE_SCALINGS),
+    Flag(("--rope-factor",), "rope_factor", float, "RoPE scaling factor (alone: linear scaling by it)"),
     Flag(("--payload-limit",), "payload_limit", int, "Largest request body in bytes"),
     Flag(("-g", "--graceful-termination-timeout"), "graceful_termination_timeout", int,
          "Seconds in-flight requests may take to finish after SIGTERM"),

@@ -5,9 +5,11 @@ Values the user did not set stay None here; what start-up derives from the model
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 DTYPES = ("float16", "bfloat16", "float32")
+ROPE_SCALINGS = ("linear", "dynamic")  # what TGI's --rope-scaling accepts
 
 
 class ConfigError(ValueError):
@@ -38,6 +40,8 @@ class ServerConfig:
     json_output: bool = False
     huggingface_hub_cache: str | None = None
     trust_remote_code: bool = False
+    rope_scaling: str | None = None  # linear | dynamic: replaces the checkpoint's rope scaling (TGI's semantics)
+    rope_factor: float | None = None  # its factor; given alone it means linear (see core/rope_scaling.py)
     payload_limit: int = 2_000_000
     graceful_termination_timeout: int = 90  # seconds SIGTERM waits for in-flight requests
     cuda_memory_fraction: float = 1.0  # share of the memory the backend reports that tgserve may use
@@ -57,6 +61,11 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"`{name}` must be > 0. Given: {value}")
+        if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
+            raise ConfigError(f"`--rope-scaling` must be one of {', '.join(ROPE_SCALINGS)}. Given: {self.rope_scaling}")
+        if self.rope_factor is not None and not (math.isfinite(self.rope_factor) and self.rope_factor >= 1.0):
+            raise ConfigError("`--rope-factor` must be a number >= 1.0, the times the trained context is stretched. "
+                              f"Given: {self.rope_factor}")
         if not 0 <= self.prometheus_port <= 65535:
             raise ConfigError(f"`prometheus_port` must be in [0, 65535]. Given: {self.prometheus_port}")
         if not 0.0 < self.watermark_gamma < 1.0:

@@ -21,6 +21,7 @@ from tgserve.core.model_runner import ModelRunner
 from tgserve.core.model_source import ModelSource, resolve_model
 from tgserve.core.plugins import ActiveBackend
 from tgserve.core.request import ModelInfo
+from tgserve.core.rope_scaling import serving_model_config
 from tgserve.core.scheduler import Scheduler
 from tgserve.core.tokenizer import Tokenizer
 from tgserve.core.warmup import warmup
@@ -43,7 +44,7 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     hook = backend.hook
     hook.tgserve_on_startup(config=config)
     source = resolve_source(config)
-    model_config = ModelConfig.from_dir(source.path)
+    model_config = serving_model_config(ModelConfig.from_dir(source.path), config)
     tokenizer = Tokenizer(source.path, model_config.eos_token_ids, config.trust_remote_code)
     device = hook.tgserve_get_device(rank=0)
     dtype_name = config.dtype or hook.tgserve_get_default_dtype()

@@ -69,7 +69,7 @@ class LlamaForCausalLM(nn.Module):
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.lm_head = Linear(cfg.hidden_size, [cfg.vocab_size], bias=False, method=method, dtype=dtype, device=device)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.num_rope_positions, cfg.rope_theta,
                                       cfg.rope_scaling, dtype, device)
 
     def forward(self, batch: ForwardBatch, kv_cache) -> torch.Tensor:

@@ -80,3 +80,19 @@ def test_bad_flag_is_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid int value: 'abc'" in err
+
+
+def test_rope_flags_and_their_environment():
+    assert config(["--rope-scaling", "dynamic", "--rope-factor", "2"]) == ServerConfig(rope_scaling="dynamic",
+                                                                                       rope_factor=2.0)
+    from_env = config([], {"ROPE_SCALING": "linear", "ROPE_FACTOR": "4.0"})
+    assert (from_env.rope_scaling, from_env.rope_factor) == ("linear", 4.0)
+    assert config(["--rope-factor", "3"], {"ROPE_FACTOR": "4.0"}).rope_factor == 3.0
+    with pytest.raises(ConfigError, match="ROPE_SCALING='yarn' must be one of linear, dynamic"):
+        config([], {"ROPE_SCALING": "yarn"})
+    with pytest.raises(ConfigError, match="ROPE_FACTOR='four' is not a valid float"):
+        config([], {"ROPE_FACTOR": "four"})
+    with pytest.raises(ConfigError, match=r"`--rope-factor` must be a number >= 1.0.*Given: 0.5"):
+        config(["--rope-factor", "0.5"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--rope-scaling", "yarn"])
