@@ -115,4 +115,4 @@ def test_default_dtype_follows_native_bf16(monkeypatch):
 
 def test_free_memory_is_a_conservative_share_of_available():
     free_bytes = plugin.tgserve_get_free_memory_bytes(device=torch.device("cpu"))
-    assert 0 < free_bytes <= host.available_memory_bytes() * 0.31
+    assert 0 < free_bytes <= host.available_memory_bytes() * 0.51
