@@ -10,7 +10,8 @@ Conventions: hooks are called with keyword arguments only; `tgserve_get_*` / `tg
 one object and the first non-None result wins; `tgserve_on_*` are notifications whose results are
 ignored. A spec only ever changes by gaining parameters. Wherever a hook receives `dtype` it is a
 `torch.dtype`; `device` is a `torch.device`. The selection and memory hooks (status, device, default
-dtype, free memory, dist backend, synchronize) have no core default: a backend must implement them.
+dtype, free memory, dist backend, synchronize) have no core default: a backend must implement them
+(the default KV-cache budget is optional: no answer means no budget beyond the free memory).
 """
 from __future__ import annotations
 
