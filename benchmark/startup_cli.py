@@ -35,11 +35,14 @@ def add_startup_parser(benchmark_commands: argparse._SubParsersAction) -> None:
     model.add_argument("--shape", choices=SHAPES, default=None,
                        help="serve random weights of this released model's shape, written to a temporary folder first")
     startup.add_argument("--dtypes", default="float32,bfloat16",
-                         help="comma-separated: float32, bfloat16, float16, default (no --dtype) (default: float32,bfloat16)")
+                         help="comma-separated: float32, bfloat16, float16, default (no --dtype); "
+                              "default: float32,bfloat16")
     startup.add_argument("--runs", type=int, default=1, help="starts per dtype (default: 1)")
     startup.add_argument("--cpus", type=_cpu_list, default=None,
-                         help="pin the servers to these CPUs, e.g. 0,1 to stand for a 2-core machine (default: all of ours)")
-    startup.add_argument("--serve-args", default="", help="more `tgserve serve` flags, one quoted string")
+                         help="pin the servers to these CPUs, e.g. 0,1 to stand for a 2-core machine "
+                              "(default: the CPUs this process may use)")
+    startup.add_argument("--serve-args", default="",
+                         help="more `tgserve serve` flags as one string: --serve-args='--max-batch-prefill-tokens 4096'")
     startup.add_argument("--python", default=sys.executable,
                          help="interpreter whose tgserve to start, e.g. another checkout's venv (default: this one)")
     startup.add_argument("--timeout-s", type=float, default=600.0, help="per start, until healthy (default: 600)")
