@@ -51,8 +51,9 @@ def num_kv_blocks(config: ServerConfig, free_bytes: int, bytes_per_block: int, b
     """Blocks to allocate: what `--max-batch-total-tokens` asks for, else what the memory holds.
 
     The cache never takes more than `--kv-cache-gib`; without that flag, a size the core derives
-    stops at `default_budget_bytes` (the backend's default budget; None: no cap beyond memory),
-    while an explicit `--max-batch-total-tokens` may go past the default up to the memory.
+    stops at `default_budget_bytes` (the backend's default budget; None: no cap beyond memory) or
+    at one request of `--max-total-tokens`, whichever is more, while an explicit
+    `--max-batch-total-tokens` may go past the default up to the memory.
     """
     affordable = max(usable_bytes(config, free_bytes) - activation_bytes, 0) // bytes_per_block
     if config.kv_cache_gib is not None:
@@ -65,7 +66,10 @@ def num_kv_blocks(config: ServerConfig, free_bytes: int, bytes_per_block: int, b
                               "You need to decrease `--max-batch-total-tokens`")
         return wanted
     if config.kv_cache_gib is None and default_budget_bytes is not None:
-        affordable = min(affordable, default_budget_bytes // bytes_per_block)
+        default_blocks = default_budget_bytes // bytes_per_block
+        if config.max_total_tokens is not None:  # the default budget always holds one request of the asked length
+            default_blocks = max(default_blocks, -(-config.max_total_tokens // block_size) + 1)
+        affordable = min(affordable, default_blocks)
     if affordable < 2:
         raise ConfigError("Not enough memory for the KV cache: you need to decrease `--max-batch-prefill-tokens` "
                           "or use a smaller model or dtype")

@@ -228,6 +228,9 @@ def test_derived_limits_are_consistent(flags, max_position_embeddings, model_max
 def test_default_budget_caps_only_a_derived_cache():
     assert num_kv_blocks(ServerConfig(), 10**9, 1_000, 16, 0, default_budget_bytes=50_000) == 50
     assert num_kv_blocks(ServerConfig(), 10**9, 1_000, 16, 0, default_budget_bytes=None) == 900_000
+    # One request of an explicit --max-total-tokens always fits the default budget (memory permitting).
+    assert num_kv_blocks(ServerConfig(max_total_tokens=1600), 10**9, 1_000, 16, 0, default_budget_bytes=50_000) == 101
+    assert num_kv_blocks(ServerConfig(max_total_tokens=160), 10**9, 1_000, 16, 0, default_budget_bytes=50_000) == 50
     # An explicit --max-batch-total-tokens may pass the backend's default budget, up to the memory.
     assert num_kv_blocks(ServerConfig(max_batch_total_tokens=16_000), 10**9, 1_000, 16, 0,
                          default_budget_bytes=50_000) == 1001
