@@ -59,6 +59,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag(("-g", "--graceful-termination-timeout"), "graceful_termination_timeout", int,
          "Seconds in-flight requests may take to finish after SIGTERM"),
     Flag(("--cuda-memory-fraction",), "cuda_memory_fraction", float, "Share of the device memory tgserve may use"),
+    Flag(("--kv-cache-gib",), "kv_cache_gib", float,
+         "Most memory in GiB the KV cache may take; unset: the backend's default (cpu: 4 GiB, as vLLM-CPU's "
+         "VLLM_CPU_KVCACHE_SPACE, at most half the available RAM; GPUs: the free memory, as TGI)"),
     Flag(("--watermark-gamma",), "watermark_gamma", float, "Greenlist share of the vocabulary for watermarking"),
     Flag(("--watermark-delta",), "watermark_delta", float, "Logit bias of greenlist tokens for watermarking"),
     Flag(("--prometheus-port",), "prometheus_port", int, "Port of a second listener serving /metrics (0: none)"),

@@ -45,6 +45,7 @@ class ServerConfig:
     payload_limit: int = 2_000_000
     graceful_termination_timeout: int = 90  # seconds SIGTERM waits for in-flight requests
     cuda_memory_fraction: float = 1.0  # share of the memory the backend reports that tgserve may use
+    kv_cache_gib: float | None = None  # KV-cache budget in GiB; None: the backend's default (cpu: 4)
     watermark_gamma: float = 0.5  # share of the vocabulary on each greenlist (Kirchenbauer et al.)
     watermark_delta: float = 2.0  # logit bias added to greenlist tokens
     prometheus_port: int = 9000  # second listener serving only /metrics; 0: none
@@ -72,6 +73,8 @@ class ServerConfig:
             raise ConfigError(f"`watermark_gamma` must be in (0, 1). Given: {self.watermark_gamma}")
         if not 0.0 < self.cuda_memory_fraction <= 1.0:
             raise ConfigError(f"`cuda_memory_fraction` must be in (0, 1]. Given: {self.cuda_memory_fraction}")
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
+            raise ConfigError(f"`kv_cache_gib` must be > 0. Given: {self.kv_cache_gib}")
         _check_token_limits(self.max_input_tokens, self.max_total_tokens,
                             self.max_batch_prefill_tokens, self.max_batch_total_tokens)
 

@@ -10,6 +10,7 @@ from tgserve.core.kv_cache import KVCache
 from tgserve.core.layers.attention import TorchPagedAttention
 from tgserve.core.layers.linear import LinearMethod
 from tgserve.core.models.registry import model_class
+from tgserve.core.warmup_policy import WarmupPolicy
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -17,6 +18,11 @@ DEFAULT_BLOCK_SIZE = 16
 @hookimpl(trylast=True)
 def tgserve_get_block_size():
     return DEFAULT_BLOCK_SIZE
+
+
+@hookimpl(trylast=True)
+def tgserve_get_warmup_policy(model_config, config):
+    return WarmupPolicy()  # TGI's full-size warmup step
 
 
 @hookimpl(trylast=True)

@@ -1,13 +1,16 @@
 """Start-up: from a `ServerConfig` and the selected backend to a warmed-up `Engine`.
 
 Order, as TGI's launcher and shard: resolve the checkpoint, build the model through the backend's
-hooks, load weights, size the KV cache from the memory the backend reports, derive the limits,
-warm up with a full prefill step, then hand the backend the ready model.
+hooks, load weights, (on a backend that probes instead of TGI's full warmup step) time a small real
+prefill step to derive the default `max_batch_prefill_tokens`, check that one step's analytic peak
+fits, size the KV cache from the memory the backend reports, derive the limits, warm up, then hand
+the backend the ready model.
 """
 from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -15,7 +18,9 @@ from tgserve.core.block_manager import BlockManager
 from tgserve.core.config import ConfigError, ServerConfig
 from tgserve.core.engine import Engine
 from tgserve.core.kv_cache import KVCache
-from tgserve.core.limits_derivation import derive_limits, num_kv_blocks
+from tgserve.core.limits import RuntimeLimits
+from tgserve.core.limits_derivation import (DEFAULT_MAX_BATCH_PREFILL_TOKENS, check_step_fits, derive_limits,
+                                            max_context_bound, num_kv_blocks, prefill_tokens_for_speed, usable_bytes)
 from tgserve.core.model_config import ModelConfig
 from tgserve.core.model_runner import ModelRunner
 from tgserve.core.model_source import ModelSource, resolve_model
@@ -23,11 +28,37 @@ from tgserve.core.plugins import ActiveBackend
 from tgserve.core.request import ModelInfo
 from tgserve.core.rope_scaling import serving_model_config
 from tgserve.core.scheduler import Scheduler
+from tgserve.core.step_memory import StepMemory, step_memory
 from tgserve.core.tokenizer import Tokenizer
-from tgserve.core.warmup import warmup
+from tgserve.core.warmup import ProbeResult, full_step, probe_prefill_speed
+from tgserve.core.warmup_policy import WarmupPolicy
 from tgserve.core.weights import iter_weights
 
 log = logging.getLogger(__name__)
+_MIB = 2**20
+
+
+@dataclass(slots=True, frozen=True)
+class _Loaded:
+    """The model on its device and what start-up needs to size and run it (built once, host side)."""
+
+    model: object  # what `tgserve_make_model` returned, weights loaded
+    attention: object  # the `PagedAttention` the model was built with
+    model_config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    block_size: int  # tokens per KV block on this backend
+
+
+@dataclass(slots=True, frozen=True)
+class _Sizing:
+    """The KV cache and limits start-up settled on, and the memory figures behind them (for the log)."""
+
+    num_blocks: int
+    limits: RuntimeLimits
+    kv_cache_bytes: int  # num_blocks blocks, all layers, K and V
+    step: StepMemory  # analytic peak of one step at the `max_batch_prefill_tokens` it was checked for
+    usable_bytes: int  # the share of the backend's free memory the step and the cache may take
 
 
 def resolve_source(config: ServerConfig) -> ModelSource:
@@ -46,41 +77,107 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     source = resolve_source(config)
     model_config = serving_model_config(ModelConfig.from_dir(source.path), config)
     tokenizer = Tokenizer(source.path, model_config.eos_token_ids, config.trust_remote_code)
-    device = hook.tgserve_get_device(rank=0)
     dtype_name = config.dtype or hook.tgserve_get_default_dtype()
-    dtype = getattr(torch, dtype_name)
+    log.info("Loading %s (%s) on %s as %s", source.model_id, model_config.model_type, backend.name, dtype_name)
+    loaded = _load_model(config, hook, source, model_config, getattr(torch, dtype_name), progress)
+    constraints = hook.tgserve_get_shape_constraints(model_config=model_config, config=config)
+    policy: WarmupPolicy = hook.tgserve_get_warmup_policy(model_config=model_config, config=config)
+    probe = None if policy.is_full_step else _probe(config, hook, loaded, policy)
+    default_prefill = (DEFAULT_MAX_BATCH_PREFILL_TOKENS if probe is None
+                       else prefill_tokens_for_speed(probe.tokens_per_s, policy.prefill_step_s))
+    sizing = _size(config, hook, loaded, tokenizer.model_max_length, constraints, default_prefill)
+    limits = sizing.limits
+    log.info("KV-cache blocks: %d, size: %d (%d MiB)", sizing.num_blocks, loaded.block_size,
+             sizing.kv_cache_bytes // _MIB)
+    log.info("Setting max batch total tokens to %d", limits.max_batch_total_tokens)
+    kv_cache = hook.tgserve_make_kv_cache(num_blocks=sizing.num_blocks, block_size=loaded.block_size,
+                                          model_config=model_config, device=loaded.device, dtype=loaded.dtype)
+    runner = _runner(config, loaded, kv_cache)
+    blocks = BlockManager(sizing.num_blocks, loaded.block_size)
+    if probe is None:
+        full_step(runner, blocks, limits, config.max_top_n_tokens)
+    else:
+        _log_probe(config, probe, policy, sizing, backend.name)
+    scheduler = Scheduler(blocks, limits.max_batch_prefill_tokens, limits.max_batch_size,
+                          constraints.supports_chunked_prefill if constraints else True)
+    hook.tgserve_on_model_ready(model=loaded.model, kv_cache=kv_cache, limits=limits)
+    info = ModelInfo(model_id=source.model_id, model_sha=source.sha, model_dtype=dtype_name,
+                     model_device_type=loaded.device.type, backend=backend.name,
+                     eos_token_ids=tokenizer.eos_token_ids)
+    return Engine(config, limits, info, tokenizer, scheduler, runner, on_shutdown=hook.tgserve_on_shutdown)
+
+
+def _load_model(config: ServerConfig, hook, source: ModelSource, model_config: ModelConfig, dtype: torch.dtype,
+                progress: bool) -> _Loaded:
+    """Build the model through the backend's hooks and load its weights."""
+    device = hook.tgserve_get_device(rank=0)
     linear_method = hook.tgserve_make_linear_method(quantize=None, dtype=dtype, device=device)
     block_size = hook.tgserve_get_block_size()
     attention = hook.tgserve_make_attention(model_config=model_config, block_size=block_size, device=device, dtype=dtype)
     model = hook.tgserve_make_model(model_config=model_config, device=device, dtype=dtype,
                                     linear_method=linear_method, attention=attention)
-    log.info("Loading %s (%s) on %s as %s", source.model_id, model_config.model_type, backend.name, dtype_name)
     model.load_weights(iter_weights(source.path, progress=progress))
-    constraints = hook.tgserve_get_shape_constraints(model_config=model_config, config=config)
-    bytes_per_block = KVCache.bytes_per_block(model_config.num_hidden_layers, block_size,
-                                              model_config.num_key_value_heads, model_config.head_dim, dtype)
+    return _Loaded(model, attention, model_config, device, dtype, block_size)
+
+
+def _runner(config: ServerConfig, loaded: _Loaded, kv_cache) -> ModelRunner:
+    return ModelRunner(loaded.model, kv_cache, loaded.attention, loaded.device, loaded.model_config.vocab_size,
+                       watermark_gamma=config.watermark_gamma, watermark_delta=config.watermark_delta)
+
+
+def _probe(config: ServerConfig, hook, loaded: _Loaded, policy: WarmupPolicy) -> ProbeResult:
+    """Time the policy's probe step on a scratch KV cache just big enough for it (freed on return)."""
+    num_tokens = min(policy.probe_tokens, loaded.model_config.max_position_embeddings - 1)
+    blocks = BlockManager(-(-(num_tokens + 1) // loaded.block_size) + 1, loaded.block_size)
+    scratch = hook.tgserve_make_kv_cache(num_blocks=blocks.num_blocks, block_size=loaded.block_size,
+                                         model_config=loaded.model_config, device=loaded.device, dtype=loaded.dtype)
+    return probe_prefill_speed(_runner(config, loaded, scratch), blocks, num_tokens, config.max_top_n_tokens)
+
+
+def _size(config: ServerConfig, hook, loaded: _Loaded, model_max_length: int | None, constraints,
+          default_prefill: int) -> _Sizing:
+    """Check one step's analytic peak, then size the KV cache from what is left and derive the limits."""
+    model_config, device = loaded.model_config, loaded.device
+    prefill_tokens = config.max_batch_prefill_tokens or default_prefill
+    sampling_rows = (prefill_tokens if config.enable_prefill_logprobs
+                     else min(prefill_tokens, config.max_batch_size or config.max_concurrent_requests))
+    step = step_memory(model_config, loaded.dtype, prefill_tokens,
+                       max_context_bound(config, model_config, model_max_length, constraints), sampling_rows)
     free_bytes = hook.tgserve_get_free_memory_bytes(device=device)
-    num_blocks = num_kv_blocks(config, free_bytes, bytes_per_block, block_size,
-                               _activation_bytes(config, model_config, dtype))
-    limits = derive_limits(config, model_config, tokenizer.model_max_length, num_blocks, block_size, constraints)
-    usable_blocks = -(-config.max_concurrent_requests * limits.max_total_tokens // block_size) + 1
+    check_step_fits(config, free_bytes, step.total_bytes, prefill_tokens)
+    num_blocks = num_kv_blocks(config, free_bytes, _bytes_per_block(loaded), loaded.block_size, step.total_bytes,
+                               hook.tgserve_get_default_kv_cache_bytes(device=device))
+
+    def limits_for(num_blocks: int) -> RuntimeLimits:
+        return derive_limits(config, model_config, model_max_length, num_blocks, loaded.block_size, constraints,
+                             default_prefill)
+
+    limits = limits_for(num_blocks)
+    usable_blocks = -(-config.max_concurrent_requests * limits.max_total_tokens // loaded.block_size) + 1
     if config.max_batch_total_tokens is None and num_blocks > usable_blocks:
         # More cache than every allowed request at full length could ever fill is memory thrown away.
         num_blocks = usable_blocks
-        limits = derive_limits(config, model_config, tokenizer.model_max_length, num_blocks, block_size, constraints)
-    log.info("KV-cache blocks: %d, size: %d", num_blocks, block_size)
-    log.info("Setting max batch total tokens to %d", limits.max_batch_total_tokens)
-    kv_cache = hook.tgserve_make_kv_cache(num_blocks=num_blocks, block_size=block_size, model_config=model_config,
-                                          device=device, dtype=dtype)
-    runner = ModelRunner(model, kv_cache, attention, device, model_config.vocab_size,
-                         watermark_gamma=config.watermark_gamma, watermark_delta=config.watermark_delta)
-    scheduler = Scheduler(BlockManager(num_blocks, block_size), limits.max_batch_prefill_tokens,
-                          limits.max_batch_size, constraints.supports_chunked_prefill if constraints else True)
-    warmup(runner, scheduler, limits, config.max_top_n_tokens)
-    hook.tgserve_on_model_ready(model=model, kv_cache=kv_cache, limits=limits)
-    info = ModelInfo(model_id=source.model_id, model_sha=source.sha, model_dtype=dtype_name,
-                     model_device_type=device.type, backend=backend.name, eos_token_ids=tokenizer.eos_token_ids)
-    return Engine(config, limits, info, tokenizer, scheduler, runner, on_shutdown=hook.tgserve_on_shutdown)
+        limits = limits_for(num_blocks)
+    return _Sizing(num_blocks, limits, num_blocks * _bytes_per_block(loaded), step, usable_bytes(config, free_bytes))
+
+
+def _log_probe(config: ServerConfig, probe: ProbeResult, policy: WarmupPolicy, sizing: _Sizing,
+               backend_name: str) -> None:
+    """The one line that says what the probe measured, which prefill budget follows, and why it fits."""
+    prefill = sizing.limits.max_batch_prefill_tokens
+    why = ("set by --max-batch-prefill-tokens" if config.max_batch_prefill_tokens
+           else f"{policy.prefill_step_s:g}s of the measured prefill speed per step, as TGI sizes it from GPU FLOPs")
+    log.info("Warmup: probe of %d prefill tokens in %.2fs (%.0f tokens/s on this %s), %.2fs in all; "
+             "max_batch_prefill_tokens=%d (%s); memory checked without a full step: %d MiB peak per step "
+             "+ %d MiB KV cache <= %d MiB allowed", probe.num_tokens, probe.step_s, probe.tokens_per_s,
+             backend_name, probe.elapsed_s, prefill, why, sizing.step.total_bytes // _MIB,
+             sizing.kv_cache_bytes // _MIB, sizing.usable_bytes // _MIB)
+
+
+def _bytes_per_block(loaded: _Loaded) -> int:
+    mc = loaded.model_config
+    return KVCache.bytes_per_block(mc.num_hidden_layers, loaded.block_size, mc.num_key_value_heads, mc.head_dim,
+                                   loaded.dtype)
 
 
 def start_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = True) -> Engine:
@@ -114,15 +211,6 @@ def start_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     while not engine.is_healthy:  # the loop sets itself running right after `ready`
         threading.Event().wait(0.001)
     return engine
-
-
-def _activation_bytes(config: ServerConfig, model: ModelConfig, dtype: torch.dtype) -> int:
-    """Rough peak memory of one full prefill step (activations and logits), kept out of the KV cache."""
-    item = torch.empty((), dtype=dtype).element_size()
-    tokens = config.max_batch_prefill_tokens or 4096
-    per_token = (6 * model.hidden_size + 4 * model.intermediate_size) * item
-    sampling_rows = config.max_batch_size or 64
-    return tokens * per_token + sampling_rows * model.vocab_size * 4 * 8
 
 
 __all__ = ["build_engine", "start_engine", "resolve_source", "ConfigError"]

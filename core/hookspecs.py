@@ -10,7 +10,8 @@ Conventions: hooks are called with keyword arguments only; `tgserve_get_*` / `tg
 one object and the first non-None result wins; `tgserve_on_*` are notifications whose results are
 ignored. A spec only ever changes by gaining parameters. Wherever a hook receives `dtype` it is a
 `torch.dtype`; `device` is a `torch.device`. The selection and memory hooks (status, device, default
-dtype, free memory, dist backend, synchronize) have no core default: a backend must implement them.
+dtype, free memory, dist backend, synchronize) have no core default: a backend must implement them
+(the default KV-cache budget is optional: no answer means no budget beyond the free memory).
 """
 from __future__ import annotations
 
@@ -61,10 +62,23 @@ def tgserve_get_default_dtype():
 
 @hookspec(firstresult=True)
 def tgserve_get_free_memory_bytes(device):
-    """Bytes of memory on `device` that the KV cache may take, measured after the weights loaded.
+    """Bytes of memory on `device` that the KV cache and one step's activations may take together,
+    measured after the weights loaded.
 
-    The core multiplies this by `--cuda-memory-fraction` and a safety margin, then sizes the KV
-    cache from it. Called once per process at start-up. First non-None result wins.
+    The core multiplies this by `--cuda-memory-fraction` and a safety margin, keeps the step's peak
+    out of it and sizes the KV cache from the rest (capped by `tgserve_get_default_kv_cache_bytes`).
+    Called once per process at start-up. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def tgserve_get_default_kv_cache_bytes(device):
+    """The most bytes the KV cache takes on `device` when `--kv-cache-gib` is not given, or None.
+
+    None (every GPU backend: TGI fills the free memory) leaves the cache sized by
+    `tgserve_get_free_memory_bytes` alone; a backend whose cache lives in host memory that the rest
+    of the machine shares answers a fixed budget (cpu: 4 GiB, as vLLM-CPU's VLLM_CPU_KVCACHE_SPACE).
+    Called once per process at start-up. First non-None result wins.
     """
 
 
@@ -93,6 +107,19 @@ def tgserve_get_shape_constraints(model_config, config):
     Returns: a `tgserve.core.shape_constraints.ShapeConstraints` (max batch size, max tokens per
     sequence, prefill and decode buckets, slot-based batching). The scheduler never plans a step
     that breaks them. Called once per process, before the KV cache is sized. First non-None wins.
+    """
+
+
+@hookspec(firstresult=True)
+def tgserve_get_warmup_policy(model_config, config):
+    """How start-up proves that the limits fit in this backend's memory before serving.
+
+    Returns: a `tgserve.core.warmup_policy.WarmupPolicy`. The core default is TGI's warmup: one
+    full step of `max_batch_prefill_tokens` tokens, the only way to learn the activation peak where
+    activations compete with the KV cache for device memory. A backend whose activations come from
+    host RAM asks for a probe instead: the core checks the analytic peak, runs one small real step,
+    and derives the default `max_batch_prefill_tokens` from the speed it measured.
+    Called once per process, after the weights loaded. First non-None result wins.
     """
 
 

@@ -1,16 +1,24 @@
-"""Warmup: one full-size step before serving, so a limit that cannot fit fails at start-up, not later."""
+"""Warmup: real prefill steps before serving, so a broken model path or a limit that cannot fit
+fails at start-up, not on the first request.
+
+Two kinds, chosen by the backend's `WarmupPolicy`: TGI's one full step of `max_batch_prefill_tokens`
+tokens (`full_step`), or a small probe (`probe_prefill_speed`) that also measures how many prompt
+tokens per second this machine computes; the probe's memory proof is the analytic peak
+(`tgserve.core.step_memory`), checked before the KV cache is sized.
+"""
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
 from tgserve.core.batch import ScheduledSequence, StepPlan
+from tgserve.core.block_manager import BlockManager
 from tgserve.core.config import ConfigError
 from tgserve.core.limits import RuntimeLimits
 from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
-from tgserve.core.scheduler import Scheduler
 from tgserve.core.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -18,15 +26,64 @@ log = logging.getLogger(__name__)
 # Every logits processor on, as TGI's warmup request does.
 _WARMUP_SAMPLING = SamplingParams(do_sample=True, temperature=0.9, top_k=10, top_p=0.9, typical_p=0.9,
                                   repetition_penalty=1.2, frequency_penalty=0.1, seed=0)
+# The probe's untimed first step computes this share of its tokens: it pays the one-time costs
+# (kernel selection, the thread pool, first touch of the activation pages) so the timed step does not.
+_FIRST_STEP_SHARE = 0.25
 
 
-def warmup(runner, scheduler: Scheduler, limits: RuntimeLimits, top_n_tokens: int) -> float:
-    """Run `max_batch_prefill_tokens` prompt tokens through the model in one step; returns seconds.
+@dataclass(slots=True, frozen=True)
+class ProbeResult:
+    """What the probe measured (host values, for the start-up log and the default limits)."""
 
-    Raises ConfigError with TGI's message when the step runs out of memory.
+    num_tokens: int  # prompt tokens of the timed step (one sequence)
+    step_s: float  # seconds the timed step took
+    elapsed_s: float  # seconds of the whole probe, the untimed first step included
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_tokens / max(self.step_s, 1e-9)
+
+
+def probe_prefill_speed(runner, blocks: BlockManager, num_tokens: int, top_n_tokens: int) -> ProbeResult:
+    """Prefill one sequence of `num_tokens` prompt tokens (after a shorter untimed step); time it.
+
+    runner: a `ModelRunner` whose KV cache has the blocks `blocks` manages (a small scratch cache
+    serves). The blocks are free again on return.
     """
-    plan, seqs = _warmup_plan(scheduler, limits, top_n_tokens)
     start_s = time.monotonic()
+    _run_step(runner, blocks, [max(1, int(num_tokens * _FIRST_STEP_SHARE))], top_n_tokens)
+    step_start_s = time.monotonic()
+    _run_step(runner, blocks, [num_tokens], top_n_tokens)
+    end_s = time.monotonic()
+    return ProbeResult(num_tokens=num_tokens, step_s=end_s - step_start_s, elapsed_s=end_s - start_s)
+
+
+def full_step(runner, blocks: BlockManager, limits: RuntimeLimits, top_n_tokens: int) -> float:
+    """TGI's warmup: `max_batch_prefill_tokens` prompt tokens through the model in one step; seconds.
+
+    Raises ConfigError with TGI's message when the step runs out of device memory.
+    """
+    start_s = time.monotonic()
+    num_tokens = _run_step(runner, blocks, _full_step_lengths(blocks, limits), top_n_tokens)
+    elapsed_s = time.monotonic() - start_s
+    log.info("Warmup: %d prefill tokens in %.2fs; max_batch_prefill_tokens=%d (one full step, as TGI)",
+             num_tokens, elapsed_s, limits.max_batch_prefill_tokens)
+    return elapsed_s
+
+
+def _run_step(runner, blocks: BlockManager, lengths: list[int], top_n_tokens: int) -> int:
+    """One step prefilling a sequence of each length that fits in the free blocks; the tokens computed."""
+    plan, seqs = StepPlan(), []
+    for num_tokens in lengths:
+        num_blocks = blocks.blocks_for(num_tokens + 1)
+        if not blocks.can_allocate(num_blocks):
+            break
+        request = GenerationRequest(input_ids=[1] * num_tokens, sampling=_WARMUP_SAMPLING,
+                                    stopping=StoppingParams(max_new_tokens=1), top_n_tokens=top_n_tokens)
+        seq = Sequence(-1 - len(seqs), request, list(request.input_ids), num_tokens, num_tokens + 1)
+        seq.block_ids = blocks.allocate(num_blocks)
+        seqs.append(seq)
+        plan.scheduled.append(ScheduledSequence(seq, num_tokens))
     try:
         runner.execute(plan)
     except torch.OutOfMemoryError:
@@ -34,26 +91,16 @@ def warmup(runner, scheduler: Scheduler, limits: RuntimeLimits, top_n_tokens: in
                           "You need to decrease `--max-batch-prefill-tokens`") from None
     finally:
         for seq in seqs:
-            scheduler.blocks.free(seq.block_ids)
-    elapsed_s = time.monotonic() - start_s
-    log.info("Warmup: %d prefill tokens in %.2fs", plan.num_tokens, elapsed_s)
-    return elapsed_s
+            blocks.free(seq.block_ids)
+    return plan.num_tokens
 
 
-def _warmup_plan(scheduler: Scheduler, limits: RuntimeLimits, top_n_tokens: int):
-    plan, seqs = StepPlan(), []
-    remaining = min(limits.max_batch_prefill_tokens, (scheduler.blocks.num_free_blocks - 1) * limits.block_size)
+def _full_step_lengths(blocks: BlockManager, limits: RuntimeLimits) -> list[int]:
+    """Prompts of up to `max_input_tokens` that add up to `max_batch_prefill_tokens` (as the cache allows)."""
+    remaining = min(limits.max_batch_prefill_tokens, (blocks.num_free_blocks - 1) * limits.block_size)
     per_request = min(limits.max_input_tokens, remaining)
-    while remaining > 0 and (limits.max_batch_size is None or len(seqs) < limits.max_batch_size):
-        num_tokens = min(per_request, remaining)
-        request = GenerationRequest(input_ids=[1] * num_tokens, sampling=_WARMUP_SAMPLING,
-                                    stopping=StoppingParams(max_new_tokens=1), top_n_tokens=top_n_tokens)
-        seq = Sequence(-1 - len(seqs), request, list(request.input_ids), num_tokens, num_tokens + 1)
-        num_blocks = scheduler.blocks.blocks_for(num_tokens + 1)
-        if not scheduler.blocks.can_allocate(num_blocks):
-            break
-        seq.block_ids = scheduler.blocks.allocate(num_blocks)
-        seqs.append(seq)
-        plan.scheduled.append(ScheduledSequence(seq, num_tokens))
-        remaining -= num_tokens
-    return plan, seqs
+    lengths = []
+    while remaining > 0 and (limits.max_batch_size is None or len(lengths) < limits.max_batch_size):
+        lengths.append(min(per_request, remaining))
+        remaining -= lengths[-1]
+    return lengths

@@ -347,4 +347,4 @@ def test_forced_portable_engine_runs_bfloat16_and_says_once_to_use_float32(cpu_i
 
 def test_free_memory_is_a_conservative_share_of_available():
     free_bytes = plugin.tgserve_get_free_memory_bytes(device=torch.device("cpu"))
-    assert 0 < free_bytes <= host.available_memory_bytes() * 0.31
+    assert 0 < free_bytes <= host.available_memory_bytes() * 0.51

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tgserve.core.config import ConfigError, ServerConfig
-from tgserve.core.limits_derivation import DEFAULT_MAX_BATCH_PREFILL_TOKENS, derive_limits, num_kv_blocks
+from tgserve.core.limits_derivation import (DEFAULT_MAX_BATCH_PREFILL_TOKENS, MIN_DERIVED_PREFILL_TOKENS,
+                                            check_step_fits, derive_limits, max_context_bound, num_kv_blocks,
+                                            prefill_tokens_for_speed)
 from tgserve.core.model_config import ModelConfig
 from tgserve.core.shape_constraints import ShapeConstraints
 
@@ -24,9 +26,9 @@ def _model(max_position_embeddings: int = 4096) -> ModelConfig:
 
 
 def _derive(config=None, max_position_embeddings=4096, model_max_length=None, num_blocks=1025, block_size=16,
-            constraints=None):
+            constraints=None, default_max_batch_prefill_tokens=DEFAULT_MAX_BATCH_PREFILL_TOKENS):
     return derive_limits(config or ServerConfig(), _model(max_position_embeddings), model_max_length,
-                         num_blocks, block_size, constraints)
+                         num_blocks, block_size, constraints, default_max_batch_prefill_tokens)
 
 
 # --- ServerConfig --------------------------------------------------------------------------------------
@@ -219,3 +221,66 @@ def test_derived_limits_are_consistent(flags, max_position_embeddings, model_max
     for name, value in flags.items():
         if value is not None:
             assert getattr(limits, name) == value
+
+
+# --- start-up memory: the KV budget, the step check, the speed-derived prefill default -------------------
+
+def test_default_budget_caps_only_a_derived_cache():
+    assert num_kv_blocks(ServerConfig(), 10**9, 1_000, 16, 0, default_budget_bytes=50_000) == 50
+    assert num_kv_blocks(ServerConfig(), 10**9, 1_000, 16, 0, default_budget_bytes=None) == 900_000
+    # One request of an explicit --max-total-tokens always fits the default budget (memory permitting).
+    assert num_kv_blocks(ServerConfig(max_total_tokens=1600), 10**9, 1_000, 16, 0, default_budget_bytes=50_000) == 101
+    assert num_kv_blocks(ServerConfig(max_total_tokens=160), 10**9, 1_000, 16, 0, default_budget_bytes=50_000) == 50
+    # An explicit --max-batch-total-tokens may pass the backend's default budget, up to the memory.
+    assert num_kv_blocks(ServerConfig(max_batch_total_tokens=16_000), 10**9, 1_000, 16, 0,
+                         default_budget_bytes=50_000) == 1001
+
+
+def test_kv_cache_gib_caps_the_cache_and_replaces_the_default_budget():
+    config = ServerConfig(kv_cache_gib=1.0)
+    assert num_kv_blocks(config, 10**12, 2**20, 16, 0, default_budget_bytes=4 * 2**30) == 1024
+    assert num_kv_blocks(config, 10**12, 2**20, 16, 0, default_budget_bytes=2**20 * 10) == 1024
+    assert num_kv_blocks(config, 2**30, 2**20, 16, 0) == int(2**30 * 0.9) // 2**20  # the memory still caps it
+    with pytest.raises(ConfigError, match=r"Not enough memory to handle `max_batch_total_tokens=32768`"):
+        num_kv_blocks(ServerConfig(kv_cache_gib=1.0, max_batch_total_tokens=32768), 10**12, 2**20, 16, 0)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0])
+def test_config_rejects_a_non_positive_kv_budget(value):
+    with pytest.raises(ConfigError, match=f"`kv_cache_gib` must be > 0. Given: {value}"):
+        ServerConfig(kv_cache_gib=value)
+
+
+def test_a_step_that_cannot_fit_fails_with_tgis_warmup_message():
+    check_step_fits(ServerConfig(), 1_000_000, 900_000, 4096)  # 90% of the reported memory may be used
+    with pytest.raises(ConfigError, match=re.escape(
+            "Not enough memory to handle 4096 prefill tokens. You need to decrease `--max-batch-prefill-tokens`")):
+        check_step_fits(ServerConfig(), 1_000_000, 900_001, 4096)
+    with pytest.raises(ConfigError, match="4096 prefill tokens"):
+        check_step_fits(ServerConfig(cuda_memory_fraction=0.5), 1_000_000, 500_000, 4096)
+
+
+@pytest.mark.parametrize("tokens_per_s, step_s, expected", [
+    (130.0, 1.0, 128),  # 130 tokens in one second, rounded down to whole blocks of 16
+    (82.0, 2.0, 160),
+    (21.0, 1.0, MIN_DERIVED_PREFILL_TOKENS),  # a slow CPU still gets steps big enough to amortize overhead
+    (50_000.0, 1.0, DEFAULT_MAX_BATCH_PREFILL_TOKENS),  # a fast machine never goes past TGI's default
+])
+def test_prefill_default_follows_the_measured_speed(tokens_per_s, step_s, expected):
+    assert prefill_tokens_for_speed(tokens_per_s, step_s) == expected
+
+
+def test_derived_prefill_default_is_used_when_the_flag_is_unset():
+    assert _derive(default_max_batch_prefill_tokens=128).max_batch_prefill_tokens == 128
+    assert _derive(ServerConfig(max_batch_prefill_tokens=300),
+                   default_max_batch_prefill_tokens=128).max_batch_prefill_tokens == 300
+
+
+def test_context_bound_is_the_smallest_length_limit_known_before_sizing():
+    model = _model(max_position_embeddings=4096)
+    assert max_context_bound(ServerConfig(), model, None, None) == 4096
+    assert max_context_bound(ServerConfig(), model, 2048, None) == 2048
+    assert max_context_bound(ServerConfig(), model, _HUGE_MODEL_MAX_LENGTH, None) == 4096
+    assert max_context_bound(ServerConfig(max_total_tokens=1000), model, None, None) == 1000
+    assert max_context_bound(ServerConfig(max_batch_total_tokens=800), model, None, None) == 800
+    assert max_context_bound(ServerConfig(), model, None, ShapeConstraints(max_tokens_per_sequence=512)) == 512
