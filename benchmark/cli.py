@@ -73,7 +73,8 @@ def add_gpu_check_parser(benchmark_commands: argparse._SubParsersAction) -> None
     check.add_argument("--out", default="bench-results/gpu-check", help="results folder (default: bench-results/gpu-check)")
     check.add_argument("--work-dir", default=None,
                        help="where steps write checkpoints, 15 GB for Qwen2-7B (default: TMPDIR/tgserve-gpu-check)")
-    check.add_argument("--budget-s", type=float, default=450.0, help="all steps together (default: 450)")
+    check.add_argument("--budget-s", type=float, default=420.0,
+                       help="all steps together (default: 420, so install + check stay under 8 minutes)")
     check.add_argument("--demo-model", default=None, help="a built demo checkpoint (default: the cached one)")
     check.add_argument("--smollm2-dir", default=None,
                        help="a built SmolLM2 checkpoint (default: build it with `tgserve demo-model --real smollm2-135m`)")

@@ -7,6 +7,9 @@ report. After every step the summary is rewritten, so a run stopped from outside
 it measured. Files in the results folder: `gpu_check.json` (every step's result), `engine_bench.json`
 (the full engine benchmark report) and `steps.log` (the children's output).
 
+A later issue adds its own GPU check as a step: a function in `gpu_check_steps.STEP_FUNCTIONS` that
+returns {"status", "headline", ...}, and its (name, time limit) in `STEPS` below.
+
 With `--small` the same steps run at toy sizes (the CPU run CI makes, so the script is known to work
 before a GPU arrives); the device-only parts (SmolLM2 unless a checkpoint is given) say why they skip.
 """

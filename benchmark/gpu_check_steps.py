@@ -85,7 +85,9 @@ def _parity(config: GpuCheckConfig, model_dir: Path, **extra) -> dict:
     num = len(sizes["prompt_lengths"])
     parts = [f"fp32 greedy equal {num - len(greedy['alone']['mismatches'])}/{num} alone, "
              f"{num - len(greedy['concurrent']['mismatches'])}/{num} concurrent",
-             f"bf16 top-5 logprobs within {logprobs['max_abs_diff_nats']:.3f} nats of fp32 (limit {logprobs['tolerance_nats']})"]
+             f"bf16 top-5 logprobs {logprobs['max_abs_diff_nats']:.3f} nats from fp32 transformers "
+             f"(transformers bf16: {logprobs['transformers_bf16_max_abs_diff_nats']:.3f}; "
+             f"{'within' if logprobs['is_close'] else 'NOT within'} it + {logprobs['tolerance_nats']})"]
     if "chat" in greedy:
         parts.append(f"chat answer {'has' if greedy['chat']['is_correct'] else 'LACKS'} '{CHAT_ANSWER}'")
     return {"status": "passed" if result["passed"] else "failed", "headline": "; ".join(parts), **result}
@@ -139,9 +141,10 @@ def step_serve_demo(config: GpuCheckConfig) -> dict:
     finally:
         exit_code = server.stop()
     got = [token["id"] for token in answer["details"]["tokens"]]
+    device = _device_type(config)  # transformers on the server's device: GPU against GPU
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    ids = tokenizer(SERVE_PROMPT, return_tensors="pt").input_ids
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
+    ids = tokenizer(SERVE_PROMPT, return_tensors="pt").input_ids.to(device)
     with torch.inference_mode():
         generated = model.generate(ids, max_new_tokens=SERVE_NEW_TOKENS, do_sample=False, eos_token_id=None,
                                    pad_token_id=0)[0, ids.shape[1]:].tolist()

@@ -5,7 +5,8 @@ What the GPU check (`benchmark/gpu_check.py`) asks of every checkpoint it is giv
     lengths (windows of the bundled demo corpus, so any tokenizer works), one at a time and all at
     once, with a prefill budget small enough that the long prompts are chunked;
   - bfloat16: the engine's top-5 logprobs at the first generated position lie within `tolerance`
-    nats of float32 transformers' log-softmax over the same prompt;
+    nats of float32 transformers' log-softmax, beyond the distance transformers' own bf16 run has
+    on the same tokens;
   - optionally a chat question whose greedy answer must contain a word ("Paris").
 transformers runs on the engine's own device, so a GPU run compares GPU with GPU. The result is a
 JSON-able dict that says what matched and, where something did not, where it first diverged.
@@ -36,7 +37,7 @@ class ParityConfig:
     new_tokens: int  # greedy tokens generated per prompt (fewer where the model emits an eos)
     max_batch_prefill_tokens: int  # below the longest prompt, so it is prefilled in chunks
     num_logprob_prompts: int = 3  # the first N prompts of at least 2 tokens get the bf16 top-5 check
-    tolerance_nats: float = 0.1
+    tolerance_nats: float = 0.1  # bf16: allowed beyond transformers' own bf16 error
     chat_question: str | None = None  # asked through the chat template, answered greedily in float32
     chat_answer: str | None = None  # the word the answer must contain
 
@@ -166,24 +167,46 @@ def chat_answer(engine, config: ParityConfig) -> dict:
             "is_correct": config.chat_answer in text}
 
 
+def _last_logprobs(model, ids: list[int], device) -> torch.Tensor:
+    """log-softmax over the vocabulary after `ids`, float32 on the CPU."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids], device=device)).logits[0, -1].float()
+    return torch.log_softmax(logits, dim=-1).cpu()
+
+
 def bf16_logprob_parity(config: ParityConfig, model, prompts: list[list[int]], device) -> dict:
-    """bf16 engine top-5 logprobs at the first generated position against float32 transformers."""
+    """bf16 engine top-5 logprobs at the first generated position against float32 transformers, allowing
+    `tolerance` nats beyond transformers' own bf16 error on the same tokens (a bf16 load of the
+    checkpoint, as a user makes it: `model.to(bfloat16)` would also round the rotary tables).
+
+    Why the allowance: bf16 weights move transformers' own logprobs by up to 0.17 nats from its float32
+    ones (SmolLM2, a 5-token prompt, measured here on the CPU), so a fixed 0.1 nats would fail the
+    reference itself; an engine bug (a wrong rotary, a misread KV block) costs whole nats.
+    """
     prompts = [ids for ids in prompts if len(ids) >= 2][:config.num_logprob_prompts]
+    from transformers import AutoModelForCausalLM
+
+    float32 = [_last_logprobs(model, ids, device) for ids in prompts]
+    model_bf16 = AutoModelForCausalLM.from_pretrained(str(config.model_dir), dtype=torch.bfloat16).to(device).eval()
+    bfloat16 = [_last_logprobs(model_bf16, ids, device) for ids in prompts]
+    del model_bf16
     rows = []
     with running_engine(config, "bfloat16", 1) as engine:
-        for ids in prompts:
-            with torch.inference_mode():
-                logits = model(torch.tensor([ids], device=device)).logits[0, -1].float()
-            reference = torch.log_softmax(logits, dim=-1).cpu()
+        for ids, ref32, ref16 in zip(prompts, float32, bfloat16):
             request = GenerationRequest(list(ids), SamplingParams(), StoppingParams(1), top_n_tokens=TOP_N)
             (events,) = run_requests(engine, [request])
             top = events[0].top_tokens
-            diffs = [abs(t.logprob - float(reference[t.id])) for t in top]
-            rows.append({"prompt_tokens": len(ids), "num_top_tokens": len(top), "max_abs_diff_nats": max(diffs),
-                         "top1_engine": events[0].id, "top1_reference": int(reference.argmax())})
-    worst = max(row["max_abs_diff_nats"] for row in rows)
-    is_close = worst < config.tolerance_nats and all(row["num_top_tokens"] == TOP_N for row in rows)
-    return {"is_close": is_close, "max_abs_diff_nats": worst, "tolerance_nats": config.tolerance_nats, "prompts": rows}
+            error = max(abs(t.logprob - float(ref32[t.id])) for t in top)
+            reference_error = max(abs(float(ref16[t.id]) - float(ref32[t.id])) for t in top)
+            rows.append({"prompt_tokens": len(ids), "num_top_tokens": len(top), "max_abs_diff_nats": error,
+                         "transformers_bf16_max_abs_diff_nats": reference_error,
+                         "allowed_nats": reference_error + config.tolerance_nats,
+                         "top1_engine": events[0].id, "top1_float32": int(ref32.argmax())})
+    is_close = all(row["max_abs_diff_nats"] <= row["allowed_nats"] and row["num_top_tokens"] == TOP_N
+                   for row in rows)
+    return {"is_close": is_close, "max_abs_diff_nats": max(row["max_abs_diff_nats"] for row in rows),
+            "transformers_bf16_max_abs_diff_nats": max(row["transformers_bf16_max_abs_diff_nats"] for row in rows),
+            "tolerance_nats": config.tolerance_nats, "prompts": rows}
 
 
 def run_parity(config: ParityConfig) -> dict:

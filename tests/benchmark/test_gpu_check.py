@@ -53,8 +53,9 @@ def test_cpu_run_of_the_script_passes_every_step(demo_model_dir, tmp_path):
     assert parity["float32_greedy"]["alone"] == {"is_equal": True, "mismatches": []}
     assert parity["float32_greedy"]["concurrent"] == {"is_equal": True, "mismatches": []}
     logprobs = parity["bf16_top_logprobs"]
-    assert logprobs["is_close"] and 0 <= logprobs["max_abs_diff_nats"] < 0.1
-    assert [row["num_top_tokens"] for row in logprobs["prompts"]] == [5, 5]
+    assert logprobs["is_close"] and [row["num_top_tokens"] for row in logprobs["prompts"]] == [5, 5]
+    for row in logprobs["prompts"]:
+        assert 0 <= row["max_abs_diff_nats"] <= row["transformers_bf16_max_abs_diff_nats"] + 0.1
 
     serve = steps["serve-demo"]
     assert serve["info"]["model_device_type"] == "cpu" and serve["generated_ids"] == serve["expected_ids"]
