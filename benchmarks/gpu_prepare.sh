@@ -42,7 +42,8 @@ demo=$("$PY" -c "from tgserve.core.demo_model import ensure_demo_model; print(en
 cp -r "$demo" .gpu-models/demo-qwen2-v1
 
 # What travels: tracked and untracked-not-ignored files, plus the carried folders (device README).
-tree_bytes=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+tree_bytes=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 \
+    | cut -f1)
 carried() { du -cb "$@" | tail -1 | cut -f1; }
 call1=$((tree_bytes + $(carried .whl-a)))
 call2=$((tree_bytes + $(carried .whl .gpu-models)))
