@@ -23,6 +23,7 @@ def add_benchmark_parser(commands: argparse._SubParsersAction) -> argparse.Argum
     add_serve_parser(benchmark_commands)
     add_engine_parsers(benchmark_commands)  # engine, compare, peers setup (engine_cli.py)
     add_startup_parser(benchmark_commands)  # startup (startup_cli.py)
+    add_gpu_check_parser(benchmark_commands)
     return benchmark
 
 
@@ -62,6 +63,53 @@ def add_serve_parser(benchmark_commands: argparse._SubParsersAction) -> None:
     report.add_argument("--plot-file", default=None, help="write latency vs throughput over the rates as PNG here")
     report.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     serve.set_defaults(handler=run_serve_command)
+
+
+def add_gpu_check_parser(benchmark_commands: argparse._SubParsersAction) -> None:
+    """`benchmark gpu-check`: parity with transformers and the engine benchmark on a lent GPU (gpu_check.py)."""
+    check = benchmark_commands.add_parser(
+        "gpu-check", help="on a GPU machine: backends, parity with transformers, the Qwen2-7B engine benchmark; JSON")
+    check.add_argument("--backend", default="cuda", help="the backend every step forces (default: cuda)")
+    check.add_argument("--small", action="store_true",
+                       help="toy sizes, for a CPU run that proves the check works (with --backend cpu)")
+    check.add_argument("--out", default="bench-results/gpu-check",
+                       help="results folder (default: bench-results/gpu-check)")
+    check.add_argument("--work-dir", default=None,
+                       help="where steps write checkpoints, 15 GB for Qwen2-7B (default: TMPDIR/tgserve-gpu-check)")
+    check.add_argument("--budget-s", type=float, default=420.0,
+                       help="all steps together (default: 420, so install + check stay under 8 minutes)")
+    check.add_argument("--demo-model", default=None, help="a built demo checkpoint (default: the cached one)")
+    check.add_argument("--smollm2-dir", default=None,
+                       help="a built SmolLM2 checkpoint (default: `tgserve demo-model --real smollm2-135m` builds it)")
+    check.add_argument("--steps", default=None, help="comma-separated subset of the steps (default: all)")
+    check.set_defaults(handler=run_gpu_check_command)
+
+
+def run_gpu_check_command(args: argparse.Namespace) -> int:
+    """Handler of `tgserve benchmark gpu-check`: 0 when no step failed."""
+    import tempfile
+    from pathlib import Path
+
+    from tgserve.benchmark.gpu_check import GpuCheckConfig, format_summary, run_check
+
+    try:
+        config = GpuCheckConfig(
+            backend=args.backend, is_small=args.small, out_dir=str(Path(args.out).resolve()),
+            work_dir=str(Path(args.work_dir or Path(tempfile.gettempdir()) / "tgserve-gpu-check").resolve()),
+            budget_s=args.budget_s, demo_model_dir=_absolute(args.demo_model),
+            smollm2_dir=_absolute(args.smollm2_dir),
+            **({"steps": tuple(s.strip() for s in args.steps.split(",") if s.strip())} if args.steps else {}))
+        summary = run_check(config)
+    except (ValueError, OSError) as error:
+        return _error(error)
+    print(format_summary(summary), flush=True)
+    return 0 if summary["passed"] else 1
+
+
+def _absolute(path: str | None) -> str | None:
+    from pathlib import Path
+
+    return str(Path(path).resolve()) if path else None
 
 
 def _error(message: object) -> int:
