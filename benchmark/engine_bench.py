@@ -30,7 +30,7 @@ PER_SEQUENCE_TOKEN_ROUNDING = 256  # KV budget per sequence is rounded up to thi
 class EngineBenchConfig:
     """What one `tgserve benchmark engine` run measures."""
 
-    model_id: str | None  # checkpoint directory or hub id; None = the built-in demo model
+    model_id: str | None  # checkpoint directory or hub id; None = the default model of `tgserve serve` (SmolLM2-135M-Instruct)
     dtype: str | None  # float16 | bfloat16 | float32; None = the backend's default
     batch_sizes: tuple[int, ...]  # sequences per step, one result row each
     sequence_length: int  # prompt tokens per sequence

@@ -24,7 +24,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _add_workload_flags(parser: argparse.ArgumentParser, batch_sizes: str, runs: int) -> None:
-    parser.add_argument("--model-id", default=None, help="checkpoint folder or hub id (default: the demo model)")
+    parser.add_argument("--model-id", default=None, help="checkpoint folder or hub id (default: SmolLM2-135M-Instruct, as `tgserve serve`)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="default: the backend's default")
     parser.add_argument("--backend", default="auto", help="backend plugin (default: auto)")

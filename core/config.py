@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 class ServerConfig:
     """Every launcher flag, with TGI's names and defaults (TGI-CONTRACT section 1)."""
 
-    model_id: str | None = None  # hub id or local directory; None serves the built-in demo model
+    model_id: str | None = None  # hub id or local directory; None serves SmolLM2-135M-Instruct (core/smollm2.py)
     revision: str | None = None
     dtype: str | None = None  # float16 | bfloat16 | float32; None: the backend's default
     backend: str = "auto"  # a backend plugin's name, or auto
