@@ -27,7 +27,7 @@ def message_text(message: ChatMessage, position: int) -> str:
     if message.tool_calls:
         raise validation_error("`tool_calls` in messages are not supported by tgserve yet")
     content = message.content
-    if content is None:
+    if content is None:  # only beside an empty `tool_calls` list (ChatMessage requires one of them)
         return ""
     if isinstance(content, str):
         return content

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tgserve.api.schemas import MAX_U32, MAX_U64, ErrorResponse
 
@@ -43,13 +43,23 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
-    """One message of the conversation; `content` is a string or a list of content parts."""
+    """One message of the conversation; `content` is a string or a list of content parts.
+
+    A message carries `content` or `tool_calls` (TGI's untagged `MessageBody`): one with neither,
+    or with a null `content` and no `tool_calls`, is a 422, as in TGI and OpenAI.
+    """
 
     model_config = _REQUEST_CONFIG
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[Any] | None = Field(None, description="Refused: tools are not supported yet")
+
+    @model_validator(mode="after")
+    def _has_a_body(self) -> "ChatMessage":
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("a message needs `content` or `tool_calls`")
+        return self
 
 
 class StreamOptions(BaseModel):

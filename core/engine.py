@@ -28,6 +28,8 @@ from tgserve.core.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 Sink = Callable[[TokenEvent | ErrorEvent], None]
 _STOP_TAIL_CHARS = 256  # how much generated text a stop-sequence match looks back over
+# Logged (warning) by `Engine.shutdown` when its drain wait ends with requests still in flight.
+STOPPED_WITH_REQUESTS_IN_FLIGHT = "Stopping with requests still in flight after the drain wait"
 
 
 class GenerationError(RuntimeError):
@@ -158,6 +160,9 @@ class Engine:
         deadline = time.monotonic() + drain_timeout_s
         while self.num_in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
+        if self.num_in_flight:
+            log.warning("%s: %d request(s) after %.1f s", STOPPED_WITH_REQUESTS_IN_FLIGHT, self.num_in_flight,
+                        drain_timeout_s)
         self._is_running = False
         self._inbox.put(("wake", None))
         if self._thread is not None and self._thread is not threading.current_thread():

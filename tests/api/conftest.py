@@ -19,8 +19,10 @@ import httpx
 import pytest
 
 # Small limits keep start-up (warmup) and memory low; generation lengths in the tests fit them.
-TEST_SERVER_FLAGS = ("--max-input-tokens", "1024", "--max-total-tokens", "4096",
-                     "--max-batch-prefill-tokens", "1024", "--max-batch-total-tokens", "32768")
+TEST_LIMIT_FLAGS = ("--max-input-tokens", "1024", "--max-total-tokens", "4096",
+                    "--max-batch-prefill-tokens", "1024", "--max-batch-total-tokens", "32768")
+# The tests' servers mean the CPU backend (`/info` says "cpu"); on a GPU host auto would pick cuda.
+TEST_SERVER_FLAGS = (*TEST_LIMIT_FLAGS, "--backend", "cpu")
 HEALTH_TIMEOUT_S = 240.0  # model load + warmup on a busy 2-core CI box
 STOP_TIMEOUT_S = 60.0
 

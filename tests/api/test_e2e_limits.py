@@ -8,6 +8,8 @@ import time
 import httpx
 import pytest
 
+from .metrics_scrape import WAIT_TIMEOUT_S, Samples, is_idle, num_decode_steps, num_dropped, wait_for_metrics
+
 OVERLOADED = {"error": "Model is overloaded", "error_type": "overloaded"}
 LONG = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 3000}}
 
@@ -23,7 +25,7 @@ def client(server):
         yield client
 
 
-def wait_until_served(client: httpx.Client, timeout_s: float = 10.0) -> httpx.Response:
+def wait_until_served(client: httpx.Client, timeout_s: float = WAIT_TIMEOUT_S) -> httpx.Response:
     """POST a short /generate until it is not refused as overloaded (a dropped stream frees its permit)."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -33,7 +35,23 @@ def wait_until_served(client: httpx.Client, timeout_s: float = 10.0) -> httpx.Re
         time.sleep(0.05)
 
 
+def assert_dropped_before_its_end(url: str, before: Samples) -> None:
+    """Once the engine is idle again, the one LONG request abandoned since `before` counts as dropped
+    and ran fewer decode steps than its end needs.
+
+    The demo model never stops this prompt early (greedy, it runs 3000 of 3000 tokens), so a request
+    left running would take 2999 decode steps; the short requests of `wait_until_served` add one each
+    at most, and only once the permit is free.
+    """
+    after = wait_for_metrics(url, lambda s: is_idle(s) and num_dropped(s) > num_dropped(before),
+                             "the abandoned request counted as dropped and out of the batch")
+    assert num_dropped(after) == num_dropped(before) + 1
+    num_steps = num_decode_steps(after) - num_decode_steps(before)
+    assert num_steps < LONG["parameters"]["max_new_tokens"] - 1, "the abandoned request ran to its end"
+
+
 def test_overloaded_while_a_stream_is_open_then_disconnect(server, client):
+    before = wait_for_metrics(server.url, is_idle, "an earlier test's requests left the batch")
     with httpx.Client(base_url=server.url, timeout=60) as holder:
         with holder.stream("POST", "/generate_stream", json=LONG) as stream:
             lines = stream.iter_lines()
@@ -44,29 +62,30 @@ def test_overloaded_while_a_stream_is_open_then_disconnect(server, client):
             refused_stream = client.post("/generate_stream", json={"inputs": "Hi"})
             assert refused_stream.status_code == 200  # TGI's quirk: the error is an event
             assert refused_stream.text == 'data:{"error":"Model is overloaded","error_type":"overloaded"}\n\n'
-        # Leaving the block closes the connection mid-stream (3000 tokens take far longer).
-    started_s = time.monotonic()
+        # Leaving the block closes the connection mid-stream.
     served = wait_until_served(client)
     assert served.status_code == 200 and served.json()["generated_text"]
-    assert time.monotonic() - started_s < 10.0
+    assert_dropped_before_its_end(server.url, before)
     assert client.get("/health").status_code == 200
 
 
 def test_repeated_disconnects_keep_the_server_serving(server, client):
     for _ in range(3):
+        before = wait_for_metrics(server.url, is_idle, "the previous request left the batch")
         with httpx.Client(base_url=server.url, timeout=60) as holder:
             with holder.stream("POST", "/generate_stream", json=LONG) as stream:
                 next(stream.iter_lines())
         assert wait_until_served(client).status_code == 200
+        assert_dropped_before_its_end(server.url, before)
 
 
 def test_abandoned_generate_frees_its_permit(server, client):
     """A /generate whose client gave up is dropped (as TGI drops it), not run to its 3000 tokens."""
+    before = wait_for_metrics(server.url, is_idle, "an earlier test's requests left the batch")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/generate", json=LONG, timeout=0.5)
-    started_s = time.monotonic()
     assert wait_until_served(client).status_code == 200
-    assert time.monotonic() - started_s < 3.0
+    assert_dropped_before_its_end(server.url, before)
 
 
 def test_prefill_logprobs_with_the_flag(client):

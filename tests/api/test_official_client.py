@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-text_generation = pytest.importorskip("text_generation")  # pip install --no-deps text-generation aiohttp
-from text_generation.errors import ValidationError  # noqa: E402
+import text_generation  # installed --no-deps by scripts/test.sh, from tests/no-deps-requirements.txt
+from text_generation.errors import ValidationError
 
 PROMPT = "Once upon a time"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the client calls pydantic's .dict()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from tgserve.api.app import create_app
 from tgserve.api.chat_template import render_sync, template_messages
@@ -52,10 +53,18 @@ def test_renders_with_a_generation_prompt(tokenizer):
     assert with_system.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
 
 
-def test_text_parts_are_joined_and_none_is_empty():
+def test_text_parts_are_joined_and_no_content_is_empty():
     parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "this?"}]
-    assert template_messages(messages(("user", parts), ("assistant", None))) == [
+    no_content = ChatMessage.model_validate({"role": "assistant", "tool_calls": []})
+    assert template_messages([*messages(("user", parts)), no_content]) == [
         {"role": "user", "content": "What is this?"}, {"role": "assistant", "content": ""}]
+
+
+@pytest.mark.parametrize("message", [{"role": "user"}, {"role": "user", "content": None},
+                                     {"role": "assistant", "content": None, "tool_calls": None}])
+def test_a_message_needs_content_or_tool_calls(message):
+    with pytest.raises(ValidationError, match="a message needs `content` or `tool_calls`"):
+        ChatMessage.model_validate(message)
 
 
 def test_a_final_assistant_message_is_continued(tokenizer):

@@ -5,9 +5,8 @@ model answers "What is the capital of France?" with "The capital of France is Pa
 """
 from __future__ import annotations
 
+import openai
 import pytest
-
-openai = pytest.importorskip("openai")  # pip install "openai>=1.40"
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPTS = ["Once upon a time", "The capital of France is"]

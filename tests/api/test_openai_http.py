@@ -14,6 +14,7 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 CHATML_FRANCE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                  "What is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
 NOT_YET = "is not supported by tgserve yet"
+NO_BODY = "a message needs `content` or `tool_calls`"  # TGI and OpenAI refuse such a message too
 
 
 def sse_data(client: httpx.Client, path: str, body: dict) -> list:
@@ -54,6 +55,9 @@ CHAT_REFUSALS = [
     ({"stop": ["a", "b", "c", "d", "e"]}, "validation", "`stop` supports up to 4 stop sequences. Given: 5"),
     ({"messages": []}, "validation", "messages: List should have at least 1 item"),
     ({"messages": "hello"}, "validation", "Failed to deserialize the JSON body"),
+    ({"messages": [{"role": "user"}]}, "validation", f"messages.0: Value error, {NO_BODY}"),
+    ({"messages": [{"role": "user", "content": None}]}, "validation", NO_BODY),
+    ({"messages": [*FRANCE, {"role": "assistant"}]}, "validation", f"messages.1: Value error, {NO_BODY}"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "validation", "Failed to deserialize"),
 ]
 

@@ -40,7 +40,11 @@ def fake_module(monkeypatch, name: str, **attributes) -> types.ModuleType:
 
 @pytest.fixture
 def fake_gaudi_sdk(monkeypatch):
-    """Stands in for the Intel Gaudi SDK: habana_frameworks.torch.hpu with eight Gaudi2 cards."""
+    """Stands in for the Intel Gaudi SDK: habana_frameworks.torch.hpu with eight Gaudi2 cards.
+
+    The Gaudi host has no GPU: on a machine that has one, cuda (the same priority) would win auto.
+    """
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     fake_module(monkeypatch, "habana_frameworks")
     fake_module(monkeypatch, "habana_frameworks.torch")
     return fake_module(

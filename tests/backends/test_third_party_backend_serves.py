@@ -6,7 +6,8 @@ package `acmeplug` plus `acmeplug-0.1.dist-info` declaring `acme = acmeplug.plug
 this machine lacks: it computes on the CPU. Its lifecycle hooks append JSON lines to $ACME_MARKER,
 which is how the tests see that its own hooks ran inside the server process.
 
-One real `tgserve serve --backend auto` process serves the whole module; the last test stops it.
+One real `tgserve serve --backend auto` process serves the module's tests; the shutdown test starts
+and stops its own, with its own journal, so no test depends on running before or after another.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from tests.api.conftest import TEST_SERVER_FLAGS, ServerProcess, tgserve_command, tgserve_env
+from tests.api.conftest import TEST_LIMIT_FLAGS, ServerProcess, tgserve_command, tgserve_env
 
 PLUGIN_SOURCE = Path(__file__).with_name("acme_plugin.py")
 CORE_DEFAULT_BLOCK_SIZE = 16
@@ -38,15 +39,19 @@ def install_acme(root: Path) -> None:
     (dist_info / "entry_points.txt").write_text("[tgserve.backends]\nacme = acmeplug.plugin\n")
 
 
-@pytest.fixture(scope="module")
-def acme_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The tests' environment plus PYTHONPATH with acme installed and ACME_MARKER set."""
-    root = tmp_path_factory.mktemp("acme-site")
+def make_acme_env(root: Path) -> dict[str, str]:
+    """The tests' environment plus PYTHONPATH with acme installed under `root` and ACME_MARKER set."""
     install_acme(root / "site-packages")
     env = tgserve_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root / "site-packages"), env.get("PYTHONPATH")]))
     env["ACME_MARKER"] = str(root / "acme-marker.jsonl")
     return env
+
+
+@pytest.fixture(scope="module")
+def acme_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The module server's environment (its journal is shared by the tests that use that server)."""
+    return make_acme_env(tmp_path_factory.mktemp("acme-site"))
 
 
 def hook_records(env: dict[str, str]) -> dict[str, list[dict]]:
@@ -60,15 +65,19 @@ def hook_records(env: dict[str, str]) -> dict[str, list[dict]]:
     return records
 
 
+def start_acme_server(model_dir: Path, env: dict[str, str], log_path: Path) -> ServerProcess:
+    """Start `tgserve serve --backend auto` where it can import acme (not yet healthy)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:  # ServerProcess passes os.environ on at Popen
+        for name in ("PYTHONPATH", "ACME_MARKER"):
+            monkeypatch.setenv(name, env[name])
+        return ServerProcess(model_dir, log_path, *TEST_LIMIT_FLAGS, "--backend", "auto")
+
+
 @pytest.fixture(scope="module")
 def acme_server(demo_model_dir: Path, acme_env: dict[str, str],
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A healthy `tgserve serve --backend auto` that can import acme; stopped at module teardown."""
-    log_path = tmp_path_factory.mktemp("acme-server") / "server.log"
-    with pytest.MonkeyPatch.context() as monkeypatch:  # ServerProcess passes os.environ on at Popen
-        for name in ("PYTHONPATH", "ACME_MARKER"):
-            monkeypatch.setenv(name, acme_env[name])
-        server = ServerProcess(demo_model_dir, log_path, *TEST_SERVER_FLAGS, "--backend", "auto")
+    """A healthy acme server shared by the module's tests; stopped at module teardown."""
+    server = start_acme_server(demo_model_dir, acme_env, tmp_path_factory.mktemp("acme-server") / "server.log")
     try:
         yield server.wait_healthy()
     finally:
@@ -115,16 +124,22 @@ def test_generate_returns_text_with_details(acme_server):
     assert details["generated_tokens"] == 12 == len(details["tokens"])
 
 
-def test_sigterm_exits_cleanly_after_the_shutdown_hook(acme_server, acme_env):
-    """Runs last: it stops the module's server."""
-    body = {"inputs": "The cat", "parameters": {"max_new_tokens": 4}}
-    assert httpx.post(f"{acme_server.url}/generate", json=body, timeout=60).status_code == 200
+def test_sigterm_exits_cleanly_after_the_shutdown_hook(demo_model_dir, tmp_path):
+    """A server of its own: stopping it leaves the module's shared server to the other tests."""
+    env = make_acme_env(tmp_path)
+    server = start_acme_server(demo_model_dir, env, tmp_path / "server.log")
+    try:
+        server.wait_healthy()
+        body = {"inputs": "The cat", "parameters": {"max_new_tokens": 4}}
+        assert httpx.post(f"{server.url}/generate", json=body, timeout=60).status_code == 200
 
-    assert acme_server.terminate() == 0, acme_server.log()[-4000:]
+        assert server.terminate() == 0, server.log()[-4000:]
+    finally:
+        server.terminate()  # a no-op once it exited; stops it if the test failed first
 
-    records = hook_records(acme_env)
-    assert "tgserve_on_shutdown" in records, f"shutdown hook never ran; log:\n{acme_server.log()[-4000:]}"
+    records = hook_records(env)
+    assert "tgserve_on_shutdown" in records, f"shutdown hook never ran; log:\n{server.log()[-4000:]}"
     (shutdown,) = records["tgserve_on_shutdown"]
-    assert shutdown["pid"] == acme_server.process.pid
+    assert shutdown["pid"] == server.process.pid
     (ready,) = records["tgserve_on_model_ready"]
     assert shutdown["num_applies"] > ready["num_applies"]  # requests ran through the plugin's matmul

