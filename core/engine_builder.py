@@ -93,8 +93,9 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     constraints = hook.tgserve_get_shape_constraints(model_config=model_config, config=config)
     policy: WarmupPolicy = hook.tgserve_get_warmup_policy(model_config=model_config, config=config)
     probe = None if policy.is_full_step else _probe(config, hook, loaded, policy)
+    step_s = policy.prefill_step_s
     default_prefill = (DEFAULT_MAX_BATCH_PREFILL_TOKENS if probe is None
-                       else prefill_tokens_for_speed(probe.tokens_per_s, policy.prefill_step_s))
+                       else prefill_tokens_for_speed(probe.tokens_per_s_over(step_s), step_s))
     sizing = _size(config, hook, loaded, tokenizer.model_max_length, constraints, default_prefill)
     limits = sizing.limits
     log.info("KV-cache blocks: %d, size: %d (%d MiB)", sizing.num_blocks, loaded.block_size,
@@ -177,10 +178,11 @@ def _log_probe(config: ServerConfig, probe: ProbeResult, policy: WarmupPolicy, s
     prefill = sizing.limits.max_batch_prefill_tokens
     why = ("set by --max-batch-prefill-tokens" if config.max_batch_prefill_tokens
            else f"{policy.prefill_step_s:g}s of the measured prefill speed per step, as TGI sizes it from GPU FLOPs")
-    log.info("Warmup: probe of %d prefill tokens in %.2fs (%.0f tokens/s on this %s), %.2fs in all; "
+    log.info("Warmup: probe of %d prefill tokens in %.2fs (%.0f tokens/s on this %s; %.0f tokens/s over a "
+             "%gs step), %.2fs in all; "
              "max_batch_prefill_tokens=%d (%s); memory checked without a full step: %d MiB peak per step "
              "+ %d MiB KV cache <= %d MiB allowed", probe.num_tokens, probe.step_s, probe.tokens_per_s,
-             backend_name, probe.elapsed_s, prefill, why, sizing.step.total_bytes // _MIB,
+             backend_name, probe.tokens_per_s_over(policy.prefill_step_s), policy.prefill_step_s, probe.elapsed_s, prefill, why, sizing.step.total_bytes // _MIB,
              sizing.kv_cache_bytes // _MIB, sizing.usable_bytes // _MIB)
 
 

