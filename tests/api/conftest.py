@@ -6,6 +6,7 @@ falling back to SIGKILL of the whole process group.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -105,24 +106,37 @@ def model_dir(request: pytest.FixtureRequest) -> Path:
         return ensure_demo_model()
 
 
+@contextlib.contextmanager
+def server_factory(tmp_path_factory: pytest.TempPathFactory, *base_flags: str) -> Iterator[Callable[..., ServerProcess]]:
+    """`start(checkpoint, *flags, env=None)` starts a healthy server with `base_flags` and `flags`
+    (checkpoint None: no --model-id); every server it started is stopped on exit."""
+    started: list[ServerProcess] = []
+
+    def start(checkpoint: Path | None, *flags: str, env: dict[str, str] | None = None) -> ServerProcess:
+        log_path = tmp_path_factory.mktemp("server") / "server.log"
+        server = ServerProcess(checkpoint, log_path, *base_flags, *flags, env=env)
+        started.append(server)
+        return server.wait_healthy()
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.terminate()
+
+
 @pytest.fixture(scope="module")
 def start_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
-    """Factory: start a healthy server with extra flags; every server it started is stopped at teardown.
+    """Factory: start a healthy demo-model server with extra flags; every server it started is stopped at teardown.
 
     `with_model_id=False` leaves out --model-id, so the server picks its default model itself;
     `env` adds environment variables.
     """
-    started: list[ServerProcess] = []
+    with server_factory(tmp_path_factory, *TEST_SERVER_FLAGS) as start:
+        def start_demo(*flags: str, with_model_id: bool = True, env: dict[str, str] | None = None) -> ServerProcess:
+            return start(model_dir if with_model_id else None, *flags, env=env)
 
-    def start(*flags: str, with_model_id: bool = True, env: dict[str, str] | None = None) -> ServerProcess:
-        log_path = tmp_path_factory.mktemp("server") / "server.log"
-        server = ServerProcess(model_dir if with_model_id else None, log_path, *TEST_SERVER_FLAGS, *flags, env=env)
-        started.append(server)
-        return server.wait_healthy()
-
-    yield start
-    for server in started:
-        server.terminate()
+        yield start_demo
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from .conftest import ServerProcess
+from .conftest import server_factory
 
 SEED_FLAGS = ("--max-batch-prefill-tokens", "4096", "--max-total-tokens", "4096", "--max-input-tokens", "2048")
 LONG_TOKENS = 32_000
@@ -35,18 +35,10 @@ def one_error_line(stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def serve(model_dir, tmp_path_factory):
+def serve(tmp_path_factory):
     """Factory: a healthy cpu-backend server on `checkpoint` with exactly `flags`; all stopped at teardown."""
-    started: list[ServerProcess] = []
-
-    def start(checkpoint, *flags: str) -> ServerProcess:
-        server = ServerProcess(checkpoint, tmp_path_factory.mktemp("server") / "server.log", "--backend", "cpu", *flags)
-        started.append(server)
-        return server.wait_healthy()
-
-    yield start
-    for server in started:
-        server.terminate()
+    with server_factory(tmp_path_factory, "--backend", "cpu") as start:
+        yield start
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ within 0.1 nats of float32 transformers on average. The transformers reference r
 """
 from __future__ import annotations
 
+import functools
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tgserve.core.demo_tokenizer import read_demo_corpus
-from tests.api.conftest import ServerProcess
+from tests.api.conftest import ServerProcess, server_factory
 
 MAX_NEW_TOKENS = 12
 MAX_BATCH_PREFILL_TOKENS = 512  # below the longest prompt, so its prefill runs in chunks
@@ -87,16 +88,8 @@ def references(smollm2_dir: Path) -> list[Reference]:
 def start_smollm2(smollm2_dir: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
     """Factory: a healthy SmolLM2 server with extra flags; all are stopped at teardown."""
-    started: list[ServerProcess] = []
-
-    def start(*flags: str) -> ServerProcess:
-        server = ServerProcess(smollm2_dir, tmp_path_factory.mktemp("server") / "server.log", *SMOLLM2_FLAGS, *flags)
-        started.append(server)
-        return server.wait_healthy()
-
-    yield start
-    for server in started:
-        server.terminate()
+    with server_factory(tmp_path_factory, *SMOLLM2_FLAGS) as start:
+        yield functools.partial(start, smollm2_dir)
 
 
 @pytest.fixture(scope="module")
