@@ -13,6 +13,7 @@ from collections import deque
 
 from tgserve.core.batch import ScheduledSequence, StepPlan
 from tgserve.core.block_manager import BlockManager
+from tgserve.core.invariants import EngineInvariantError
 from tgserve.core.sequence import Sequence, SequenceStatus
 
 
@@ -31,8 +32,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence; it joins a step once it fits."""
-        assert self.blocks.blocks_for(seq.max_tokens) <= self.blocks.num_usable_blocks, "request can never fit"
+        """Queue a new sequence; it joins a step once it fits. The caller checked `can_ever_fit` (the
+        engine's `submit` refuses such a request with a ValueError), so one that never fits is a bug."""
+        if not self.can_ever_fit(seq.max_tokens):
+            raise EngineInvariantError("request can never fit")
         self.waiting.append(seq)
 
     def can_ever_fit(self, max_tokens: int) -> bool:

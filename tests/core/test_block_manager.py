@@ -1,9 +1,14 @@
 """BlockManager: the reserved block 0, allocate/free round trips, capacity checks, double frees."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from tgserve.core.block_manager import BlockManager
+from tgserve.core.invariants import EngineInvariantError
 
 
 def test_block_zero_is_never_handed_out():
@@ -51,7 +56,7 @@ def test_can_allocate_limits():
     blocks.allocate(2)
     assert blocks.can_allocate(3)
     assert not blocks.can_allocate(4)
-    with pytest.raises(AssertionError):
+    with pytest.raises(EngineInvariantError, match="asked 4 blocks, 3 free"):
         blocks.allocate(4)
     assert blocks.num_free_blocks == 3  # a refused allocation takes nothing
 
@@ -62,7 +67,7 @@ def test_blocks_for_rounds_up(num_tokens, num_blocks):
 
 
 def test_needs_a_usable_block():
-    with pytest.raises(AssertionError):
+    with pytest.raises(EngineInvariantError, match="at least one usable block"):
         BlockManager(num_blocks=1, block_size=4)
 
 
@@ -70,7 +75,7 @@ def test_double_free_of_whole_pool_is_caught():
     blocks = BlockManager(num_blocks=4, block_size=4)
     taken = blocks.allocate(3)
     blocks.free(taken)
-    with pytest.raises(AssertionError):
+    with pytest.raises(EngineInvariantError, match="freed twice"):
         blocks.free(taken[:1])
 
 
@@ -80,12 +85,44 @@ def test_double_free_while_other_blocks_are_held_is_caught():
     blocks = BlockManager(num_blocks=4, block_size=4)
     a, _still_held = blocks.allocate(2)
     blocks.free([a])
-    with pytest.raises(AssertionError):
+    with pytest.raises(EngineInvariantError, match="freed twice"):
         blocks.free([a])
 
 
 def test_freeing_reserved_block_zero_is_caught():
     blocks = BlockManager(num_blocks=4, block_size=4)
     blocks.allocate(1)
-    with pytest.raises(AssertionError):
+    with pytest.raises(EngineInvariantError, match="outside 1..3"):
         blocks.free([0])
+
+
+@pytest.mark.parametrize("block_id", [4, 5, -1])
+def test_freeing_an_id_outside_the_pool_is_caught(block_id):
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    blocks.allocate(3)
+    with pytest.raises(EngineInvariantError, match="outside 1..3"):
+        blocks.free([block_id])
+    assert blocks.num_free_blocks == 0  # a refused free returns nothing
+
+
+def test_double_free_is_caught_under_python_dash_o():
+    # `python -O` strips `assert`; the invariant must not go with it. The script checks that -O is
+    # really in effect (an `assert False` passes) before the double free.
+    script = textwrap.dedent("""
+        import sys
+        from tgserve.core.block_manager import BlockManager
+        from tgserve.core.invariants import EngineInvariantError
+        assert False, "asserts are still on"
+        blocks = BlockManager(num_blocks=4, block_size=4)
+        taken = blocks.allocate(1)
+        blocks.free(taken)
+        try:
+            blocks.free(taken)
+        except EngineInvariantError as error:
+            print(f"optimize={sys.flags.optimize} raised: {error}")
+        else:
+            print(f"optimize={sys.flags.optimize} not raised")
+    """)
+    done = subprocess.run([sys.executable, "-O", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "optimize=1 raised: a block was freed twice"

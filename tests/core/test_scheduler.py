@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tgserve.core.block_manager import BlockManager
+from tgserve.core.invariants import EngineInvariantError
 from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
 from tgserve.core.scheduler import Scheduler
 from tgserve.core.sequence import Sequence, SequenceStatus
@@ -243,7 +244,7 @@ def test_request_that_can_never_fit_is_refused():
     scheduler = _scheduler(num_blocks=3, block_size=4)  # 8 slots
     assert scheduler.can_ever_fit(8)
     assert not scheduler.can_ever_fit(9)
-    with pytest.raises(AssertionError):
+    with pytest.raises(EngineInvariantError, match="can never fit"):
         scheduler.add(_seq(0, 5, 4))
 
 
