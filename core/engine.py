@@ -2,7 +2,9 @@
 
 Callers `submit` a `GenerationRequest` with a sink; the engine thread calls the sink once per
 generated token (`TokenEvent`, the last one with `finish`) or once with an `ErrorEvent`. `stream`
-wraps that for asyncio. A failing step fails only the requests in it; the engine keeps serving.
+wraps that for asyncio. A failing model step fails only the requests in it; the engine keeps serving.
+A failure outside the model step (a broken engine invariant) fails every request in flight and stops
+the engine, which then reports itself unhealthy.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ Sink = Callable[[TokenEvent | ErrorEvent], None]
 _STOP_TAIL_CHARS = 256  # how much generated text a stop-sequence match looks back over
 # Logged (warning) by `Engine.shutdown` when its drain wait ends with requests still in flight.
 STOPPED_WITH_REQUESTS_IN_FLIGHT = "Stopping with requests still in flight after the drain wait"
+# Logged (with the traceback) when the engine loop fails outside a model step and stops for good.
+ENGINE_STOPPED_BY_INTERNAL_ERROR = "Engine stopped by an internal error"
 
 
 class GenerationError(RuntimeError):
@@ -172,9 +176,36 @@ class Engine:
     # --- engine thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while self._is_running:
-            self._drain_inbox(block=not self.scheduler.has_work)
-            self._step()
+        try:
+            while self._is_running:
+                self._drain_inbox(block=not self.scheduler.has_work)
+                self._step()
+        except Exception as error:  # outside a model step: the engine's own state may be broken
+            self._stop_broken(error)
+
+    def _stop_broken(self, error: Exception) -> None:
+        """Stop for good after a failure outside the model step (e.g. an `EngineInvariantError`).
+
+        The scheduler's and the block manager's state can no longer be trusted, so nothing is
+        freed: every request in flight, and any still in the inbox, gets an error event instead of
+        hanging; /health turns 503 and new requests are refused, so a supervisor restarts the server.
+        """
+        log.exception("%s: %s", ENGINE_STOPPED_BY_INTERNAL_ERROR, error)
+        self._is_accepting = False
+        self._is_healthy = False
+        self._is_running = False
+        message = f"Request failed during generation: internal error, the engine stopped ({error})"
+        pending = list(self._active.values())
+        self._active.clear()
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                pending.append(payload)
+        for active in pending:
+            active.sink(ErrorEvent(message))
 
     def _step(self) -> None:
         """Plan, compute and apply one step; report it to the observer, if any."""

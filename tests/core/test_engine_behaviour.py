@@ -7,8 +7,9 @@ import time
 import pytest
 
 from tgserve.core.config import ServerConfig
-from tgserve.core.engine import STOPPED_WITH_REQUESTS_IN_FLIGHT
+from tgserve.core.engine import ENGINE_STOPPED_BY_INTERNAL_ERROR, STOPPED_WITH_REQUESTS_IN_FLIGHT, EngineStopped
 from tgserve.core.engine_builder import build_engine
+from tgserve.core.invariants import EngineInvariantError
 from tgserve.core.plugins import BackendRegistry
 from tgserve.core.request import ErrorEvent, GenerationRequest, SamplingParams, StoppingParams
 
@@ -132,3 +133,27 @@ def test_shutdown_names_requests_it_stops_in_flight(demo_model_dir, caplog):
         engine.shutdown(drain_timeout_s=0)
     assert not sink.done.is_set()  # stopped mid-way, not finished
     assert f"{STOPPED_WITH_REQUESTS_IN_FLIGHT}: 1 request(s)" in caplog.text
+
+
+def test_broken_invariant_fails_every_request_and_stops_the_engine(demo_model_dir, monkeypatch, caplog):
+    """An error outside the model step (here the block manager's double-free check) must not leave
+    requests hanging on a dead engine thread: each gets an error event, /health's flag drops, new
+    requests are refused."""
+    with running_engine(demo_model_dir, **SMALL_LIMITS) as engine:
+        def broken_free(block_ids):
+            raise EngineInvariantError("a block was freed twice")
+
+        long_one = Collected()
+        engine.submit(GenerationRequest(_encode(engine, "The long one"), SamplingParams(),
+                                        StoppingParams(max_new_tokens=400, ignore_eos_token=True)), long_one)
+        monkeypatch.setattr(engine.scheduler.blocks, "free", broken_free)
+        with caplog.at_level(logging.ERROR, logger="tgserve.core.engine"):
+            short_one = Collected()
+            engine.submit(request(_encode(engine, "short"), 2), short_one)  # its finish frees blocks: the fault
+            assert short_one.done.wait(120) and long_one.done.wait(120)
+        for sink in (short_one, long_one):
+            assert isinstance(sink.events[-1], ErrorEvent) and "internal error" in sink.events[-1].message
+        assert ENGINE_STOPPED_BY_INTERNAL_ERROR in caplog.text and "freed twice" in caplog.text
+        assert not engine.is_healthy
+        with pytest.raises(EngineStopped):
+            engine.submit(request(_encode(engine, "after"), 2), Collected())
