@@ -14,6 +14,9 @@ from tgserve.api.schemas import GenerateParameters
 from tgserve.core.request import SamplingParams
 
 
+GENERATION_CHUNK_TOKENS = 1024  # TGI's DEFAULT_GENERATION_LENGTH (router/src/infer/mod.rs)
+
+
 class ValidationError(ValueError):
     """A request TGI would reject with 422 / error_type "validation"; str() is TGI's message."""
 
@@ -143,17 +146,24 @@ def fit_input_ids(input_ids: list[int], truncate: int | None, max_new_tokens: in
     """Truncate the prompt (keeping its end) and check it against the token budget.
 
     Returns (input_ids, max_new_tokens); a null max_new_tokens becomes what is left of
-    max_total_tokens, as TGI does.
+    max_total_tokens, as TGI does. Like TGI, the budget check counts at most
+    `GENERATION_CHUNK_TOKENS` new tokens (TGI schedules longer requests in 1024-token chunks), so
+    max_new_tokens=4096 after a short prompt is accepted, not a 422; the generation then ends with
+    finish_reason "length" at max_total_tokens. (TGI stops at the end of the last whole chunk that
+    still fits, when re-validating the next chunk fails; tgserve runs on to the budget itself; see
+    the README's deliberate differences.)
     """
     if truncate is not None and len(input_ids) > truncate:
         input_ids = input_ids[len(input_ids) - truncate:]
     input_length = len(input_ids)
+    budget = max(limits.max_total_tokens - input_length, 0)
     if max_new_tokens is None:
-        max_new_tokens = max(limits.max_total_tokens - input_length, 0)
-    if input_length + max_new_tokens > limits.max_total_tokens:
+        max_new_tokens = budget
+    checked_new_tokens = min(max_new_tokens, GENERATION_CHUNK_TOKENS)
+    if input_length + checked_new_tokens > limits.max_total_tokens:
         raise ValidationError(f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
-                              f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`")
+                              f"Given: {input_length} `inputs` tokens and {checked_new_tokens} `max_new_tokens`")
     if input_length > limits.max_input_tokens:
         raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. "
                               f"Given: {input_length}")
-    return input_ids, max_new_tokens
+    return input_ids, min(max_new_tokens, budget)

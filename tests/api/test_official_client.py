@@ -45,10 +45,13 @@ def test_sampling_with_a_seed(client):
 
 
 def test_errors_map_to_the_client_exceptions(client):
-    with pytest.raises(ValidationError, match="`max_new_tokens` must be <= 4096"):
-        client.generate(PROMPT, max_new_tokens=5000)
-    with pytest.raises(ValidationError, match="`inputs` tokens \\+ `max_new_tokens`"):
-        list(client.generate_stream(PROMPT, max_new_tokens=5000))  # arrives as an event in an HTTP 200
+    message = "Input validation error: `stop` supports up to 4 stop sequences. Given: 5"
+    with pytest.raises(ValidationError) as error:
+        client.generate(PROMPT, max_new_tokens=2, stop_sequences=list("abcde"))
+    assert str(error.value) == message
+    with pytest.raises(ValidationError) as error:  # arrives as an event in an HTTP 200
+        list(client.generate_stream(PROMPT, max_new_tokens=2, stop_sequences=list("abcde")))
+    assert str(error.value) == message
 
 
 def test_async_client(server):

@@ -50,7 +50,6 @@ CHAT_REFUSALS = [
     ({"temperature": -1.0}, "validation", "`temperature` must be strictly positive"),
     ({"frequency_penalty": 3.0}, "validation", "`frequency_penalty` must be >= -2.0 and <= 2.0"),
     ({"max_tokens": 0}, "validation", "`max_new_tokens` must be strictly positive"),
-    ({"max_tokens": 5000}, "validation", "`inputs` tokens + `max_new_tokens` must be <= 4096"),
     ({"logprobs": True, "top_logprobs": 6}, "validation", "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "validation", "`stop` supports up to 4 stop sequences. Given: 5"),
     ({"messages": []}, "validation", "messages: List should have at least 1 item"),

@@ -123,3 +123,19 @@ def test_budget_messages():
     with pytest.raises(ValidationError) as error:
         fit_input_ids([1] * 11, truncate=None, max_new_tokens=2, limits=LIMITS)
     assert str(error.value) == "`inputs` must have less than 10 tokens. Given: 11"
+
+
+def test_budget_counts_at_most_one_chunk_of_new_tokens_as_tgi():
+    """TGI-CONTRACT.md 2.2: the check uses input + min(max_new_tokens, 1024); an oversized request
+    is accepted and ends with `length` at max_total_tokens (its max_new_tokens is cut to the budget)."""
+    limits = ValidationLimits(max_best_of=1, max_stop_sequences=4, max_top_n_tokens=5,
+                              max_input_tokens=1024, max_total_tokens=4096)
+    assert fit_input_ids([1] * 6, truncate=None, max_new_tokens=4096, limits=limits) == ([1] * 6, 4090)
+    assert fit_input_ids([1] * 6, truncate=None, max_new_tokens=1000, limits=limits)[1] == 1000
+    tight = ValidationLimits(max_best_of=1, max_stop_sequences=4, max_top_n_tokens=5,
+                             max_input_tokens=1099, max_total_tokens=1100)
+    with pytest.raises(ValidationError) as error:  # 100 + min(4096, 1024) > 1100
+        fit_input_ids([1] * 100, truncate=None, max_new_tokens=4096, limits=tight)
+    assert str(error.value) == ("`inputs` tokens + `max_new_tokens` must be <= 1100. "
+                                "Given: 100 `inputs` tokens and 1024 `max_new_tokens`")
+    assert fit_input_ids([1] * 76, truncate=None, max_new_tokens=4096, limits=tight)[1] == 1024
