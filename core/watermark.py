@@ -9,6 +9,14 @@ Python loop over the batch. Each id is green with probability `gamma` (the green
 binomial around `gamma * vocab`, not exact), which is all detection relies on; greenness does not
 depend on the width of the logits, so a detector needs only the token ids.
 
+This is a deliberate difference from TGI (listed in the README): TGI's detector does not recognise
+tgserve's watermark, nor the reverse. Why: TGI's greenlist costs a host-side loop per row and step
+(seed a generator, `randperm` the whole vocabulary), and `randperm` output depends on the generator's
+device and torch version, so TGI's own greenlists are not a stable, device-independent function to
+match; reproducing them vectorised would mean reimplementing torch's randperm per backend. The hash
+here is fully specified by this file (`is_green`, with `mix32` from core/sampling.py), and
+tests/core/test_watermark.py checks it against a pure-Python reimplementation.
+
 Detection (`detect`) counts green tokens in a text's ids and returns the paper's z-score
 (num_green - gamma * T) / sqrt(T * gamma * (1 - gamma)): near 0 for text written without the
 watermark, large (4 and more) for watermarked text of a few dozen tokens or more.

@@ -34,6 +34,31 @@ def _sampling(num_rows: int, seeds: list[int], watermark: WatermarkBatch | None)
         any_top_k=False, any_top_p=False, any_typical_p=False, max_top_n=0, watermark=watermark)
 
 
+def _reference_is_green(prev: int, token: int, gamma: float) -> bool:
+    """The documented greenlist hash, rewritten in plain Python ints from core/watermark.py's
+    description (hash key 15485863, salt 0x7F4A7C15, the mix32 avalanche of core/sampling.py), so
+    generator and detector are checked against code that does not share `is_green`."""
+    mask = 0xFFFFFFFF
+
+    def mix(x: int) -> int:
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & mask
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & mask
+        return x ^ (x >> 16)
+
+    row_key = mix((prev * 15485863) & mask)
+    bits = mix(((mix(token) ^ row_key) + 0x7F4A7C15) & mask)
+    return bits < int(gamma * 2**32)
+
+
+@pytest.mark.parametrize("prev", [0, 1, 2, 49151, 123456, 2**31 - 1])
+def test_greenlist_matches_an_independent_reimplementation_of_the_documented_hash(prev):
+    ids = list(range(VOCAB))
+    expected = [_reference_is_green(prev, t, DEFAULT_GAMMA) for t in ids]
+    got = is_green(torch.tensor([[prev]]), torch.tensor([ids]), DEFAULT_GAMMA)[0].tolist()
+    assert got == expected
+    assert 0.45 < sum(expected) / VOCAB < 0.55
+
+
 # --- greenlists and the bias ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("gamma", [0.25, 0.5])
@@ -128,6 +153,21 @@ def _pooled_z_score(engine, is_watermarked: bool) -> float:
 def test_demo_model_text_carries_the_watermark_only_when_asked(engine):
     assert _pooled_z_score(engine, is_watermarked=True) > 2 * DETECTION_Z
     assert abs(_pooled_z_score(engine, is_watermarked=False)) < DETECTION_Z
+
+
+def test_reference_detector_separates_watermarked_from_plain_engine_text(engine):
+    """Score engine output with `_reference_is_green` (not the engine's `is_green`): the pooled z-score
+    with the watermark on is far above the threshold and the one with it off is not."""
+    def z_score(is_watermarked: bool) -> float:
+        requests = [request(engine.tokenizer.encode(p), 64, do_sample=True, temperature=1.5, seed=100 + s,
+                            watermark=is_watermarked) for s in range(6) for p in PROMPTS]
+        pairs = [(a, b) for req, got in zip(requests, run_all(engine, requests))
+                 for a, b in zip([req.input_ids[-1], *got.ids], got.ids)]
+        num_green = sum(_reference_is_green(a, b, DEFAULT_GAMMA) for a, b in pairs)
+        return (num_green - 0.5 * len(pairs)) / math.sqrt(len(pairs) * 0.25)
+
+    on, off = z_score(True), z_score(False)
+    assert on > 2 * DETECTION_Z and abs(off) < DETECTION_Z, (on, off)
 
 
 def test_watermarked_seeded_row_does_not_depend_on_its_batch(engine):
