@@ -6,7 +6,9 @@ envelope's `error_type` to its exception classes; all three have to match TGI fo
 from __future__ import annotations
 
 import asyncio
+import re
 
+import httpx
 import pytest
 import text_generation  # installed --no-deps by scripts/test.sh, from tests/no-deps-requirements.txt
 from text_generation.errors import ValidationError
@@ -44,10 +46,15 @@ def test_sampling_with_a_seed(client):
     assert first.details.seed == 7 and first.generated_text == second.generated_text
 
 
-def test_errors_map_to_the_client_exceptions(client):
-    with pytest.raises(ValidationError, match="`max_new_tokens` must be <= 4096"):
+def test_errors_map_to_the_client_exceptions(client, server, hf_tokenizer):
+    max_total_tokens = httpx.get(f"{server.url}/info", timeout=30).json()["max_total_tokens"]
+    input_tokens = len(hf_tokenizer.encode(PROMPT))  # the prompt's length from transformers' tokenizer
+    # The whole message TGI sends (validation of inputs + max_new_tokens against --max-total-tokens).
+    message = (f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {max_total_tokens}. "
+               f"Given: {input_tokens} `inputs` tokens and 5000 `max_new_tokens`")
+    with pytest.raises(ValidationError, match=f"^{re.escape(message)}$"):
         client.generate(PROMPT, max_new_tokens=5000)
-    with pytest.raises(ValidationError, match="`inputs` tokens \\+ `max_new_tokens`"):
+    with pytest.raises(ValidationError, match=f"^{re.escape(message)}$"):
         list(client.generate_stream(PROMPT, max_new_tokens=5000))  # arrives as an event in an HTTP 200
 
 
