@@ -106,6 +106,13 @@ def model_dir(request: pytest.FixtureRequest) -> Path:
         return ensure_demo_model()
 
 
+@pytest.fixture(scope="session")
+def hf_tokenizer(model_dir: Path):
+    """transformers' own tokenizer for the demo checkpoint: the independent source of expected ids and counts."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
 @contextlib.contextmanager
 def server_factory(tmp_path_factory: pytest.TempPathFactory, *base_flags: str) -> Iterator[Callable[..., ServerProcess]]:
     """`start(checkpoint, *flags, env=None)` starts a healthy server with `base_flags` and `flags`

@@ -27,7 +27,12 @@ def test_models_list(client, model_dir):
     assert [(m.id, m.object, m.owned_by) for m in models] == [(str(model_dir), "model", str(model_dir))]
 
 
-def test_chat_answers_the_france_question(client):
+def _token_count(hf_tokenizer, text):
+    """How many tokens transformers' tokenizer makes of `text` (no special tokens added)."""
+    return len(hf_tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_chat_answers_the_france_question(client, hf_tokenizer):
     response = chat(client, model="any-name/at-all", temperature=0, max_tokens=30)
     choice = response.choices[0]
     assert choice.message.content == "The capital of France is Paris."
@@ -35,7 +40,9 @@ def test_chat_answers_the_france_question(client):
     assert response.object == "chat.completion" and response.model == "any-name/at-all"
     assert response.system_fingerprint.endswith("-native") and response.created > 0
     usage = response.usage
-    assert usage.prompt_tokens > 10 and usage.completion_tokens == 9  # 8 text tokens and <|im_end|>
+    # Expected count from transformers' tokenizer: the answer's tokens and the <|im_end|> that ended it.
+    assert usage.prompt_tokens > 10
+    assert usage.completion_tokens == _token_count(hf_tokenizer, choice.message.content) + 1
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
@@ -95,21 +102,47 @@ def test_chat_text_parts_and_continuation_of_an_assistant_message(client):
     assert chat(client, prefilled, temperature=0, max_tokens=30).choices[0].message.content == " France is Paris."
 
 
-def test_chat_frequency_penalty_and_system_message(client):
-    messages = [{"role": "system", "content": "You are a helpful assistant."}] + FRANCE
-    penalized = chat(client, messages, temperature=0, max_tokens=12, frequency_penalty=2.0)
-    assert penalized.choices[0].finish_reason in ("stop", "length") and penalized.choices[0].message.content
+def _prompt_tokens(hf_tokenizer, messages):
+    """The prompt's token count from transformers: its chat template, then its tokenizer."""
+    text = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(hf_tokenizer.encode(text, add_special_tokens=False))
 
 
-def test_completions(client):
+def test_chat_system_message_reaches_the_prompt(client, hf_tokenizer):
+    # Not the template's default system text ("You are a helpful assistant."), which is there anyway.
+    messages = [{"role": "system", "content": "Answer in one short word, in French please."}] + FRANCE
+    with_system = chat(client, messages, temperature=0, max_tokens=2)
+    without = chat(client, temperature=0, max_tokens=2)
+    assert with_system.usage.prompt_tokens == _prompt_tokens(hf_tokenizer, messages)
+    assert without.usage.prompt_tokens == _prompt_tokens(hf_tokenizer, FRANCE)
+    assert with_system.usage.prompt_tokens != without.usage.prompt_tokens
+
+
+def test_chat_frequency_penalty_lowers_the_repeated_tokens(client):
+    # The greedy answer "The capital of France is Paris." repeats the question's tokens, which the penalty
+    # counts (prompt and generated, as TGI). The demo model is too sure of its answer for 2.0 to change the
+    # text, but the logprobs (of the processed distribution, as TGI) of those repeated tokens must fall.
+    plain = chat(client, temperature=0, max_tokens=16, logprobs=True)
+    penalized = chat(client, temperature=0, max_tokens=16, logprobs=True, frequency_penalty=2.0)
+    plain_lp = {t.token: t.logprob for t in plain.choices[0].logprobs.content}
+    penalized_lp = {t.token: t.logprob for t in penalized.choices[0].logprobs.content}
+    assert plain.choices[0].message.content == "The capital of France is Paris."
+    for repeated in (" capital", " France"):
+        assert penalized_lp[repeated] < plain_lp[repeated], (repeated, plain_lp, penalized_lp)
+
+
+def test_completions(client, hf_tokenizer):
     response = client.completions.create(model="tgi", prompt=PROMPTS, max_tokens=5, temperature=0)
     assert response.object == "text_completion" and [c.index for c in response.choices] == [0, 1]
     assert all(c.finish_reason in ("stop", "length") and c.logprobs is None for c in response.choices)
     single = client.completions.create(model="tgi", prompt=PROMPTS[1], max_tokens=5, temperature=0)
     assert single.choices[0].text == response.choices[1].text == " Paris."
-    assert single.model == "tgi" and single.usage.completion_tokens == 4  # " P", "aris", ".", <|im_end|>
+    # Expected count from transformers' tokenizer: the text's tokens and the eos token that ended it.
+    paris_tokens = _token_count(hf_tokenizer, " Paris.") + 1
+    assert single.model == "tgi" and single.usage.completion_tokens == paris_tokens
     assert single.choices[0].finish_reason == "stop"  # TGI renames eos_token when not streaming
-    assert response.usage.completion_tokens == 5 + 4
+    assert response.choices[0].finish_reason == "length"
+    assert response.usage.completion_tokens == 5 + paris_tokens  # max_tokens for the first prompt
 
 
 def test_completions_stream_follows_tgi(client):

@@ -121,7 +121,7 @@ def test_chat_stream_shape(client):
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
 
 
-def test_models_tokenize_and_chat_tokenize(client, model_dir):
+def test_models_tokenize_and_chat_tokenize(client, model_dir, hf_tokenizer):
     model_id = str(model_dir)
     assert client.get("/v1/models").json() == {
         "object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": model_id}]}
@@ -129,7 +129,9 @@ def test_models_tokenize_and_chat_tokenize(client, model_dir):
     tokens = client.post("/tokenize", json={"inputs": text}).json()
     data = text.encode()
     assert all(t["text"] == data[t["start"]:t["stop"]].decode(errors="replace") for t in tokens)
-    assert {"id": 2002, "text": "<|im_end|>", "start": 7, "stop": 17} in tokens  # byte offsets, as TGI
+    im_end = hf_tokenizer.convert_tokens_to_ids("<|im_end|>")  # the id from transformers' tokenizer
+    start = data.index(b"<|im_end|>")  # byte offsets, as TGI: "é" is two bytes
+    assert {"id": im_end, "text": "<|im_end|>", "start": start, "stop": start + len(b"<|im_end|>")} in tokens
     truncated = client.post("/tokenize", json={"inputs": text, "parameters": {"truncate": 2}}).json()
     assert truncated == tokens[-2:]
     chat = client.post("/chat_tokenize", json={"messages": FRANCE}).json()

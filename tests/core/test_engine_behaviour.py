@@ -5,6 +5,7 @@ import logging
 import time
 
 import pytest
+import torch
 
 from tgserve.core.config import ServerConfig
 from tgserve.core.engine import ENGINE_STOPPED_BY_INTERNAL_ERROR, STOPPED_WITH_REQUESTS_IN_FLIGHT, EngineStopped
@@ -61,8 +62,27 @@ def test_stop_sequence_is_kept_in_the_output(engine):
     (got,) = run_all(engine, [GenerationRequest(_encode(engine, "Once upon a time"), SamplingParams(),
                                                 StoppingParams(max_new_tokens=24, stop_sequences=(stop,)))])
     assert got.finish.reason == "stop_sequence"
-    assert got.finish.text.endswith(stop) or stop in got.finish.text
-    assert len(got.events) < len(free.events)
+    # TGI keeps the matched stop text: the output is the free run's text up to and including the first
+    # occurrence of the stop (words[2] ends where a whitespace-led token begins, so at a token boundary).
+    free_text = free.finish.text
+    assert got.finish.text == free_text[:free_text.index(stop) + len(stop)]
+    assert got.finish.text.endswith(stop)
+    # ...and it stops at the first token whose text completes the stop, not later.
+    shortest = next(n for n in range(1, len(free.ids) + 1) if stop in engine.tokenizer.decode(free.ids[:n]))
+    assert got.ids == free.ids[:shortest]
+    assert got.finish.generated_tokens == shortest < len(free.events)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", None])
+def test_each_known_dtype_reaches_the_model(demo_model_dir, dtype):
+    """`--dtype` (or, unset, the backend's default) is what the weights and the KV cache are built in."""
+    expected = dtype or BackendRegistry().select("cpu").hook.tgserve_get_default_dtype()
+    with running_engine(demo_model_dir, dtype=dtype, **SMALL_LIMITS) as dtyped:
+        (got,) = run_all(dtyped, [request(_encode(dtyped, "Once upon a time"), 4)])
+        assert dtyped.model_info.model_dtype == expected
+        floats = {p.dtype for p in dtyped.runner.model.parameters() if p.is_floating_point()}
+        assert floats == {getattr(torch, expected)}
+    assert len(got.ids) == 4
 
 
 def test_utf8_is_never_split(engine):
