@@ -23,6 +23,7 @@ class ServerConfig:
     model_id: str | None = None  # hub id or local directory; None serves SmolLM2-135M-Instruct (core/smollm2.py)
     revision: str | None = None
     dtype: str | None = None  # float16 | bfloat16 | float32; None: the backend's default
+    quantize: str | None = None  # TGI's --quantize method name; None: unquantized (no flag sets it yet: issue 12)
     backend: str = "auto"  # a backend plugin's name, or auto
     hostname: str = "0.0.0.0"
     port: int = 3000

@@ -122,7 +122,9 @@ def _load_model(config: ServerConfig, hook, source: ModelSource, model_config: M
                 progress: bool) -> _Loaded:
     """Build the model through the backend's hooks and load its weights."""
     device = hook.tgserve_get_device(rank=0)
-    linear_method = hook.tgserve_make_linear_method(quantize=None, dtype=dtype, device=device)
+    linear_method = hook.tgserve_make_linear_method(quantize=config.quantize, dtype=dtype, device=device)
+    if linear_method is None:
+        raise ConfigError(f"`--quantize {config.quantize}` is not available on this backend")
     block_size = hook.tgserve_get_block_size()
     attention = hook.tgserve_make_attention(model_config=model_config, block_size=block_size, device=device, dtype=dtype)
     model = hook.tgserve_make_model(model_config=model_config, device=device, dtype=dtype,

@@ -128,9 +128,14 @@ def tgserve_make_linear_method(quantize, dtype, device):
     """The weight preparation and matmul for linear layers under quantization method `quantize`.
 
     quantize: None for unquantized weights, else a method name ("gptq", "awq", "eetq", ...).
-    Returns: a `tgserve.core.layers.linear.LinearMethod`. The core ships the reference torch method
-    for None; backends return faster kernels. Called once per process. First non-None result wins;
-    None from everyone means the method is not available on this backend.
+    dtype: the run dtype (activations, and unquantized weights). device: where the weights live.
+    Returns: a `tgserve.core.layers.linear.LinearMethod`, shared by every linear layer. It allocates
+    and names each layer's parameters (`create_params`, with the dims that index output and input
+    features so layers load and shard them without knowing the format), turns them into what its
+    matmul reads once loaded (`prepare`, once per layer) and runs the matmul (`apply`, per layer
+    per step). The core ships the reference torch method for None; backends return faster kernels.
+    Called once per process. First non-None result wins; None from everyone means the method is
+    not available on this backend (start-up then fails naming it).
     """
 
 

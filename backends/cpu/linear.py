@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tgserve.core.layers.linear import LinearMethod
+from tgserve.core.layers.linear import LinearMethod, linear_from_dense
 
 # The packed layout is chosen for this many rows of x; decode (1 token per sequence) dominates
 # serving time, and measured results stay correct (only a little less fast) at other batch sizes.
@@ -19,17 +19,19 @@ PACKED_BATCH_SIZE_HINT = 1
 
 
 class OneDnnLinearMethod(LinearMethod):
-    """Unquantized bf16 / fp32 linear: weight [out, in] packed for oneDNN, bias kept as is."""
+    """Unquantized bf16 / fp32 linear: the reference's dense parameters, the weight [out, in] packed
+    for oneDNN once loaded (the dense copy is then freed), the bias kept as is."""
 
     name = "onednn"
 
-    def prepare(self, weight: torch.Tensor, bias: torch.Tensor | None) -> object:
+    def prepare(self, params: dict[str, torch.Tensor]) -> object:
+        weight = params["weight"]
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACKED_BATCH_SIZE_HINT)
-        return packed, bias, weight.shape[0]
+        return packed, params.get("bias"), weight.shape[0]
 
-    def apply(self, params: object, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, prepared: object, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] -> [..., out_features]; oneDNN wants exactly 2-D [rows, in]."""
-        packed, bias, out_features = params
+        packed, bias, out_features = prepared
         rows = x.reshape(-1, x.shape[-1])
         y = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
         return y.reshape(*x.shape[:-1], out_features)
@@ -59,7 +61,7 @@ def _matches_reference(method: LinearMethod, dtype: torch.dtype) -> bool:
     bias = torch.randn(48, generator=generator).to(dtype)
     x = torch.randn(3, 5, 32, generator=generator).to(dtype)
     with torch.no_grad():
-        y = method.apply(method.prepare(weight, bias), x)
+        y = linear_from_dense(method, weight, bias)(x)
         reference = F.linear(x.float(), weight.float(), bias.float())
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     return y.shape == reference.shape and torch.allclose(y.float(), reference, rtol=tolerance, atol=tolerance * 10)

@@ -1,7 +1,9 @@
 """The Llama decoder family: Llama itself, and (with q/k/v biases) Qwen2. One forward for both.
 
 Constructors allocate; `load_weights` fills tensors from checkpoint names; `finalize` hands linear
-weights to the linear method (packing, quantizing) once everything is loaded.
+weights to the linear method (packing, quantizing) once everything is loaded. Linears declare their
+tensor-parallel style (q/k/v and gate/up column, o and down row, lm_head column over the vocabulary);
+at one rank, today's only case, every style holds the whole layer.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from torch import nn
 
 from tgserve.core.batch import ForwardBatch
 from tgserve.core.layers.attention import PagedAttention
-from tgserve.core.layers.linear import Linear, LinearMethod
+from tgserve.core.layers.linear import Linear, LinearMethod, Parallel
 from tgserve.core.layers.norm import RMSNorm
 from tgserve.core.layers.rotary import RotaryEmbedding, apply_rotary
 from tgserve.core.model_config import ModelConfig
@@ -27,10 +29,11 @@ class DecoderLayer(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
         kw = dict(method=method, dtype=dtype, device=device)
-        self.qkv_proj = Linear(h, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias, **kw)
-        self.o_proj = Linear(self.q_size, [h], bias=False, **kw)
-        self.gate_up_proj = Linear(h, [cfg.intermediate_size] * 2, bias=False, **kw)
-        self.down_proj = Linear(cfg.intermediate_size, [h], bias=False, **kw)
+        self.qkv_proj = Linear(h, [self.q_size, self.kv_size, self.kv_size], cfg.attention_bias,
+                               parallel=Parallel.COLUMN, **kw)
+        self.o_proj = Linear(self.q_size, [h], False, parallel=Parallel.ROW, **kw)
+        self.gate_up_proj = Linear(h, [cfg.intermediate_size] * 2, False, parallel=Parallel.COLUMN, **kw)
+        self.down_proj = Linear(cfg.intermediate_size, [h], False, parallel=Parallel.ROW, **kw)
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
         self.attention = attention
@@ -48,7 +51,7 @@ class DecoderLayer(nn.Module):
         return x + self.down_proj(F.silu(gate) * up)
 
 
-# checkpoint sub-name -> (our attribute, index inside a fused layer)
+# checkpoint sub-name -> (our attribute, its fused part inside that layer)
 _LAYER_WEIGHTS = {
     "self_attn.q_proj": ("qkv_proj", 0), "self_attn.k_proj": ("qkv_proj", 1), "self_attn.v_proj": ("qkv_proj", 2),
     "self_attn.o_proj": ("o_proj", 0), "mlp.gate_proj": ("gate_up_proj", 0), "mlp.up_proj": ("gate_up_proj", 1),
@@ -68,7 +71,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, method, attention, dtype, device)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.lm_head = Linear(cfg.hidden_size, [cfg.vocab_size], bias=False, method=method, dtype=dtype, device=device)
+        self.lm_head = Linear(cfg.hidden_size, [cfg.vocab_size], False, method, dtype, device, Parallel.COLUMN)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.num_rope_positions, cfg.rope_theta,
                                       cfg.rope_scaling, dtype, device)
 
@@ -112,8 +115,8 @@ class LlamaForCausalLM(nn.Module):
             if module_name in ("input_layernorm", "post_attention_layernorm"):
                 getattr(layer, module_name).weight.data.copy_(tensor)
             elif module_name in _LAYER_WEIGHTS:
-                attr, shard = _LAYER_WEIGHTS[module_name]
-                getattr(layer, attr).load(shard, kind, tensor)
+                attr, part = _LAYER_WEIGHTS[module_name]
+                getattr(layer, attr).load(part, kind, tensor)
             elif "rotary_emb" not in module_name:
                 raise ValueError(f"unexpected checkpoint tensor {name}")
         elif "rotary_emb" not in name:

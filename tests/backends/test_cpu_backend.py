@@ -18,7 +18,7 @@ from tgserve.backends.cpu import host, kernels, plugin
 from tgserve.backends.cpu.kernels import CpuIsaError, choose_kernels
 from tgserve.backends.cpu.linear import OneDnnLinearMethod
 from tgserve.core.config import ServerConfig
-from tgserve.core.layers.linear import Linear, LinearMethod
+from tgserve.core.layers.linear import Linear, LinearMethod, linear_from_dense
 from tgserve.core.plugins import BackendRegistry
 
 from ..core.engine_harness import request, run_all, running_engine
@@ -95,7 +95,7 @@ def test_linear_method_here_matches_f_linear(active_hook, dtype, leading_shape, 
     method = method_here(active_hook, dtype)
 
     with torch.inference_mode():
-        y = method.apply(method.prepare(weight, bias), x)
+        y = linear_from_dense(method, weight, bias)(x)
         expected = F.linear(x.double(), weight.double(), None if bias is None else bias.double()).to(dtype)
     assert y.shape == (*leading_shape, 320) and y.dtype == dtype
     torch.testing.assert_close(y, expected, **TOLERANCES[dtype])
@@ -106,11 +106,11 @@ def test_linear_method_here_matches_f_linear(active_hook, dtype, leading_shape, 
 def test_prepared_weight_serves_every_batch_size_with_one_prepare(active_hook, dtype):
     weight = torch.randn(256, 64).to(dtype)
     method = method_here(active_hook, dtype)
-    params = method.prepare(weight, None)
+    layer = linear_from_dense(method, weight)  # prepared (packed) once
     for num_tokens in (1, 7, 64, 0):
         x = torch.randn(num_tokens, 64).to(dtype)
         expected = F.linear(x.double(), weight.double()).to(dtype)
-        torch.testing.assert_close(method.apply(params, x), expected, **TOLERANCES[dtype])
+        torch.testing.assert_close(layer(x), expected, **TOLERANCES[dtype])
 
 
 @needs_mkldnn
