@@ -18,7 +18,8 @@ from torch import nn
 
 
 class LinearLoadError(ValueError):
-    """A checkpoint tensor this layer has no parameter for, or whose shape does not fit it."""
+    """A checkpoint tensor this layer has no parameter for or whose slice does not fit, or a layer
+    whose fused parts (or packed elements) do not divide over its tensor-parallel ranks."""
 
 
 class Parallel(enum.Enum):
