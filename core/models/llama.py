@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tgserve.core.batch import ForwardBatch
+from tgserve.core.forward_batch import ForwardBatch
 from tgserve.core.layers.attention import PagedAttention
 from tgserve.core.layers.linear import Linear, LinearMethod
 from tgserve.core.layers.norm import RMSNorm
