@@ -1,10 +1,10 @@
 """`tgserve benchmark engine`: prefill and decode latency of the engine itself, no HTTP (TGI's text-generation-benchmark).
 
-For each batch size, each run admits `batch_size` sequences of `sequence_length` random prompt
-tokens, times one prefill step (batch * sequence_length tokens, which samples the first token),
-then `decode_length - 1` decode steps (one token per sequence each). Steps go through
-`ModelRunner.execute` with `StepPlan`s built as the scheduler builds them, and the sequences are
-updated as `Engine._update` does, so a timed step is the engine's step minus the scheduler's and the
+For each batch size, each run submits `batch_size` requests of `sequence_length` random prompt
+tokens and steps the engine (`Engine.step`: the scheduler's admission, the model runner, the
+engine's update) until they finish: one prefill step (batch * sequence_length tokens, which samples
+the first token), then `decode_length - 1` decode steps (one token per sequence each). A step's time
+is the runner's part of it (`StepStats.forward_s`): the engine's step minus the scheduler's and the
 detokenizer's host work. The engine is built and stepped on the calling thread: a second thread
 doing torch work gives OpenMP a second pool, measured 30-40% slower on 2 cores.
 """
@@ -19,9 +19,8 @@ from pathlib import Path
 
 from tgserve.benchmark import roofline
 from tgserve.benchmark.engine_report import latency_stats, throughput
-from tgserve.core.batch import ScheduledSequence, StepPlan
-from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
-from tgserve.core.sequence import Sequence, SequenceStatus
+from tgserve.core.request import ErrorEvent, GenerationRequest, SamplingParams, StoppingParams
+from tgserve.core.step_stats import StepStats
 
 PER_SEQUENCE_TOKEN_ROUNDING = 256  # KV budget per sequence is rounded up to this (a multiple of any block size)
 
@@ -76,45 +75,53 @@ def build_bench_engine(config: EngineBenchConfig):
     return build_engine(server, backend, progress=False), backend.status
 
 
-def _admit(engine, batch_size: int, config: EngineBenchConfig, rng: random.Random) -> list[Sequence]:
-    """`batch_size` running sequences with their KV blocks, as the scheduler admits them."""
-    blocks = engine.scheduler.blocks
-    seqs = []
-    for i in range(batch_size):
+class _StepLog:
+    """A `StepObserver` that keeps every step's stats, and a sink that keeps error messages."""
+
+    def __init__(self) -> None:
+        self.steps: list[StepStats] = []
+        self.errors: list[str] = []
+
+    def on_step(self, stats: StepStats) -> None:
+        self.steps.append(stats)
+
+    def on_idle(self) -> None:
+        pass
+
+    def sink(self, event) -> None:
+        if isinstance(event, ErrorEvent):
+            self.errors.append(event.message)
+
+
+def _run(engine, batch_size: int, config: EngineBenchConfig, rng: random.Random) -> tuple[float, list[float]]:
+    """Submit `batch_size` requests and step the engine until they finish; the seconds of the prefill
+    step and of each decode step. Raises RuntimeError when a step fails or is not the expected shape."""
+    log = _StepLog()
+    for _ in range(batch_size):
         ids = [rng.randrange(engine.runner.vocab_size) for _ in range(config.sequence_length)]
-        request = GenerationRequest(ids, SamplingParams(), StoppingParams(config.decode_length, ignore_eos_token=True))
-        seq = Sequence(i, request, list(ids), len(ids), len(ids) + config.decode_length)
-        seq.block_ids = blocks.allocate(blocks.blocks_for(seq.max_tokens))
-        seq.status = SequenceStatus.RUNNING
-        seqs.append(seq)
-    return seqs
-
-
-def _step(runner, seqs: list[Sequence], num_new_tokens: int) -> float:
-    """One timed step of `num_new_tokens` per sequence; appends the sampled tokens. Returns seconds."""
-    plan = StepPlan([ScheduledSequence(seq, num_new_tokens) for seq in seqs])
-    start_s = time.perf_counter()
-    output = runner.execute(plan)  # ends in one device-to-host copy, so the step is complete here
-    elapsed_s = time.perf_counter() - start_s
-    sampled = iter(output.sampled)
-    for item in plan.scheduled:
-        item.seq.num_computed_tokens += item.num_new_tokens
-        if item.is_sampling:
-            item.seq.token_ids.append(next(sampled).id)
-    return elapsed_s
+        stopping = StoppingParams(config.decode_length, ignore_eos_token=True)
+        engine.submit(GenerationRequest(ids, SamplingParams(), stopping), log.sink)
+    engine.set_observer(log)
+    try:
+        for _ in range(config.decode_length):
+            engine.step()
+    finally:
+        engine.set_observer(None)
+    if log.errors:
+        raise RuntimeError(log.errors[0])
+    shapes = [(stats.num_seqs, stats.num_tokens) for stats in log.steps]
+    expected = ([(batch_size, batch_size * config.sequence_length)]
+                + [(batch_size, batch_size)] * (config.decode_length - 1))
+    if shapes != expected or engine.num_in_flight:
+        raise RuntimeError(f"the engine ran steps of (sequences, tokens) {shapes}, not {expected}")
+    return log.steps[0].forward_s, [stats.forward_s for stats in log.steps[1:]]
 
 
 def run_batch(engine, batch_size: int, config: EngineBenchConfig, rng: random.Random) -> dict:
     """Warm-up and measured runs of one batch size; returns its result row."""
     prefill_s, decode_s, total_s = [], [], []
     for run in range(config.warmups + config.runs):
-        seqs = _admit(engine, batch_size, config, rng)
-        try:
-            prefill = _step(engine.runner, seqs, config.sequence_length)
-            decodes = [_step(engine.runner, seqs, 1) for _ in range(config.decode_length - 1)]
-        finally:
-            for seq in seqs:
-                engine.scheduler.blocks.free(seq.block_ids)
+        prefill, decodes = _run(engine, batch_size, config, rng)
         if run >= config.warmups:
             prefill_s.append(prefill)
             decode_s.extend(decodes)

@@ -178,8 +178,7 @@ class Engine:
     def _loop(self) -> None:
         try:
             while self._is_running:
-                self._drain_inbox(block=not self.scheduler.has_work)
-                self._step()
+                self.step(wait_for_work=True)
         except Exception as error:  # outside a model step: the engine's own state may be broken
             self._stop_broken(error)
 
@@ -206,6 +205,16 @@ class Engine:
                 pending.append(payload)
         for active in pending:
             active.sink(ErrorEvent(message))
+
+    def step(self, wait_for_work: bool = False) -> None:
+        """Take in new requests and cancels, then plan, compute and apply one step, on the calling thread.
+
+        The loop calls it; so does `tgserve benchmark engine`, which builds an engine, never starts it,
+        and steps it itself. wait_for_work: when nothing is queued or running, block until a request
+        or a cancel arrives (the loop); otherwise a step with no work only reports idle.
+        """
+        self._drain_inbox(block=wait_for_work and not self.scheduler.has_work)
+        self._step()
 
     def _step(self) -> None:
         """Plan, compute and apply one step; report it to the observer, if any."""
@@ -295,7 +304,7 @@ class Engine:
         for item in plan.scheduled:
             seq = item.seq
             active = self._active.get(seq.request_id)
-            seq.num_computed_tokens += item.num_new_tokens
+            self.scheduler.advance(seq, item.num_new_tokens)
             if active is None:
                 continue
             active.prompt_logprobs.extend(output.prompt_logprobs.get(seq.request_id, ()))

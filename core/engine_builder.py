@@ -104,13 +104,12 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     kv_cache = hook.tgserve_make_kv_cache(num_blocks=sizing.num_blocks, block_size=loaded.block_size,
                                           model_config=model_config, device=loaded.device, dtype=loaded.dtype)
     runner = _runner(config, loaded, kv_cache)
-    blocks = BlockManager(sizing.num_blocks, loaded.block_size)
+    scheduler = Scheduler(BlockManager(sizing.num_blocks, loaded.block_size), limits.max_batch_prefill_tokens,
+                          limits.max_batch_size, constraints.supports_chunked_prefill if constraints else True)
     if probe is None:
-        full_step(runner, blocks, limits, config.max_top_n_tokens)
+        full_step(runner, scheduler, limits, config.max_top_n_tokens)
     else:
         _log_probe(config, probe, policy, sizing, backend.name)
-    scheduler = Scheduler(blocks, limits.max_batch_prefill_tokens, limits.max_batch_size,
-                          constraints.supports_chunked_prefill if constraints else True)
     hook.tgserve_on_model_ready(model=loaded.model, kv_cache=kv_cache, limits=limits)
     info = ModelInfo(model_id=source.model_id, model_sha=source.sha, model_dtype=dtype_name,
                      model_device_type=loaded.device.type, backend=backend.name,
@@ -144,7 +143,8 @@ def _probe(config: ServerConfig, hook, loaded: _Loaded, policy: WarmupPolicy) ->
     blocks = BlockManager(-(-(num_tokens + 1) // loaded.block_size) + 1, loaded.block_size)
     scratch = hook.tgserve_make_kv_cache(num_blocks=blocks.num_blocks, block_size=loaded.block_size,
                                          model_config=loaded.model_config, device=loaded.device, dtype=loaded.dtype)
-    return probe_prefill_speed(_runner(config, loaded, scratch), blocks, num_tokens, config.max_top_n_tokens)
+    scheduler = Scheduler(blocks, max_batch_prefill_tokens=num_tokens, max_batch_size=1)
+    return probe_prefill_speed(_runner(config, loaded, scratch), scheduler, num_tokens, config.max_top_n_tokens)
 
 
 def _size(config: ServerConfig, hook, loaded: _Loaded, model_max_length: int | None, constraints,

@@ -29,9 +29,10 @@ class KVCache:
     def initialize_blocks(self, max_block_id: int) -> None:
         """Zero the blocks up to `max_block_id` that no step has reached yet; called before each step.
 
-        max_block_id: the largest block id in the step's block tables. The block manager hands out
-        the lowest free ids first, so the zeroed prefix grows with the blocks in use at the busiest
-        moment, not with the cache's size.
+        max_block_id: the highest block id the block manager has handed out so far (the step plan's
+        `max_block_id`), at least the largest id in the step's block tables. The block manager hands
+        out the lowest free ids first, so the zeroed prefix grows with the blocks in use at the
+        busiest moment, not with the cache's size.
         """
         start, end = self.num_initialized_blocks, max_block_id + 1
         if end <= start:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tgserve.core.batch import ForwardBatch, StepPlan
+from tgserve.core.forward_batch import ForwardBatch
+from tgserve.core.step_plan import StepPlan
 from tgserve.core.sampling import SamplingBatch, sample
 from tgserve.core.watermark import DEFAULT_DELTA, DEFAULT_GAMMA, WatermarkBatch
 
@@ -70,7 +71,7 @@ class ModelRunner:
         num_decode = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))  # leading decode rows
         num_table_blocks = -(-max_ctx // self.block_size)
         tables = [t[:num_table_blocks] + [0] * (num_table_blocks - min(len(t), num_table_blocks)) for t in tables]
-        self.kv_cache.initialize_blocks(max(map(max, tables)))  # every block this step reads holds finite values
+        self.kv_cache.initialize_blocks(plan.max_block_id)  # every block this step reads holds finite values
         dev = self.device
         query_lens_t = torch.tensor(query_lens, dtype=torch.int64).to(dev)
         cu_seqlens_q = torch.nn.functional.pad(query_lens_t.cumsum(0), (1, 0))

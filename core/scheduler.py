@@ -5,16 +5,20 @@ chunk of a long prompt), then waiting requests join in arrival order while the s
 (`max_batch_prefill_tokens`), the batch size limit and the free KV blocks allow. Admission stops
 at the first request that does not fit, so nobody is overtaken and nobody starves. A request
 reserves the blocks for its whole token budget when admitted, so a running request never runs out
-of cache and nothing is ever preempted.
+of cache and nothing is ever preempted. At admission the block manager says how much of the prompt
+is already computed (0 until prefix caching); only the rest is scheduled.
+
+Every block allocation goes through `schedule` (warmup and `tgserve benchmark engine` included), and
+every accepted computed token through `advance`.
 """
 from __future__ import annotations
 
 from collections import deque
 
-from tgserve.core.batch import ScheduledSequence, StepPlan
 from tgserve.core.block_manager import BlockManager
 from tgserve.core.invariants import EngineInvariantError
 from tgserve.core.sequence import Sequence, SequenceStatus
+from tgserve.core.step_plan import ScheduledSequence, StepPlan
 
 
 class Scheduler:
@@ -54,20 +58,38 @@ class Scheduler:
             budget -= num_tokens
         while self.waiting and budget > 0 and self._has_batch_room():
             seq = self.waiting[0]
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
-            is_whole = num_tokens == seq.num_uncomputed_tokens
+            num_computed = self._num_computed_at_admission(seq)
+            num_uncomputed = len(seq.token_ids) - num_computed
+            num_tokens = min(num_uncomputed, budget)
             num_blocks = self.blocks.blocks_for(seq.max_tokens)
+            is_whole = num_tokens == num_uncomputed
             if not (is_whole or self.is_chunking_allowed) or not self.blocks.can_allocate(num_blocks):
                 break
             self.waiting.popleft()
             seq.block_ids = self.blocks.allocate(num_blocks)
+            seq.num_computed_tokens = num_computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             plan.scheduled.append(ScheduledSequence(seq, num_tokens))
             budget -= num_tokens
         # Sequences computing one token first (stable): attention runs them apart from the prefill rows.
         plan.scheduled.sort(key=lambda item: item.num_new_tokens != 1)
+        plan.max_block_id = self.blocks.max_block_id
         return plan
+
+    def _num_computed_at_admission(self, seq: Sequence) -> int:
+        """The block manager's answer for how much of `seq`'s prompt is computed, checked."""
+        num_computed = self.blocks.num_computed_prompt_tokens(seq.token_ids)
+        if not 0 <= num_computed < len(seq.token_ids) or num_computed % self.blocks.block_size:
+            raise EngineInvariantError(f"{num_computed} of {len(seq.token_ids)} prompt tokens computed: "
+                                       "not whole blocks short of the last token")
+        return num_computed
+
+    def advance(self, seq: Sequence, num_tokens: int) -> None:
+        """Record that `num_tokens` more tokens of `seq` are computed and accepted (their K/V stay in the
+        cache); blocks they filled get their content hashes. Called after every step for each sequence."""
+        seq.num_computed_tokens += num_tokens
+        self.blocks.hash_full_blocks(seq)
 
     def _has_batch_room(self) -> bool:
         return self.max_batch_size is None or len(self.running) < self.max_batch_size

@@ -25,6 +25,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_ids: list[int] = field(default_factory=list)
+    # Content hashes of the leading blocks full of computed tokens, in order (BlockManager.hash_full_blocks).
+    block_hashes: list[bytes] = field(default_factory=list)
     is_cancelled: bool = False
     arrival_s: float = 0.0  # time.monotonic() at submit
     first_scheduled_s: float | None = None  # when it first entered a step (end of its queue time)

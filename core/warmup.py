@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from tgserve.core.batch import ScheduledSequence, StepPlan
-from tgserve.core.block_manager import BlockManager
 from tgserve.core.config import ConfigError
+from tgserve.core.invariants import EngineInvariantError
 from tgserve.core.limits import RuntimeLimits
 from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
+from tgserve.core.scheduler import Scheduler
 from tgserve.core.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -62,71 +62,74 @@ class ProbeResult:
         return self.tokens_per_s
 
 
-def probe_prefill_speed(runner, blocks: BlockManager, num_tokens: int, top_n_tokens: int) -> ProbeResult:
+def probe_prefill_speed(runner, scheduler: Scheduler, num_tokens: int, top_n_tokens: int) -> ProbeResult:
     """Time prefill steps of one sequence: a short one (after the same step untimed, which pays the
     one-time costs: kernel selection, the thread pool, first touch of the activation pages), then
     `num_tokens` when the short one predicts that is quick.
 
-    runner: a `ModelRunner` whose KV cache has the blocks `blocks` manages (a small scratch cache
-    serves). The blocks are free again on return.
+    runner: a `ModelRunner` whose KV cache has the blocks `scheduler` manages (a small scratch cache
+    serves); scheduler: idle, with a step budget of at least `num_tokens`. It is idle again on return.
     """
     short_tokens = max(1, int(num_tokens * _SHORT_STEP_SHARE))
     start_s = time.monotonic()
-    _run_step(runner, blocks, [short_tokens], top_n_tokens)
-    short_s = _timed_step(runner, blocks, short_tokens, top_n_tokens)
+    _run_step(runner, scheduler, [short_tokens], top_n_tokens)
+    short_s = _timed_step(runner, scheduler, short_tokens, top_n_tokens)
     if short_tokens >= num_tokens or short_s * num_tokens / short_tokens > _MAX_LONG_STEP_S:
         return ProbeResult(num_tokens=short_tokens, step_s=short_s, elapsed_s=time.monotonic() - start_s)
-    long_s = _timed_step(runner, blocks, num_tokens, top_n_tokens)
+    long_s = _timed_step(runner, scheduler, num_tokens, top_n_tokens)
     return ProbeResult(num_tokens=num_tokens, step_s=long_s, elapsed_s=time.monotonic() - start_s,
                        short_tokens=short_tokens, short_step_s=short_s)
 
 
-def _timed_step(runner, blocks: BlockManager, num_tokens: int, top_n_tokens: int) -> float:
+def _timed_step(runner, scheduler: Scheduler, num_tokens: int, top_n_tokens: int) -> float:
     start_s = time.monotonic()
-    _run_step(runner, blocks, [num_tokens], top_n_tokens)
+    _run_step(runner, scheduler, [num_tokens], top_n_tokens)
     return time.monotonic() - start_s
 
 
-def full_step(runner, blocks: BlockManager, limits: RuntimeLimits, top_n_tokens: int) -> float:
+def full_step(runner, scheduler: Scheduler, limits: RuntimeLimits, top_n_tokens: int) -> float:
     """TGI's warmup: `max_batch_prefill_tokens` prompt tokens through the model in one step; seconds.
 
+    scheduler: the engine's, still idle (it admits the step's sequences and is idle again on return).
     Raises ConfigError with TGI's message when the step runs out of device memory.
     """
     start_s = time.monotonic()
-    num_tokens = _run_step(runner, blocks, _full_step_lengths(blocks, limits), top_n_tokens)
+    num_tokens = _run_step(runner, scheduler, _full_step_lengths(scheduler.blocks.num_free_blocks, limits),
+                           top_n_tokens)
     elapsed_s = time.monotonic() - start_s
     log.info("Warmup: %d prefill tokens in %.2fs; max_batch_prefill_tokens=%d (one full step, as TGI)",
              num_tokens, elapsed_s, limits.max_batch_prefill_tokens)
     return elapsed_s
 
 
-def _run_step(runner, blocks: BlockManager, lengths: list[int], top_n_tokens: int) -> int:
-    """One step prefilling a sequence of each length that fits in the free blocks; the tokens computed."""
-    plan, seqs = StepPlan(), []
-    for num_tokens in lengths:
-        num_blocks = blocks.blocks_for(num_tokens + 1)
-        if not blocks.can_allocate(num_blocks):
-            break
-        request = GenerationRequest(input_ids=[1] * num_tokens, sampling=_WARMUP_SAMPLING,
-                                    stopping=StoppingParams(max_new_tokens=1), top_n_tokens=top_n_tokens)
-        seq = Sequence(-1 - len(seqs), request, list(request.input_ids), num_tokens, num_tokens + 1)
-        seq.block_ids = blocks.allocate(num_blocks)
-        seqs.append(seq)
-        plan.scheduled.append(ScheduledSequence(seq, num_tokens))
+def _run_step(runner, scheduler: Scheduler, lengths: list[int], top_n_tokens: int) -> int:
+    """One step prefilling a sequence of each length, as far as the scheduler admits them (free blocks,
+    step budget, batch size); all of them leave the scheduler again. Returns the tokens computed."""
+    if scheduler.has_work:
+        raise EngineInvariantError("warmup needs an idle scheduler")
+    added: list[Sequence] = []
     try:
-        runner.execute(plan)
-    except torch.OutOfMemoryError:
-        raise ConfigError(f"Not enough memory to handle {plan.num_tokens} prefill tokens. "
-                          "You need to decrease `--max-batch-prefill-tokens`") from None
+        for num_tokens in lengths:
+            request = GenerationRequest(input_ids=[1] * num_tokens, sampling=_WARMUP_SAMPLING,
+                                        stopping=StoppingParams(max_new_tokens=1), top_n_tokens=top_n_tokens)
+            seq = Sequence(-1 - len(added), request, list(request.input_ids), num_tokens, num_tokens + 1)
+            scheduler.add(seq)
+            added.append(seq)
+        plan = scheduler.schedule()
+        try:
+            runner.execute(plan)
+        except torch.OutOfMemoryError:
+            raise ConfigError(f"Not enough memory to handle {plan.num_tokens} prefill tokens. "
+                              "You need to decrease `--max-batch-prefill-tokens`") from None
     finally:
-        for seq in seqs:
-            blocks.free(seq.block_ids)
+        for seq in added:
+            scheduler.finish(seq)
     return plan.num_tokens
 
 
-def _full_step_lengths(blocks: BlockManager, limits: RuntimeLimits) -> list[int]:
+def _full_step_lengths(num_free_blocks: int, limits: RuntimeLimits) -> list[int]:
     """Prompts of up to `max_input_tokens` that add up to `max_batch_prefill_tokens` (as the cache allows)."""
-    remaining = min(limits.max_batch_prefill_tokens, (blocks.num_free_blocks - 1) * limits.block_size)
+    remaining = min(limits.max_batch_prefill_tokens, (num_free_blocks - 1) * limits.block_size)
     per_request = min(limits.max_input_tokens, remaining)
     lengths = []
     while remaining > 0 and (limits.max_batch_size is None or len(lengths) < limits.max_batch_size):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tgserve.core.batch import ForwardBatch
+from tgserve.core.forward_batch import ForwardBatch
 
 
 class PagedAttention:

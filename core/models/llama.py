@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tgserve.core.batch import ForwardBatch
+from tgserve.core.forward_batch import ForwardBatch
 from tgserve.core.layers.attention import PagedAttention
 from tgserve.core.layers.linear import Linear, LinearMethod, Parallel
 from tgserve.core.layers.norm import RMSNorm

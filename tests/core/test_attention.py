@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tgserve.core.batch import ForwardBatch
+from tgserve.core.forward_batch import ForwardBatch
 from tgserve.core.layers.attention import TorchPagedAttention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 4, 2, 8, 4, 64

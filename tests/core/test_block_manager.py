@@ -1,4 +1,5 @@
-"""BlockManager: the reserved block 0, allocate/free round trips, capacity checks, double frees."""
+"""BlockManager: the reserved block 0, allocate/free round trips, capacity checks, double frees,
+reference counts of shared blocks, chained content hashes of full blocks."""
 from __future__ import annotations
 
 import subprocess
@@ -7,8 +8,10 @@ import textwrap
 
 import pytest
 
-from tgserve.core.block_manager import BlockManager
+from tgserve.core.block_manager import ROOT_HASH, BlockManager, block_hash
 from tgserve.core.invariants import EngineInvariantError
+from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
+from tgserve.core.sequence import Sequence
 
 
 def test_block_zero_is_never_handed_out():
@@ -126,3 +129,116 @@ def test_double_free_is_caught_under_python_dash_o():
     done = subprocess.run([sys.executable, "-O", "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "optimize=1 raised: a block was freed twice"
+
+
+# --- reference counts --------------------------------------------------------------------------------
+
+
+def test_a_block_shared_by_two_sequences_returns_to_the_pool_when_both_freed_it():
+    blocks = BlockManager(num_blocks=5, block_size=4)
+    first = blocks.allocate(2)  # sequence A
+    shared = first[0]
+    blocks.share([shared])  # sequence B holds A's first block too
+    second = [shared] + blocks.allocate(1)
+    assert blocks.ref_count(shared) == 2 and blocks.num_free_blocks == 1
+    blocks.free(first)  # A finishes: B still holds the shared block
+    assert blocks.ref_count(shared) == 1 and blocks.ref_count(first[1]) == 0
+    assert blocks.num_free_blocks == 2
+    assert shared not in blocks.allocate(2)  # a held block is never handed out again
+    blocks.free(second)  # B finishes: its last holder let go
+    assert blocks.ref_count(shared) == 0 and blocks.num_free_blocks == 2
+    with pytest.raises(EngineInvariantError, match="freed twice"):
+        blocks.free([shared])
+
+
+def test_freeing_one_block_more_often_than_it_is_held_is_caught_and_changes_nothing():
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    a, b = blocks.allocate(2)
+    blocks.share([a])
+    with pytest.raises(EngineInvariantError, match="freed twice"):
+        blocks.free([b, a, a, a])
+    assert (blocks.ref_count(a), blocks.ref_count(b), blocks.num_free_blocks) == (2, 1, 1)
+    blocks.free([a, a])
+    assert blocks.ref_count(a) == 0 and blocks.num_free_blocks == 2
+
+
+def test_sharing_a_free_block_is_caught():
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    held = blocks.allocate(1)
+    with pytest.raises(EngineInvariantError, match="sharing a free block"):
+        blocks.share(held + [3])
+    assert blocks.ref_count(held[0]) == 1  # a refused share adds nothing
+    with pytest.raises(EngineInvariantError, match="outside 1..3"):
+        blocks.share([0])
+
+
+def test_max_block_id_is_the_highest_id_ever_handed_out():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    assert blocks.max_block_id == 0
+    taken = blocks.allocate(3)
+    assert blocks.max_block_id == 3
+    blocks.free(taken)
+    assert blocks.max_block_id == 3  # freed blocks were written: still counted
+    blocks.allocate(2)
+    assert blocks.max_block_id == 3
+    blocks.allocate(2)
+    assert blocks.max_block_id == 4
+
+
+# --- content hashes ----------------------------------------------------------------------------------
+
+
+def _computed_seq(blocks: BlockManager, token_ids: list[int], num_computed: int) -> Sequence:
+    """A running sequence holding blocks for its tokens, `num_computed` of them computed and hashed."""
+    request = GenerationRequest(list(token_ids), SamplingParams(), StoppingParams(1))
+    seq = Sequence(0, request, list(token_ids), len(token_ids), len(token_ids) + 1)
+    seq.block_ids = blocks.allocate(blocks.blocks_for(seq.max_tokens))
+    seq.num_computed_tokens = num_computed
+    blocks.hash_full_blocks(seq)
+    return seq
+
+
+def test_full_blocks_hash_their_whole_prefix():
+    blocks = BlockManager(num_blocks=32, block_size=4)
+    a = _computed_seq(blocks, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 10)
+    b = _computed_seq(blocks, [1, 2, 3, 4, 5, 6, 7, 8, 42], 9)
+    c = _computed_seq(blocks, [9, 2, 3, 4, 5, 6, 7, 8], 8)  # differs only in the first block
+    assert len(a.block_hashes) == 2  # the third block holds 2 of 4 tokens: not hashed
+    assert b.block_hashes == a.block_hashes  # same prefix, same hashes
+    assert c.block_hashes[0] != a.block_hashes[0]
+    assert c.block_hashes[1] != a.block_hashes[1]  # same tokens, different earlier block
+    assert len(set(a.block_hashes)) == 2  # and the blocks of one sequence differ from each other
+    assert a.block_hashes[0] == block_hash(ROOT_HASH, [1, 2, 3, 4])
+    assert block_hash(ROOT_HASH, [1, 2, 3, 4]) != block_hash(ROOT_HASH, [1, 2, 3, 5])
+
+
+def test_only_computed_tokens_fill_a_block():
+    blocks = BlockManager(num_blocks=32, block_size=4)
+    seq = _computed_seq(blocks, list(range(1, 10)), 3)
+    assert seq.block_hashes == []
+    seq.num_computed_tokens = 8
+    blocks.hash_full_blocks(seq)
+    assert len(seq.block_hashes) == 2
+    hashes = list(seq.block_hashes)
+    blocks.hash_full_blocks(seq)  # nothing new computed: nothing rehashed or appended
+    assert seq.block_hashes == hashes
+
+
+def test_the_hash_lookup_finds_the_first_held_block_and_forgets_it_when_freed():
+    blocks = BlockManager(num_blocks=32, block_size=4)
+    a = _computed_seq(blocks, list(range(1, 9)), 8)
+    b = _computed_seq(blocks, list(range(1, 9)), 8)  # computed again, into its own blocks
+    assert b.block_hashes == a.block_hashes
+    assert [blocks.cached_block(h) for h in a.block_hashes] == a.block_ids[:2]
+    assert blocks.cached_block(block_hash(ROOT_HASH, [8, 7, 6, 5])) is None
+    blocks.share(a.block_ids[:1])
+    blocks.free(a.block_ids)  # the first block still has a holder, the second has none
+    assert blocks.cached_block(a.block_hashes[0]) == a.block_ids[0]
+    assert blocks.cached_block(a.block_hashes[1]) is None
+
+
+def test_nothing_is_computed_at_admission_until_prefix_caching():
+    blocks = BlockManager(num_blocks=32, block_size=4)
+    prompt = list(range(1, 13))
+    _computed_seq(blocks, prompt, 12)
+    assert blocks.num_computed_prompt_tokens(prompt) == 0

@@ -1,14 +1,19 @@
-"""Scheduler: continuous batching, FIFO admission, step token budget, chunking, block reservation.
+"""Scheduler: continuous batching, FIFO admission, step token budget, chunking, block reservation,
+the block manager's already-computed answer at admission, content hashes of filled blocks.
 
 Sequences are built directly; `_step` mirrors what `Engine._update` / `_append` do after a step.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tgserve.core.block_manager import BlockManager
+from tgserve.core.block_manager import ROOT_HASH, BlockManager, block_hash
 from tgserve.core.invariants import EngineInvariantError
 from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
 from tgserve.core.scheduler import Scheduler
@@ -38,7 +43,7 @@ def _compute(scheduler: Scheduler, plan) -> None:
     """'Compute' a plan: append a token to sampling rows, finish them at max_new_tokens."""
     for item in plan.scheduled:
         seq = item.seq
-        seq.num_computed_tokens += item.num_new_tokens
+        scheduler.advance(seq, item.num_new_tokens)
         if item.is_sampling:
             seq.token_ids.append(_NEXT_TOKEN)
             if seq.num_generated_tokens >= seq.request.stopping.max_new_tokens:
@@ -248,6 +253,84 @@ def test_request_that_can_never_fit_is_refused():
         scheduler.add(_seq(0, 5, 4))
 
 
+class _CachedPrefixBlocks(BlockManager):
+    """A stub of prefix caching's answer: one block of any longer prompt is already computed."""
+
+    def num_computed_prompt_tokens(self, token_ids):
+        return self.block_size if len(token_ids) > self.block_size else 0
+
+
+def test_admission_starts_after_the_prompt_tokens_the_block_manager_says_are_computed():
+    scheduler = Scheduler(_CachedPrefixBlocks(64, 4), max_batch_prefill_tokens=9, max_batch_size=None)
+    long, short, third = _seq(0, 10, 3), _seq(1, 3, 3), _seq(2, 9, 3)
+    for seq in (long, short, third):
+        scheduler.add(seq)
+    plan = scheduler.schedule()
+    # 10 - 4 = 6 tokens for the first, the whole 3-token prompt for the second: the budget of 9 is spent.
+    assert _tokens(plan) == {0: 6, 1: 3}
+    assert (long.num_computed_tokens, short.num_computed_tokens) == (4, 0)
+    assert all(item.is_sampling for item in plan.scheduled)
+    assert list(scheduler.waiting) == [third] and third.num_computed_tokens == 0  # asked again when admitted
+    assert len(long.block_ids) == 4  # the whole budget is reserved, computed prefix included
+    _compute(scheduler, plan)
+    assert _tokens(_step(scheduler)) == {0: 1, 1: 1, 2: 5}
+
+
+@pytest.mark.parametrize("answer", [8, 2, -4])  # the whole prompt (nothing left to sample from), not whole blocks
+def test_an_impossible_computed_answer_is_an_invariant_error(answer):
+    class Broken(BlockManager):
+        def num_computed_prompt_tokens(self, token_ids):
+            return answer
+
+    scheduler = Scheduler(Broken(64, 4), 64, None)
+    scheduler.add(_seq(0, 8, 2))
+    with pytest.raises(EngineInvariantError, match="prompt tokens computed"):
+        scheduler.schedule()
+
+
+def test_advance_hashes_each_block_once_it_is_full_of_computed_tokens():
+    """Expected hashes: `block_hash` chained by hand over the prompt's blocks."""
+    scheduler = _scheduler(block_size=4, max_step_tokens=6)
+    seq = _seq(0, 10, 4)
+    scheduler.add(seq)
+    _step(scheduler)  # 6 of 10 prompt tokens: one full block
+    first = block_hash(ROOT_HASH, seq.token_ids[:4])
+    assert seq.block_hashes == [first]
+    _step(scheduler)  # the rest of the prompt (10 computed) and a sampled token
+    second = block_hash(first, seq.token_ids[4:8])
+    assert seq.block_hashes == [first, second]
+    assert [scheduler.blocks.cached_block(h) for h in seq.block_hashes] == seq.block_ids[:2]
+    _step(scheduler)  # 11 computed: the third block is not full yet
+    assert len(seq.block_hashes) == 2
+    _step(scheduler)  # 12 computed, the last of them a generated token
+    assert seq.block_hashes[2] == block_hash(second, seq.token_ids[8:12])
+
+
+def test_steps_carry_the_highest_block_handed_out():
+    scheduler = _scheduler(num_blocks=16, block_size=4)
+    a, b = _seq(0, 5, 3), _seq(1, 2, 2)  # 2 blocks, then 1
+    scheduler.add(a)
+    assert _step(scheduler).max_block_id == 2
+    scheduler.add(b)
+    plan = _step(scheduler)
+    assert plan.max_block_id == 3 == max(a.block_ids + b.block_ids)
+    scheduler.finish(a)
+    assert _step(scheduler).max_block_id == 3  # blocks 1 and 2 were written once: still counted
+
+
+def test_the_scheduler_imports_no_torch():
+    """The scheduler, its plan and the block manager are pure Python (checked in a fresh interpreter)."""
+    script = textwrap.dedent("""
+        import sys
+        import tgserve.core.scheduler
+        import tgserve.core.step_plan
+        print(sorted(name for name in sys.modules if name == "torch" or name.startswith("torch.")))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 # --- property: random arrivals, cancels and steps ---------------------------------------------------
 
 _limits = st.fixed_dictionaries({
@@ -272,9 +355,11 @@ def _check_invariants(scheduler: Scheduler, limits: dict) -> None:
     assert blocks.num_free_blocks + len(held) == blocks.num_usable_blocks, "a block was lost or double-freed"
     if limits["max_batch_size"] is not None:
         assert len(scheduler.running) <= limits["max_batch_size"]
+    assert all(blocks.ref_count(b) == 1 for b in held), "one holder per block while nothing shares"
     for seq in scheduler.running:
         assert seq.status is SequenceStatus.RUNNING
         assert len(seq.block_ids) == blocks.blocks_for(seq.max_tokens)
+        assert len(seq.block_hashes) == seq.num_computed_tokens // blocks.block_size, "a full block unhashed"
     for seq in scheduler.waiting:
         assert seq.status is SequenceStatus.WAITING and seq.block_ids == [] and seq.num_computed_tokens == 0
 

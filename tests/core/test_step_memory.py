@@ -14,6 +14,7 @@ from tgserve.core.block_manager import BlockManager
 from tgserve.core.model_config import ModelConfig
 from tgserve.core.model_runner import ModelRunner
 from tgserve.core.plugins import BackendRegistry
+from tgserve.core.scheduler import Scheduler
 from tgserve.core.step_memory import step_memory
 from tgserve.core.warmup import _run_step
 
@@ -49,16 +50,17 @@ def _build_runner():
     blocks = BlockManager(STEP_TOKENS // 16 + 2, 16)
     kv_cache = hook.tgserve_make_kv_cache(num_blocks=blocks.num_blocks, block_size=16, model_config=model_config,
                                           device=device, dtype=dtype)
-    return ModelRunner(model, kv_cache, attention, device, model_config.vocab_size), blocks, model_config
+    scheduler = Scheduler(blocks, max_batch_prefill_tokens=STEP_TOKENS, max_batch_size=1)
+    return ModelRunner(model, kv_cache, attention, device, model_config.vocab_size), scheduler, model_config
 
 
 def measure_step_peak_bytes() -> int:
     """Peak RSS growth over one STEP_TOKENS prefill step, after a small step paid the one-time costs."""
-    runner, blocks, _ = _build_runner()
-    _run_step(runner, blocks, [16], top_n_tokens=5)
+    runner, scheduler, _ = _build_runner()
+    _run_step(runner, scheduler, [16], top_n_tokens=5)
     _reset_peak_rss()
     before = _status_bytes("VmRSS")
-    _run_step(runner, blocks, [STEP_TOKENS], top_n_tokens=5)
+    _run_step(runner, scheduler, [STEP_TOKENS], top_n_tokens=5)
     return _status_bytes("VmHWM") - before
 
 

@@ -12,6 +12,7 @@ from tgserve.core.block_manager import BlockManager
 from tgserve.core.config import ConfigError, ServerConfig
 from tgserve.core.limits import RuntimeLimits
 from tgserve.core.plugins import BackendRegistry
+from tgserve.core.scheduler import Scheduler
 from tgserve.core.warmup import ProbeResult, full_step, probe_prefill_speed
 from tgserve.core.warmup_policy import WarmupPolicy
 
@@ -31,6 +32,10 @@ class FakeRunner:
         self.block_ids.append([b for item in plan.scheduled for b in item.seq.block_ids])
         if self.error is not None:
             raise self.error
+
+
+def _scheduler(num_blocks: int, max_step_tokens: int, max_batch_size: int | None = None) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, 16), max_step_tokens, max_batch_size)
 
 
 def _limits(**values) -> RuntimeLimits:
@@ -54,19 +59,19 @@ def test_policy_rejects_values_that_measure_nothing(values):
 
 
 def test_probe_times_the_short_step_warm_then_the_full_one_and_frees_its_blocks():
-    runner, blocks = FakeRunner(), BlockManager(6, 16)
-    result = probe_prefill_speed(runner, blocks, 64, top_n_tokens=5)
+    runner, scheduler = FakeRunner(), _scheduler(6, 64, 1)
+    result = probe_prefill_speed(runner, scheduler, 64, top_n_tokens=5)
     assert runner.steps == [[16], [16], [64]]  # untimed, timed short, timed full
     assert len(runner.block_ids[2]) == 5  # 64 prompt tokens + the sampled one, in blocks of 16
-    assert blocks.num_free_blocks == 5
+    assert scheduler.blocks.num_free_blocks == 5 and not scheduler.has_work
     assert (result.num_tokens, result.short_tokens) == (64, 16)
     assert 0 <= result.short_step_s and 0 <= result.step_s <= result.elapsed_s
     assert result.tokens_per_s == pytest.approx(64 / max(result.step_s, 1e-9))
 
 
 def test_probe_skips_the_full_step_where_the_short_one_predicts_it_is_slow():
-    runner, blocks = FakeRunner(delay_s=0.8), BlockManager(6, 16)  # 16 tokens in 0.8 s: 64 would take 3.2 s
-    result = probe_prefill_speed(runner, blocks, 64, top_n_tokens=5)
+    runner, scheduler = FakeRunner(delay_s=0.8), _scheduler(6, 64, 1)  # 16 tokens in 0.8 s: 64 would take 3.2 s
+    result = probe_prefill_speed(runner, scheduler, 64, top_n_tokens=5)
     assert runner.steps == [[16], [16]]
     assert (result.num_tokens, result.short_tokens) == (16, 0)
 
@@ -83,18 +88,19 @@ def test_speed_over_a_step_fits_a_fixed_and_a_per_token_cost():
 
 
 def test_full_step_fills_the_prefill_budget_with_prompts_of_at_most_max_input_tokens():
-    runner, blocks = FakeRunner(), BlockManager(257, 16)
-    full_step(runner, blocks, _limits(), top_n_tokens=5)
+    runner, scheduler = FakeRunner(), _scheduler(257, 250)
+    full_step(runner, scheduler, _limits(), top_n_tokens=5)
     assert runner.steps == [[100, 100, 50]]
-    assert blocks.num_free_blocks == 256
-    full_step(runner, blocks, _limits(max_batch_size=2), top_n_tokens=5)
+    assert scheduler.blocks.num_free_blocks == 256 and not scheduler.has_work
+    scheduler = _scheduler(257, 250, max_batch_size=2)
+    full_step(runner, scheduler, _limits(max_batch_size=2), top_n_tokens=5)
     assert runner.steps[-1] == [100, 100]
 
 
 def test_full_step_out_of_memory_is_tgis_message():
     runner = FakeRunner(torch.OutOfMemoryError("CUDA out of memory"))
-    blocks = BlockManager(257, 16)
+    scheduler = _scheduler(257, 250)
     with pytest.raises(ConfigError, match=re.escape(
             "Not enough memory to handle 250 prefill tokens. You need to decrease `--max-batch-prefill-tokens`")):
-        full_step(runner, blocks, _limits(), top_n_tokens=5)
-    assert blocks.num_free_blocks == 256
+        full_step(runner, scheduler, _limits(), top_n_tokens=5)
+    assert scheduler.blocks.num_free_blocks == 256 and not scheduler.has_work

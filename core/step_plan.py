@@ -1,0 +1,43 @@
+"""What one engine step computes, as the scheduler plans it (host side, pure Python: no torch).
+
+The model runner turns a plan into the device-side `ForwardBatch` (`tgserve.core.forward_batch`).
+The plan carries a token count per sequence, so a prefill, a chunk of a long prefill, a decode and
+a speculative verification are the same kind of step; nothing downstream switches on a mode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tgserve.core.sequence import Sequence
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    """One sequence's share of a step (host side, set by the scheduler)."""
+
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+    # True when this step reaches the end of the known tokens, so a next token is sampled.
+    is_sampling: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.is_sampling = self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq.token_ids)
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """Everything the scheduler decided for one step (host side).
+
+    Sequences that compute exactly one token come first, so the device batch can split them off."""
+
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    # The highest KV block id the block manager has handed out so far (`BlockManager.max_block_id`):
+    # before the step, the KV cache makes every block up to it hold finite values.
+    max_block_id: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled)
