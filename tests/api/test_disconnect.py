@@ -7,6 +7,10 @@ engine is empty and `tgserve_kv_cache_blocks_used` (read from the block manager)
 poll's timeout only bounds a hang: what shows the cancellation is the count of decode steps the
 engine ran meanwhile, fewer than the `LONG - 1` that running the request(s) to their end takes.
 Last, a two-prompt /v1/completions (which takes both permits) must succeed: every permit came back.
+
+Chat streams go through the same `stream_generation` as completions; they have no test of their own
+because the demo model ends every chat answer with its eos token within tens of tokens, so a chat
+request cut by the hang-up could not be told from one that ran to its end.
 """
 from __future__ import annotations
 
@@ -86,10 +90,3 @@ def test_a_two_prompt_completions_client_timing_out_cancels_both(openai_client, 
                                          timeout=CLIENT_TIMEOUT_S)
     assert_cancelled(server, before, 2)
 
-
-def test_closing_a_chat_stream_cancels_it(openai_client, server, before):
-    stream = openai_client.chat.completions.create(
-        model="tgi", messages=[{"role": "user", "content": PROMPT}], max_tokens=LONG, stream=True)
-    next(iter(stream))
-    stream.close()
-    assert_cancelled(server, before, 1)
