@@ -8,6 +8,8 @@ prometheus-client's `tgi_request_count_total`), which is what TGI's Grafana dash
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.utils import floatToGoString
 
@@ -77,6 +79,9 @@ class ServerMetrics:
             "tgi_batch_current_max_tokens", "KV-cache tokens reserved by the running batch")
         self.queue_size = self._gauge("tgi_queue_size", "Requests waiting for a batch")
         self.batch_max_total_tokens = self._gauge("tgi_batch_max_total_tokens", "KV-cache capacity in tokens")
+        # Not one of TGI's: the blocks themselves, read from the block manager at scrape time (see
+        # `watch_kv_cache`), so a leak shows even when the batch gauges read zero.
+        self.kv_cache_blocks_used = self._gauge("tgserve_kv_cache_blocks_used", "KV-cache blocks held by requests")
         self.batch_next_size = self._histogram("tgi_batch_next_size", "Requests admitted from the queue at once",
                                                BATCH_SIZE_BUCKETS)
         method = ("method",)
@@ -100,6 +105,10 @@ class ServerMetrics:
             self.batch_concat.labels(reason)
         self.batch_concat_duration = self._histogram(
             "tgi_batch_concat_duration", "Seconds merging new requests into a running batch", seconds, method)
+
+    def watch_kv_cache(self, num_used_blocks: Callable[[], int]) -> None:
+        """Read `tgserve_kv_cache_blocks_used` from `num_used_blocks()` at every scrape."""
+        self.kv_cache_blocks_used.set_function(num_used_blocks)
 
     def record_request(self) -> None:
         """A generation request arrived (counted before validation and admission, as TGI does)."""

@@ -155,6 +155,12 @@ class Engine:
         return len(self.scheduler.running)
 
     @property
+    def num_used_kv_blocks(self) -> int:
+        """KV-cache blocks that requests hold now (not the reserved block 0); 0 whenever none runs."""
+        blocks = self.scheduler.blocks
+        return blocks.num_usable_blocks - blocks.num_free_blocks
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._active) + self._inbox.qsize()
 
@@ -193,7 +199,7 @@ class Engine:
         self._is_accepting = False
         self._is_healthy = False
         self._is_running = False
-        message = f"Request failed during generation: internal error, the engine stopped ({error})"
+        message = f"internal error, the engine stopped ({error})"
         pending = list(self._active.values())
         self._active.clear()
         while True:
@@ -241,7 +247,7 @@ class Engine:
             log.exception("step failed")
             self._is_healthy = False
             for item in plan.scheduled:
-                self._fail(item.seq.request_id, f"Request failed during generation: {error}")
+                self._fail(item.seq.request_id, str(error))
             self._report(plan, num_new_seqs, num_prefill_tokens, (started_s, scheduled_s, failed_s), False)
             return
         self._is_healthy = True

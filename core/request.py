@@ -90,7 +90,7 @@ class TokenEvent:
 class ErrorEvent:
     """The request failed inside the engine (TGI's 424 'generation' error); nothing follows."""
 
-    message: str
+    message: str  # the cause alone; the API adds TGI's "Request failed during generation: " prefix
 
 
 @dataclass(slots=True)

@@ -62,3 +62,13 @@ def num_decode_steps(samples: Samples) -> float:
 def num_dropped(samples: Samples) -> float:
     """Requests whose client went away before their last token."""
     return value(samples, "tgi_request_failure", err="dropped")
+
+
+def num_used_kv_blocks(samples: Samples) -> float:
+    """KV-cache blocks that requests hold, read from the block manager at scrape time."""
+    return value(samples, "tgserve_kv_cache_blocks_used")
+
+
+def is_released(samples: Samples) -> bool:
+    """Nothing runs or waits in the engine and every KV block is back in the free pool."""
+    return is_idle(samples) and num_used_kv_blocks(samples) == 0

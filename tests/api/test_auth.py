@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 
 from tgserve.api.app import create_app
 
-from .test_app_fake_engine import FakeEngine
+from .fake_engine import FakeEngine
 
 GENERATE_BODY = {"inputs": "abc", "parameters": {"max_new_tokens": 2}}
 PROTECTED = ("/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/tokenize",

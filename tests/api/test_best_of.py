@@ -8,6 +8,8 @@ import pytest
 
 from tgserve.api.schemas import GenerateResponse
 
+from .metrics_scrape import scrape, value
+
 PROMPT = "Once upon a time"
 SAMPLED = dict(do_sample=True, temperature=1.3, max_new_tokens=10)
 
@@ -64,6 +66,15 @@ def test_best_of_without_details_answers_text_only(client):
     assert set(body) == {"generated_text"} and body["generated_text"]
     (compat,) = generate(client, "/", best_of=2, details=True, **SAMPLED).json()  # POST / wraps it in a list
     assert len(compat["details"]["best_of_sequences"]) == 1
+
+
+def test_a_best_of_request_is_metered_once(client):
+    """As documented in `tgserve.api.best_of`: one request in the request metrics, however many candidates."""
+    before, _ = scrape(str(client.base_url))
+    assert generate(client, best_of=2, **SAMPLED).status_code == 200
+    after, _ = scrape(str(client.base_url))
+    for name in ("tgi_request_count", "tgi_request_success", "tgi_request_generated_tokens_count"):
+        assert value(after, name) - value(before, name) == 1, name
 
 
 @pytest.mark.parametrize("params, message", [

@@ -154,3 +154,13 @@ def test_compat_route(client):
                                           "parameters": {"max_new_tokens": 3}}) as response:
         events = [line for line in response.iter_lines() if line.startswith("data:")]
     assert len(events) == 3
+
+
+def test_compat_route_returns_the_full_text_by_default_and_ignores_unknown_fields(client):
+    """TGI's POST / defaults return_full_text on when the model has no pipeline tag (the demo
+    checkpoint has none), and TGI's serde ignores fields it does not know, in the body and its parameters."""
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4, "foo": 1}, "bar": 2}
+    response = client.post("/", json=body)
+    assert response.status_code == 200
+    (answer,) = response.json()
+    assert answer == {"generated_text": PROMPT + generate(client, max_new_tokens=4).json()["generated_text"]}

@@ -136,6 +136,34 @@ def test_disconnected_request_does_not_delay_shutdown(start_server):
     assert STOPPED_WITH_REQUESTS_IN_FLIGHT not in log
 
 
+def test_sigterm_cuts_requests_still_running_when_the_graceful_timeout_expires(start_server):
+    """`-g` bounds the wait: a request still running when it expires is cut off, and the server exits 0.
+
+    As TGI's launcher (`terminate` in launcher/src/main.rs: SIGTERM, wait `-g` seconds, kill; then
+    exit 0): the client's stream breaks off without its final event, no error event is promised.
+    uvicorn logs that it cancelled the request's task; the engine, told by the closed stream, drops
+    the request, so its own drain wait finds nothing in flight. The 3000 tokens asked for take far
+    longer than the 1 s grace (hundreds of decode steps), so the request is still running when it ends.
+    """
+    server = start_server("-g", "1")
+    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 3000}}
+    events = []
+    with httpx.Client(base_url=server.url, timeout=WAIT_TIMEOUT_S) as client:
+        with client.stream("POST", "/generate_stream", json=body) as stream:
+            lines = (line for line in stream.iter_lines() if line.startswith("data:"))
+            events.append(json.loads(next(lines)[len("data:"):]))
+            server.process.terminate()  # SIGTERM while the request runs
+            with pytest.raises(httpx.RemoteProtocolError):  # the body ends without its last chunk
+                events.extend(json.loads(line[len("data:"):]) for line in lines)
+    assert all(event["generated_text"] is None for event in events), "the request ran to its end"
+    assert all("error" not in event for event in events)
+    assert server.process.wait(timeout=WAIT_TIMEOUT_S) == 0
+    log = server.log()
+    assert "Cancel 1 running task(s), timeout graceful shutdown exceeded" in log
+    assert "engine stopped" in log
+    assert STOPPED_WITH_REQUESTS_IN_FLIGHT not in log
+
+
 def test_serve_without_model_id_serves_smollm2_built_from_its_wheel(start_server, smollm2_dir):
     """The default model answers a question; it comes from the machine's cache (built by `smollm2_dir`)."""
     server = start_server("--max-batch-total-tokens", "4096", with_model_id=False,

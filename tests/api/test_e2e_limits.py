@@ -95,3 +95,23 @@ def test_prefill_logprobs_with_the_flag(client):
     assert len(prefill) >= 2 and prefill[0]["logprob"] is None
     assert all(isinstance(t["logprob"], float) and t["logprob"] <= 0 for t in prefill[1:])
     assert "".join(t["text"] for t in prefill) == "Once upon a time"
+
+
+def test_a_full_limiter_refuses_a_two_prompt_completion_or_one_of_its_prompts(server):
+    """Each prompt of /v1/completions takes a permit (TGI's `completions` handler runs one generate
+    per prompt); with one permit a two-prompt request is a 429 as a whole, or when streaming an
+    overloaded event for one prompt while the other streams to its end, then [DONE]."""
+    body = {"model": "tgi", "prompt": ["Once upon a time", "The cat"], "max_tokens": 8, "temperature": 0}
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        refused = client.post("/v1/completions", json=body)
+        assert (refused.status_code, refused.json()) == (429, OVERLOADED)
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
+            payloads = [line[len("data:"):].strip() for line in stream.iter_lines() if line.startswith("data:")]
+        assert payloads[-1] == "[DONE]"
+        events = [json.loads(payload) for payload in payloads[:-1]]
+        errors = [event for event in events if "error" in event]
+        assert errors == [{"error": {"message": "Model is overloaded", "http_status_code": 422}}]
+        chunks = [event for event in events if "error" not in event]
+        assert len({chunk["choices"][0]["index"] for chunk in chunks}) == 1  # one prompt ran, the other was refused
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "eos_token")
+        assert client.post("/v1/completions", json=body | {"prompt": "The cat"}).status_code == 200  # permit back

@@ -15,7 +15,7 @@ from tgserve.api.chat_template import render_sync, template_messages
 from tgserve.api.errors import ApiError
 from tgserve.api.openai_schemas import ChatMessage
 from tgserve.core.tokenizer import Tokenizer
-from tests.api.test_app_fake_engine import FakeEngine
+from tests.api.fake_engine import FakeEngine
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 

@@ -1,0 +1,92 @@
+"""A client hanging up cancels its requests in the real engine, over HTTP, on the demo model.
+
+One `tgserve serve` (module-scoped) with `--max-concurrent-requests 2`. Each test starts a request
+far longer than it will be allowed to run (`LONG` new tokens), hangs up (closing a stream after
+its first event, or a client timeout for a non-streaming request), then polls /metrics until the
+engine is empty and `tgserve_kv_cache_blocks_used` (read from the block manager) is 0 again. The
+poll's timeout only bounds a hang: what shows the cancellation is the count of decode steps the
+engine ran meanwhile, fewer than the `LONG - 1` that running the request(s) to their end takes.
+Last, a two-prompt /v1/completions (which takes both permits) must succeed: every permit came back.
+
+Chat streams go through the same `stream_generation` as completions; they have no test of their own
+because the demo model ends every chat answer with its eos token within tens of tokens, so a chat
+request cut by the hang-up could not be told from one that ran to its end.
+"""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from .metrics_scrape import is_released, num_decode_steps, num_dropped, num_used_kv_blocks, scrape, wait_for_metrics
+
+LONG = 2000  # new tokens each request asks for; the demo model does not stop this prompt early
+PROMPT = "Once upon a time"
+CLIENT_TIMEOUT_S = 1.0  # a non-streaming client gives up after this; the request is still generating
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server("--max-concurrent-requests", "2")
+
+
+@pytest.fixture
+def before(server):
+    """/metrics before the test's request: an idle engine holding no KV blocks."""
+    samples, _ = scrape(server.url)
+    assert is_released(samples)
+    return samples
+
+
+def assert_cancelled(server, before, num_requests: int) -> None:
+    """The engine dropped `num_requests` requests before their end and freed their blocks, and
+    both permits are back."""
+    after = wait_for_metrics(server.url, lambda s: is_released(s) and num_dropped(s) - num_dropped(before)
+                             == num_requests, "the hung-up requests were dropped and their KV blocks freed")
+    assert num_used_kv_blocks(after) == 0
+    assert num_decode_steps(after) - num_decode_steps(before) < LONG - 1  # cut short, not run to the end
+    again = httpx.post(f"{server.url}/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2}, timeout=120)
+    assert again.status_code == 200, again.text  # two permits: none was kept by a dropped request
+
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0, timeout=120) as client:
+        yield client
+
+
+def test_closing_a_generate_stream_cancels_it(server, before):
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": LONG}}
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        with client.stream("POST", "/generate_stream", json=body) as stream:
+            assert next(stream.iter_lines()).startswith("data:{")
+    assert_cancelled(server, before, 1)
+
+
+def test_a_generate_client_timing_out_cancels_it(server, before):
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": LONG}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/generate", json=body, timeout=CLIENT_TIMEOUT_S)
+    assert_cancelled(server, before, 1)
+
+
+def test_a_best_of_client_timing_out_cancels_every_candidate(server, before):
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": LONG, "best_of": 2, "do_sample": True}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/generate", json=body, timeout=CLIENT_TIMEOUT_S)
+    assert_cancelled(server, before, 1)  # one request in the metrics; both candidates must leave the engine
+
+
+def test_closing_a_two_prompt_completions_stream_cancels_both(openai_client, server, before):
+    stream = openai_client.completions.create(model="tgi", prompt=[PROMPT, "The cat"], max_tokens=LONG, stream=True)
+    next(iter(stream))
+    stream.close()
+    assert_cancelled(server, before, 2)
+
+
+def test_a_two_prompt_completions_client_timing_out_cancels_both(openai_client, server, before):
+    with pytest.raises(openai.APITimeoutError):
+        openai_client.completions.create(model="tgi", prompt=[PROMPT, "The cat"], max_tokens=LONG,
+                                         timeout=CLIENT_TIMEOUT_S)
+    assert_cancelled(server, before, 2)
+
