@@ -164,3 +164,10 @@ def test_compat_route_returns_the_full_text_by_default_and_ignores_unknown_field
     assert response.status_code == 200
     (answer,) = response.json()
     assert answer == {"generated_text": PROMPT + generate(client, max_new_tokens=4).json()["generated_text"]}
+
+
+def test_without_api_key_or_origins_every_route_is_open_to_any_origin(client):
+    """No --api-key: generation needs no header; no --cors-allow-origin: TGI allows any origin."""
+    response = client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}},
+                           headers={"Origin": "http://anywhere.example"})
+    assert response.status_code == 200 and response.headers["access-control-allow-origin"] == "*"

@@ -1,21 +1,20 @@
 """Chat messages -> prompt text (`tgserve.api.chat_template`) on the demo tokenizer, and TGI's
-"Template error: template not found" for a checkpoint without a chat template, through the app."""
+"Template error: template not found" for a checkpoint without a chat template, from a real server."""
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
-from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from tgserve.api.app import create_app
 from tgserve.api.chat_template import render_sync, template_messages
 from tgserve.api.errors import ApiError
 from tgserve.api.openai_schemas import ChatMessage
 from tgserve.core.tokenizer import Tokenizer
-from tests.api.fake_engine import FakeEngine
+from .conftest import TEST_SERVER_FLAGS, server_factory
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
@@ -95,13 +94,20 @@ def test_template_errors(model_dir, tmp_path, templateless_tokenizer):
     assert failed.value.message.startswith("Template error: ") and "roles must alternate" in failed.value.message
 
 
-def test_a_checkpoint_without_template_gets_tgi_422(templateless_tokenizer):
-    engine = FakeEngine()  # refused before generation: only the tokenizer matters
-    engine.tokenizer = templateless_tokenizer
-    client = TestClient(create_app(engine))
+def test_a_checkpoint_without_template_gets_tgi_422(model_dir, tmp_path_factory):
+    """A real server on a copy of the demo checkpoint without a chat template answers TGI's 422."""
+    checkpoint = tmp_path_factory.mktemp("no-template-checkpoint")
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(model_dir / name, checkpoint / name)
+    tokenizer_copy(model_dir, checkpoint, None)
     expected = {"error": "Template error: template not found", "error_type": "template_error"}
     body = {"messages": [{"role": "user", "content": "Hi"}]}
-    for path, extra in (("/v1/chat/completions", {}), ("/v1/chat/completions", {"stream": True}),
-                        ("/chat_tokenize", {})):
-        response = client.post(path, json={**body, **extra})
-        assert (response.status_code, response.json()) == (422, expected), path
+    with server_factory(tmp_path_factory, *TEST_SERVER_FLAGS) as start:
+        server = start(checkpoint)
+        for path, extra in (("/v1/chat/completions", {}), ("/v1/chat/completions", {"stream": True}),
+                            ("/chat_tokenize", {})):
+            response = httpx.post(f"{server.url}{path}", json={**body, **extra}, timeout=60)
+            assert (response.status_code, response.json()) == (422, expected), path
+        plain = httpx.post(f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
+                           timeout=60)
+        assert plain.status_code == 200  # only the chat routes need a template

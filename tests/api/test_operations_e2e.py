@@ -148,17 +148,35 @@ def test_client_disconnect_drops_the_request_and_empties_the_batch(server):
 @pytest.mark.parametrize("path", ["/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions",
                                   "/tokenize", "/vertex", "/invocations"])
 def test_generation_routes_refuse_a_missing_or_wrong_key(server, path):
-    for headers in ({}, {"Authorization": "Bearer nope"}):
+    """TGI compares the whole header with "Bearer <key>": no scheme, another scheme or a longer key fail."""
+    wrong = (None, "Bearer nope", API_KEY, f"Basic {API_KEY}", f"Bearer {API_KEY}2")
+    for authorization in wrong:
+        headers = {} if authorization is None else {"Authorization": authorization}
         response = httpx.post(f"{server.url}{path}", json={"inputs": "Hi"}, headers=headers, timeout=30)
-        assert response.status_code == 401 and response.content == b""
+        assert response.status_code == 401 and response.content == b"", authorization
 
 
-def test_key_opens_generation_and_service_routes_need_none(server):
+@pytest.mark.parametrize("authorization", [f"Bearer {API_KEY}", f"bearer {API_KEY.lower()}",
+                                           f"BEARER {API_KEY.upper()}"])
+def test_key_opens_generation_and_service_routes_need_none(server, authorization):
+    """TGI lowercases both sides before comparing, so the key's case does not matter."""
     body = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
-    lowered = {"Authorization": f"bearer {API_KEY.lower()}"}
-    assert httpx.post(f"{server.url}/generate", json=body, headers=lowered, timeout=60).status_code == 200
+    response = httpx.post(f"{server.url}/generate", json=body, headers={"Authorization": authorization}, timeout=60)
+    assert response.status_code == 200 and response.json()["generated_text"]
     for path in ("/info", "/health", "/metrics", "/v1/models"):
         assert httpx.get(f"{server.url}{path}", timeout=30).status_code == 200, path
+    chat_tokenize = httpx.post(f"{server.url}/chat_tokenize", json={"messages": [{"role": "user", "content": "hi"}]},
+                               timeout=30)
+    assert chat_tokenize.status_code == 200
+
+
+def test_a_refused_request_still_gets_cors_headers(server):
+    """A browser must be able to read the 401, so the CORS layer wraps the key check."""
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
+    refused = httpx.post(f"{server.url}/generate", json=body, headers={"Origin": ORIGINS[0]}, timeout=30)
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == ORIGINS[0]
+    allowed = httpx.post(f"{server.url}/generate", json=body, headers={"Origin": ORIGINS[1], **AUTH}, timeout=60)
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == ORIGINS[1]
 
 
 def test_cors_preflight_and_headers(server):
