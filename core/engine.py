@@ -18,18 +18,18 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from tgserve.core.config import ServerConfig
-from tgserve.core.detokenizer import DetokenizerState, next_text
+from tgserve.core.detokenizer import DetokenizerState, final_text, next_text
 from tgserve.core.limits import RuntimeLimits
 from tgserve.core.model_runner import ModelRunner, SampledToken
 from tgserve.core.request import ErrorEvent, Finish, GenerationRequest, ModelInfo, TokenEvent, TopToken
 from tgserve.core.scheduler import Scheduler
 from tgserve.core.sequence import Sequence
 from tgserve.core.step_stats import StepObserver, StepStats
+from tgserve.core.stop_sequences import StopMatcher
 from tgserve.core.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 Sink = Callable[[TokenEvent | ErrorEvent], None]
-_STOP_TAIL_CHARS = 256  # how much generated text a stop-sequence match looks back over
 # Logged (warning) by `Engine.shutdown` when its drain wait ends with requests still in flight.
 STOPPED_WITH_REQUESTS_IN_FLIGHT = "Stopping with requests still in flight after the drain wait"
 # Logged (with the traceback) when the engine loop fails outside a model step and stops for good.
@@ -50,8 +50,8 @@ class _Active:
 
     seq: Sequence
     sink: Sink
+    stops: StopMatcher  # the request's stop sequences over its generated text
     detok: DetokenizerState = field(default_factory=DetokenizerState)
-    text_tail: str = ""  # recent generated text, for stop sequences
     prompt_logprobs: list[float] = field(default_factory=list)
 
 
@@ -104,7 +104,7 @@ class Engine:
         request.request_id = next(self._ids)
         seq = Sequence(request.request_id, request, list(request.input_ids), len(request.input_ids),
                        max_tokens, arrival_s=time.monotonic())
-        self._inbox.put(("add", _Active(seq, sink)))
+        self._inbox.put(("add", _Active(seq, sink, StopMatcher(request.stopping.stop_sequences))))
         return request.request_id
 
     def set_observer(self, observer: StepObserver | None) -> None:
@@ -322,10 +322,10 @@ class Engine:
         seq.token_ids.append(token.id)
         generated = seq.token_ids[seq.num_prompt_tokens:]
         text = next_text(tokenizer, generated, active.detok)
-        active.text_tail = (active.text_tail + text)[-_STOP_TAIL_CHARS:]
-        reason = self._finish_reason(seq, token.id, active.text_tail)
+        reason = self._finish_reason(seq, token.id, active.stops.feed(text))
         finish = None
         if reason is not None:
+            text += final_text(tokenizer, generated, active.detok)  # an incomplete last character, as decoded
             now = time.monotonic()
             sampling = seq.request.sampling
             finish = Finish(reason=reason, generated_tokens=len(generated),
@@ -339,13 +339,13 @@ class Engine:
             index=len(generated), top_tokens=tuple(self._top(t, p) for t, p in token.top),
             prefill=self._prefill(active) if len(generated) == 1 else (), finish=finish))
 
-    def _finish_reason(self, seq: Sequence, token_id: int, text_tail: str) -> str | None:
+    def _finish_reason(self, seq: Sequence, token_id: int, is_stop_found: bool) -> str | None:
         stopping = seq.request.stopping
         if seq.num_generated_tokens >= stopping.max_new_tokens:
             return "length"
         if token_id in self.tokenizer.eos_token_ids and not stopping.ignore_eos_token:
             return "eos_token"
-        if any(stop in text_tail for stop in stopping.stop_sequences):
+        if is_stop_found:
             return "stop_sequence"
         return None
 

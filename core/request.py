@@ -77,7 +77,9 @@ class TokenEvent:
     """One generated token; the last event of a request also carries `finish`."""
 
     id: int
-    text: str  # this token's text (specials kept), empty until a full UTF-8 character is complete
+    text: str  # this token's text (specials kept), empty until a full UTF-8 character is complete;
+    # the last token's also flushes an incomplete final character (U+FFFD), so the texts add up to
+    # the tokenizer's decode of the generated ids
     logprob: float
     special: bool
     index: int  # 1-based position among generated tokens
