@@ -97,8 +97,8 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
 
     TGI's `HeterogeneousFrequencyPenaltyLogitsProcessor` subtracts penalty * count / length: each
     token's share of the ids seen so far, not OpenAI's raw count. TGI's length is the longest row of
-    the batch (shorter rows count their padding as token 0); here it is the row's own length, which
-    is TGI's value for a request alone and keeps a row independent of what shares its batch.
+    the batch; here it is the row's own length, which is TGI's value for a request alone and keeps a
+    row independent of what shares its batch (README, differences from TGI).
     """
     num_rows, vocab = logits.shape
     padded = torch.cat([logits, logits.new_zeros(num_rows, 1)], dim=1)  # column `vocab` absorbs padding

@@ -77,6 +77,12 @@ def assert_top_n(got: list[tuple[int, float]], row: torch.Tensor, n: int) -> Non
         assert abs(logprob - row[token].item()) < TOLERANCE, (token, logprob, row[token].item())
 
 
+def chat_prompt_ids(hf_tokenizer) -> list[int]:
+    """The ids of FRANCE under the checkpoint's chat template, as transformers renders it."""
+    ids = hf_tokenizer.apply_chat_template(FRANCE, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def prefill_steps(server) -> float:
     return value(scrape(server.url)[0], "tgi_batch_inference_count", method="prefill")
 
@@ -127,9 +133,7 @@ def test_openai_logprobs_and_top_logprobs_equal_transformers(client, hf_model, h
     prompt; each token's text is the tokenizer's decoding of transformers' id, its logprob and top
     alternatives (values in order, each alternative's text one of the ids with that logprob) are
     transformers' log_softmax."""
-    prompt_ids = hf_tokenizer.apply_chat_template(FRANCE, add_generation_prompt=True, tokenize=True)
-    if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
-        prompt_ids = prompt_ids["input_ids"]
+    prompt_ids = chat_prompt_ids(hf_tokenizer)
     with torch.inference_mode():
         full = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False)[0].tolist()
     generated = full[len(prompt_ids):]
@@ -232,14 +236,12 @@ def test_repetition_penalty_equals_transformers_generate_with_the_prompt_counted
     assert max(abs(t["logprob"] - e) for t, e in zip(tokens, expected_logprobs)) < TOLERANCE
 
 
-@pytest.mark.parametrize("penalty", [2.0, -1.5])
-def test_frequency_penalty_equals_tgis_definition_with_the_prompt_counted(client, hf_model, hf_tokenizer, eos_ids,
-                                                                          penalty):
+def test_frequency_penalty_equals_tgis_definition_with_the_prompt_counted(client, hf_model, hf_tokenizer, eos_ids):
     """Oracle: `greedy_with(tgi_frequency_penalty)`, transformers' float32 forward plus TGI's frequency
     penalty written out (transformers `generate` has no such processor): penalty * count / length
-    over prompt + generated ids. A raw-count reading (OpenAI's) and a generated-only one must differ
-    from it; /generate and /v1/chat/completions (which passes `frequency_penalty` through) match it."""
-    prompt_ids = hf_tokenizer(GARDEN).input_ids
+    over prompt + generated ids. A generated-only reading and OpenAI's raw count must differ from it;
+    /generate (2.0) and /v1/chat/completions (-1.5; it passes `frequency_penalty` through) match it."""
+    penalty, prompt_ids = 2.0, hf_tokenizer(GARDEN).input_ids
     expected = greedy_with(hf_model, prompt_ids, tgi_frequency_penalty(penalty), 12, eos_ids)
     assert_power(expected, greedy_with(hf_model, prompt_ids, tgi_frequency_penalty(penalty, len(prompt_ids)), 12,
                                        eos_ids))
@@ -249,11 +251,9 @@ def test_frequency_penalty_equals_tgis_definition_with_the_prompt_counted(client
         eos_ids))
     tokens = generate(client, GARDEN, max_new_tokens=12, frequency_penalty=penalty)["tokens"]
     assert [t["id"] for t in tokens] == expected[0]
-    assert max(abs(t["logprob"] - e) for t, e in zip(tokens, expected[1])) < TOLERANCE
+    assert max(abs(t["logprob"] - e) for t, e in zip(tokens, expected[1], strict=True)) < TOLERANCE
 
-    chat_ids = hf_tokenizer.apply_chat_template(FRANCE, add_generation_prompt=True, tokenize=True)
-    if isinstance(chat_ids, dict) or hasattr(chat_ids, "input_ids"):
-        chat_ids = chat_ids["input_ids"]
+    penalty, chat_ids = -1.5, chat_prompt_ids(hf_tokenizer)
     expected = greedy_with(hf_model, chat_ids, tgi_frequency_penalty(penalty), 8, eos_ids)
     response = client.post("/v1/chat/completions", json={"model": "tgi", "messages": FRANCE, "temperature": 0,
                                                           "max_tokens": 8, "logprobs": True,
