@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import httpx
 import pytest
@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, RepetitionPenaltyLogitsProcessor
 from tests.api.metrics_scrape import scrape, value
 
 PREFILL_BUDGET = 16  # --max-batch-prefill-tokens: every prompt below takes several chunks
-TOLERANCE = 1e-4  # nats; float32 paged attention against transformers' sdpa (observed < 2e-6)
+TOLERANCE = 1e-4  # nats; float32 paged attention against transformers' sdpa (as tests/core/test_long_context.py)
 POWER = 1e-3  # a wrong reference must differ from the right one by more than this somewhere
 LONG_PROMPT = ("Once upon a time there was a small garden behind the old house, and every morning the river ran "
                "past the lighthouse on the rock while the children counted numbers: 1, 2, 3, 4, 5.")
@@ -33,12 +33,6 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 def server(start_server):
     return start_server("--dtype", "float32", "--max-batch-prefill-tokens", str(PREFILL_BUDGET),
                         "--enable-prefill-logprobs")
-
-
-@pytest.fixture(scope="module")
-def client(server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=120) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
