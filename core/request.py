@@ -18,7 +18,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = off
     typical_p: float = 1.0  # 1.0 = off
     repetition_penalty: float = 1.0  # 1.0 = off; divides positive logits of seen tokens (CTRL style)
-    frequency_penalty: float = 0.0  # 0.0 = off; subtracts penalty * count of each token seen (prompt + generated, as TGI)
+    frequency_penalty: float = 0.0  # 0.0 = off; subtracts penalty * count / length of each token seen (prompt + generated, as TGI)
     seed: int = 0  # u64; makes a sampled request reproducible whatever else shares its batch
     watermark: bool = False  # Kirchenbauer watermark (tgserve.core.watermark), applied even when greedy, as TGI
 

@@ -93,14 +93,21 @@ def argmax_rows(x: torch.Tensor, chunk: int = 128) -> torch.Tensor:
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """CTRL repetition penalty on seen tokens, then OpenAI-style frequency penalty by count."""
+    """CTRL repetition penalty on seen tokens, then TGI's frequency penalty, both over prompt + generated.
+
+    TGI's `HeterogeneousFrequencyPenaltyLogitsProcessor` subtracts penalty * count / length: each
+    token's share of the ids seen so far, not OpenAI's raw count. TGI's length is the longest row of
+    the batch; here it is the row's own length, which is TGI's value for a request alone and keeps a
+    row independent of what shares its batch (README, differences from TGI).
+    """
     num_rows, vocab = logits.shape
     padded = torch.cat([logits, logits.new_zeros(num_rows, 1)], dim=1)  # column `vocab` absorbs padding
     seen = padded.gather(1, batch.token_history)
     penalty = batch.repetition_penalty.unsqueeze(1)
     padded = padded.scatter(1, batch.token_history, torch.where(seen < 0, seen * penalty, seen / penalty))
     counts = torch.zeros_like(padded).scatter_add_(1, batch.token_history, torch.ones_like(seen))
-    padded = padded - batch.frequency_penalty.unsqueeze(1) * counts
+    lengths = (batch.token_history < vocab).sum(dim=1, keepdim=True).clamp_min(1).to(counts.dtype)
+    padded = padded - batch.frequency_penalty.unsqueeze(1) * (counts / lengths)
     return padded[:, :vocab]
 
 

@@ -228,14 +228,16 @@ def test_repetition_penalty_matches_transformers(penalty):
         torch.testing.assert_close(ours[row:row + 1], torch.log_softmax(reference, -1))
 
 
-def test_frequency_penalty_subtracts_count_times_penalty():
+def test_frequency_penalty_subtracts_penalty_times_share_of_the_history():
+    """TGI's HeterogeneousFrequencyPenaltyLogitsProcessor: logit -= penalty * count / len(history),
+    with each row's own length (TGI's for a request alone); padding is not counted."""
     vocab = 6
     logits = _logits(2, vocab, seed=9)
     history = [[0, 0, 0, 4], [5]]
     batch = _batch([{"greedy": True, "frequency_penalty": 0.5}, {"greedy": True, "frequency_penalty": -1.0}],
                    history=history, vocab=vocab, max_top_n=vocab)
-    counts = torch.tensor([[3, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.float32)
-    expected = logits - torch.tensor([[0.5], [-1.0]]) * counts
+    shares = torch.tensor([[3 / 4, 0, 0, 0, 1 / 4, 0], [0, 0, 0, 0, 0, 1 / 1]], dtype=torch.float32)
+    expected = logits - torch.tensor([[0.5], [-1.0]]) * shares
     torch.testing.assert_close(_full_logprobs(logits, batch), torch.log_softmax(expected, -1))
 
 
@@ -243,7 +245,7 @@ def test_repetition_then_frequency_penalty():
     logits = torch.tensor([[2.0, 0.0, -1.0]])
     batch = _batch([{"greedy": True, "repetition_penalty": 2.0, "frequency_penalty": 0.5}],
                    history=[[0, 0, 2]], vocab=3, max_top_n=3)
-    expected = torch.tensor([[2.0 / 2 - 1.0, 0.0, -1.0 * 2 - 0.5]])
+    expected = torch.tensor([[2.0 / 2 - 0.5 * 2 / 3, 0.0, -1.0 * 2 - 0.5 * 1 / 3]])
     torch.testing.assert_close(_full_logprobs(logits, batch), torch.log_softmax(expected, -1))
 
 
