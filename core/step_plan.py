@@ -17,11 +17,17 @@ class ScheduledSequence:
 
     seq: Sequence
     num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
-    # True when this step reaches the end of the known tokens, so a next token is sampled.
-    is_sampling: bool = field(init=False)
+    # How many of this step's last positions get a sampled next token: 0 for a mid-prompt chunk, 1
+    # when the step reaches the end of the known tokens, k + 1 when it verifies k proposed tokens.
+    # The runner returns that many tokens for the sequence, in position order.
+    num_sampled: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.is_sampling = self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq.token_ids)
+        self.num_sampled = int(self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq.token_ids))
+
+    @property
+    def is_sampling(self) -> bool:
+        return self.num_sampled > 0
 
 
 @dataclass(slots=True)
