@@ -22,8 +22,11 @@ import pytest
 # Small limits keep start-up (warmup) and memory low; generation lengths in the tests fit them.
 TEST_LIMIT_FLAGS = ("--max-input-tokens", "1024", "--max-total-tokens", "4096",
                     "--max-batch-prefill-tokens", "1024", "--max-batch-total-tokens", "32768")
-# The tests' servers mean the CPU backend (`/info` says "cpu"); on a GPU host auto would pick cuda.
-TEST_SERVER_FLAGS = (*TEST_LIMIT_FLAGS, "--backend", "cpu")
+# The tests' servers mean the CPU backend (`/info` says "cpu"); on a GPU host auto would pick cuda. They
+# run in float32, the dtype of the oracle behind the exact texts tests expect (transformers' float32
+# greedy output on the demo model, tests/core/test_demo_model.py); bfloat16 servers are checked
+# against float32 transformers with a tolerance (test_smollm2_e2e.py).
+TEST_SERVER_FLAGS = (*TEST_LIMIT_FLAGS, "--backend", "cpu", "--dtype", "float32")
 HEALTH_TIMEOUT_S = 240.0  # model load + warmup on a busy 2-core CI box
 STOP_TIMEOUT_S = 60.0
 

@@ -1,7 +1,9 @@
 """OpenAI's own `openai` client against a real `tgserve serve` process on the demo model, unchanged.
 
 Chat and legacy completions, streamed and not, usage, logprobs, stop sequences and seeds. The demo
-model answers "What is the capital of France?" with "The capital of France is Paris." greedily.
+model answers "What is the capital of France?" with "The capital of France is Paris." greedily: the
+oracle is transformers' float32 greedy decoding of the same checkpoint
+(tests/core/test_demo_model.py::test_chat_answer_stops_at_im_end), and the server runs in float32 too.
 """
 from __future__ import annotations
 
