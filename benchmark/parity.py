@@ -89,7 +89,7 @@ def running_engine(config: ParityConfig, dtype: str, num_requests: int) -> Itera
 
 def corpus_prompts(tokenizer, lengths: tuple[int, ...]) -> list[list[int]]:
     """Prompts of exactly `lengths` tokens: windows of the demo corpus at different offsets."""
-    from tgserve.core.demo_tokenizer import read_demo_corpus
+    from tgserve.checkpoints.demo_tokenizer import read_demo_corpus
 
     ids = tokenizer(read_demo_corpus(), add_special_tokens=False).input_ids
     while len(ids) < 2 * max(lengths):

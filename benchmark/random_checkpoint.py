@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from tgserve.core.demo_model import INIT_STD, MAX_SHARD_BYTES, plan_shards, qwen2_config, qwen2_tensor_shapes
-from tgserve.core.demo_tokenizer import special_token_ids, write_json
+from tgserve.checkpoints.demo_model import INIT_STD, MAX_SHARD_BYTES, plan_shards, qwen2_config, qwen2_tensor_shapes
+from tgserve.checkpoints.demo_tokenizer import special_token_ids, write_json
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".safetensors.index.json")
 

@@ -9,7 +9,7 @@ import shlex
 import sys
 import tempfile
 
-SHAPES = ("qwen2-0.5b", "qwen2-1.5b", "qwen2-7b")  # tgserve.core.demo_model.SHAPES, without importing torch
+SHAPES = ("qwen2-0.5b", "qwen2-1.5b", "qwen2-7b")  # tgserve.checkpoints.demo_model.SHAPES, without importing torch
 
 
 def _cpu_list(text: str) -> tuple[int, ...]:
@@ -73,7 +73,7 @@ def run_startup_command(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="tgserve-startup-model-") as scratch:
             model_id = args.model_id
             if args.shape:
-                from tgserve.core.demo_model import write_demo_model
+                from tgserve.checkpoints.demo_model import write_demo_model
                 model_id = str(write_demo_model(scratch, args.shape, seed=0, progress=False))
             report = run_startup_bench(startup_config(args, model_id))
     except (ValueError, OSError) as error:

@@ -38,7 +38,7 @@ half=$(( ($(stat -c %s "$wheel") + 1) / 2 ))
 head -c "$half" "$wheel" > ".whl-a/$name.part-a"
 tail -c "+$((half + 1))" "$wheel" > ".whl/$name.part-b"
 
-demo=$("$PY" -c "from tgserve.core.demo_model import ensure_demo_model; print(ensure_demo_model())")
+demo=$("$PY" -c "from tgserve.checkpoints.demo_model import ensure_demo_model; print(ensure_demo_model())")
 cp -r "$demo" .gpu-models/demo-qwen2-v1
 
 # What travels: tracked and untracked-not-ignored files, plus the carried folders (device README).

@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 class ServerConfig:
     """Every launcher flag, with TGI's names and defaults (TGI-CONTRACT section 1)."""
 
-    model_id: str | None = None  # hub id or local directory; None serves SmolLM2-135M-Instruct (core/smollm2.py)
+    model_id: str | None = None  # hub id or local directory; None serves SmolLM2-135M-Instruct (checkpoints/smollm2.py)
     revision: str | None = None
     dtype: str | None = None  # float16 | bfloat16 | float32; None: the backend's default
     quantize: str | None = None  # TGI's --quantize method name; None: unquantized (no flag sets it yet: issue 12)

@@ -72,10 +72,10 @@ def resolve_source(config: ServerConfig) -> ModelSource:
     or a hub id.
     """
     if config.model_id is None:
-        from tgserve.core.smollm2 import SMOLLM2_MODEL_ID, ensure_smollm2
+        from tgserve.checkpoints.smollm2 import SMOLLM2_MODEL_ID, ensure_smollm2
         return ModelSource(SMOLLM2_MODEL_ID, ensure_smollm2(), None)
     if config.model_id == DEMO_MODEL_ID:
-        from tgserve.core.demo_model import ensure_demo_model
+        from tgserve.checkpoints.demo_model import ensure_demo_model
         return ModelSource(DEMO_MODEL_ID, ensure_demo_model(), None)
     return resolve_model(config.model_id, config.revision, config.huggingface_hub_cache)
 
@@ -107,7 +107,7 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     scheduler = Scheduler(BlockManager(sizing.num_blocks, loaded.block_size), limits.max_batch_prefill_tokens,
                           limits.max_batch_size, constraints.supports_chunked_prefill if constraints else True)
     if probe is None:
-        full_step(runner, scheduler, limits, config.max_top_n_tokens)
+        full_step(runner, scheduler, limits, config.max_top_n_tokens, _synchronizer(hook, loaded))
     else:
         _log_probe(config, probe, policy, sizing, backend.name)
     hook.tgserve_on_model_ready(model=loaded.model, kv_cache=kv_cache, limits=limits)
@@ -144,7 +144,13 @@ def _probe(config: ServerConfig, hook, loaded: _Loaded, policy: WarmupPolicy) ->
     scratch = hook.tgserve_make_kv_cache(num_blocks=blocks.num_blocks, block_size=loaded.block_size,
                                          model_config=loaded.model_config, device=loaded.device, dtype=loaded.dtype)
     scheduler = Scheduler(blocks, max_batch_prefill_tokens=num_tokens, max_batch_size=1)
-    return probe_prefill_speed(_runner(config, loaded, scratch), scheduler, num_tokens, config.max_top_n_tokens)
+    return probe_prefill_speed(_runner(config, loaded, scratch), scheduler, num_tokens, config.max_top_n_tokens,
+                               _synchronizer(hook, loaded))
+
+
+def _synchronizer(hook, loaded: _Loaded):
+    """Waits for the device to finish queued work (warmup times whole steps)."""
+    return lambda: hook.tgserve_synchronize(device=loaded.device)
 
 
 def _size(config: ServerConfig, hook, loaded: _Loaded, model_max_length: int | None, constraints,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,32 +63,36 @@ class ProbeResult:
         return self.tokens_per_s
 
 
-def probe_prefill_speed(runner, scheduler: Scheduler, num_tokens: int, top_n_tokens: int) -> ProbeResult:
+def probe_prefill_speed(runner, scheduler: Scheduler, num_tokens: int, top_n_tokens: int,
+                        synchronize: Callable[[], object]) -> ProbeResult:
     """Time prefill steps of one sequence: a short one (after the same step untimed, which pays the
     one-time costs: kernel selection, the thread pool, first touch of the activation pages), then
     `num_tokens` when the short one predicts that is quick.
 
     runner: a `ModelRunner` whose KV cache has the blocks `scheduler` manages (a small scratch cache
     serves); scheduler: idle, with a step budget of at least `num_tokens`. It is idle again on return.
+    synchronize: waits for the device (the backend's `tgserve_synchronize`), so a step's time is its whole work.
     """
     short_tokens = max(1, int(num_tokens * _SHORT_STEP_SHARE))
     start_s = time.monotonic()
-    _run_step(runner, scheduler, [short_tokens], top_n_tokens)
-    short_s = _timed_step(runner, scheduler, short_tokens, top_n_tokens)
+    _run_step(runner, scheduler, [short_tokens], top_n_tokens, synchronize)
+    short_s = _timed_step(runner, scheduler, short_tokens, top_n_tokens, synchronize)
     if short_tokens >= num_tokens or short_s * num_tokens / short_tokens > _MAX_LONG_STEP_S:
         return ProbeResult(num_tokens=short_tokens, step_s=short_s, elapsed_s=time.monotonic() - start_s)
-    long_s = _timed_step(runner, scheduler, num_tokens, top_n_tokens)
+    long_s = _timed_step(runner, scheduler, num_tokens, top_n_tokens, synchronize)
     return ProbeResult(num_tokens=num_tokens, step_s=long_s, elapsed_s=time.monotonic() - start_s,
                        short_tokens=short_tokens, short_step_s=short_s)
 
 
-def _timed_step(runner, scheduler: Scheduler, num_tokens: int, top_n_tokens: int) -> float:
+def _timed_step(runner, scheduler: Scheduler, num_tokens: int, top_n_tokens: int,
+                synchronize: Callable[[], object]) -> float:
     start_s = time.monotonic()
-    _run_step(runner, scheduler, [num_tokens], top_n_tokens)
+    _run_step(runner, scheduler, [num_tokens], top_n_tokens, synchronize)
     return time.monotonic() - start_s
 
 
-def full_step(runner, scheduler: Scheduler, limits: RuntimeLimits, top_n_tokens: int) -> float:
+def full_step(runner, scheduler: Scheduler, limits: RuntimeLimits, top_n_tokens: int,
+              synchronize: Callable[[], object]) -> float:
     """TGI's warmup: `max_batch_prefill_tokens` prompt tokens through the model in one step; seconds.
 
     scheduler: the engine's, still idle (it admits the step's sequences and is idle again on return).
@@ -95,16 +100,18 @@ def full_step(runner, scheduler: Scheduler, limits: RuntimeLimits, top_n_tokens:
     """
     start_s = time.monotonic()
     num_tokens = _run_step(runner, scheduler, _full_step_lengths(scheduler.blocks.num_free_blocks, limits),
-                           top_n_tokens)
+                           top_n_tokens, synchronize)
     elapsed_s = time.monotonic() - start_s
     log.info("Warmup: %d prefill tokens in %.2fs; max_batch_prefill_tokens=%d (one full step, as TGI)",
              num_tokens, elapsed_s, limits.max_batch_prefill_tokens)
     return elapsed_s
 
 
-def _run_step(runner, scheduler: Scheduler, lengths: list[int], top_n_tokens: int) -> int:
+def _run_step(runner, scheduler: Scheduler, lengths: list[int], top_n_tokens: int,
+              synchronize: Callable[[], object]) -> int:
     """One step prefilling a sequence of each length, as far as the scheduler admits them (free blocks,
-    step budget, batch size); all of them leave the scheduler again. Returns the tokens computed."""
+    step budget, batch size), finished on the device (`synchronize`); all of them leave the scheduler
+    again. Returns the tokens computed."""
     if scheduler.has_work:
         raise EngineInvariantError("warmup needs an idle scheduler")
     added: list[Sequence] = []
@@ -118,6 +125,7 @@ def _run_step(runner, scheduler: Scheduler, lengths: list[int], top_n_tokens: in
         plan = scheduler.schedule()
         try:
             runner.execute(plan)
+            synchronize()
         except torch.OutOfMemoryError:
             raise ConfigError(f"Not enough memory to handle {plan.num_tokens} prefill tokens. "
                               "You need to decrease `--max-batch-prefill-tokens`") from None

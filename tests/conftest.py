@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from tgserve.core.demo_model import ensure_demo_model
-from tgserve.core.model_cache import cache_root
-from tgserve.core.smollm2 import ensure_smollm2
+from tgserve.checkpoints.demo_model import ensure_demo_model
+from tgserve.checkpoints.model_cache import cache_root
+from tgserve.checkpoints.smollm2 import ensure_smollm2
 
 MACHINE_CACHE_ROOT = pytest.StashKey[Path]()
 

@@ -105,7 +105,7 @@ def model_dir(request: pytest.FixtureRequest) -> Path:
     try:
         return Path(request.getfixturevalue("demo_model_dir"))
     except pytest.FixtureLookupError:
-        from tgserve.core.demo_model import ensure_demo_model
+        from tgserve.checkpoints.demo_model import ensure_demo_model
         return ensure_demo_model()
 
 

@@ -18,7 +18,7 @@ def test_demo_model_passes_its_arguments(monkeypatch, tmp_path, capsys):
         calls.append((out_dir, shape, seed))
         return tmp_path
 
-    monkeypatch.setattr("tgserve.core.demo_model.write_demo_model", write_demo_model)
+    monkeypatch.setattr("tgserve.checkpoints.demo_model.write_demo_model", write_demo_model)
     assert cli.main(["demo-model", str(tmp_path), "--shape", "qwen2-7b", "--seed", "3"]) == 0
     assert calls == [(str(tmp_path), "qwen2-7b", 3)]
     assert capsys.readouterr().out.strip() == str(tmp_path)

@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tgserve.core.demo_tokenizer import read_demo_corpus
+from tgserve.checkpoints.demo_tokenizer import read_demo_corpus
 from tests.api.conftest import ServerProcess, server_factory
 from tests.api.metrics_scrape import scrape, value
 

@@ -18,16 +18,23 @@ from tgserve.core.warmup_policy import WarmupPolicy
 
 
 class FakeRunner:
-    """Records each step's prompt lengths and the blocks its sequences held."""
+    """Records each step's prompt lengths and the blocks its sequences held. Like a GPU, it only queues
+    a step: the step's time (`delay_s`) passes when `synchronize` waits for it."""
 
     def __init__(self, error: Exception | None = None, delay_s: float = 0.0):
         self.steps: list[list[int]] = []
         self.block_ids: list[list[int]] = []
         self.error = error
         self.delay_s = delay_s  # each step lasts at least this long
+        self.num_queued = 0  # steps executed and not yet waited for
+
+    def synchronize(self) -> bool:
+        time.sleep(self.delay_s * self.num_queued)
+        self.num_queued = 0
+        return True
 
     def execute(self, plan):
-        time.sleep(self.delay_s)
+        self.num_queued += 1
         self.steps.append([item.num_new_tokens for item in plan.scheduled])
         self.block_ids.append([b for item in plan.scheduled for b in item.seq.block_ids])
         if self.error is not None:
@@ -60,7 +67,7 @@ def test_policy_rejects_values_that_measure_nothing(values):
 
 def test_probe_times_the_short_step_warm_then_the_full_one_and_frees_its_blocks():
     runner, scheduler = FakeRunner(), _scheduler(6, 64, 1)
-    result = probe_prefill_speed(runner, scheduler, 64, top_n_tokens=5)
+    result = probe_prefill_speed(runner, scheduler, 64, top_n_tokens=5, synchronize=runner.synchronize)
     assert runner.steps == [[16], [16], [64]]  # untimed, timed short, timed full
     assert len(runner.block_ids[2]) == 5  # 64 prompt tokens + the sampled one, in blocks of 16
     assert scheduler.blocks.num_free_blocks == 5 and not scheduler.has_work
@@ -71,9 +78,9 @@ def test_probe_times_the_short_step_warm_then_the_full_one_and_frees_its_blocks(
 
 def test_probe_skips_the_full_step_where_the_short_one_predicts_it_is_slow():
     runner, scheduler = FakeRunner(delay_s=0.8), _scheduler(6, 64, 1)  # 16 tokens in 0.8 s: 64 would take 3.2 s
-    result = probe_prefill_speed(runner, scheduler, 64, top_n_tokens=5)
-    assert runner.steps == [[16], [16]]
-    assert (result.num_tokens, result.short_tokens) == (16, 0)
+    result = probe_prefill_speed(runner, scheduler, 64, top_n_tokens=5, synchronize=runner.synchronize)
+    assert runner.steps == [[16], [16]]  # the short step's time counts only if warmup waits for the device
+    assert (result.num_tokens, result.short_tokens) == (16, 0) and runner.num_queued == 0
 
 
 def test_speed_over_a_step_fits_a_fixed_and_a_per_token_cost():
@@ -89,11 +96,11 @@ def test_speed_over_a_step_fits_a_fixed_and_a_per_token_cost():
 
 def test_full_step_fills_the_prefill_budget_with_prompts_of_at_most_max_input_tokens():
     runner, scheduler = FakeRunner(), _scheduler(257, 250)
-    full_step(runner, scheduler, _limits(), top_n_tokens=5)
+    full_step(runner, scheduler, _limits(), top_n_tokens=5, synchronize=runner.synchronize)
     assert runner.steps == [[100, 100, 50]]
     assert scheduler.blocks.num_free_blocks == 256 and not scheduler.has_work
     scheduler = _scheduler(257, 250, max_batch_size=2)
-    full_step(runner, scheduler, _limits(max_batch_size=2), top_n_tokens=5)
+    full_step(runner, scheduler, _limits(max_batch_size=2), top_n_tokens=5, synchronize=runner.synchronize)
     assert runner.steps[-1] == [100, 100]
 
 
@@ -102,5 +109,5 @@ def test_full_step_out_of_memory_is_tgis_message():
     scheduler = _scheduler(257, 250)
     with pytest.raises(ConfigError, match=re.escape(
             "Not enough memory to handle 250 prefill tokens. You need to decrease `--max-batch-prefill-tokens`")):
-        full_step(runner, scheduler, _limits(), top_n_tokens=5)
+        full_step(runner, scheduler, _limits(), top_n_tokens=5, synchronize=runner.synchronize)
     assert scheduler.blocks.num_free_blocks == 256 and not scheduler.has_work

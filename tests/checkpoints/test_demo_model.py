@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tgserve.core import demo_model
-from tgserve.core.demo_model import (
+from tgserve.checkpoints import demo_model
+from tgserve.checkpoints.demo_model import (
     SHAPES,
     ensure_demo_model,
     plan_shards,
@@ -20,7 +20,7 @@ from tgserve.core.demo_model import (
     write_demo_model,
     write_random_qwen2_weights,
 )
-from tgserve.core.demo_tokenizer import build_demo_tokenizer, read_demo_corpus, special_token_ids, write_json
+from tgserve.checkpoints.demo_tokenizer import build_demo_tokenizer, read_demo_corpus, special_token_ids, write_json
 
 TRICKY_TEXTS = [
     "Hello, world!",

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from tgserve.core.demo_tokenizer import (
+from tgserve.checkpoints.demo_tokenizer import (
     ENDOFTEXT,
     IM_END,
     build_demo_tokenizer,
@@ -32,7 +32,7 @@ from tgserve.core.demo_tokenizer import (
     write_demo_tokenizer,
     write_json,
 )
-from tgserve.core.model_cache import cache_root, ensure_cached
+from tgserve.checkpoints.model_cache import cache_root, ensure_cached
 
 DEMO_CACHE_NAME = "demo-qwen2-v1"
 

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from tgserve.api import cli
-from tgserve.core import smollm2
+from tgserve.checkpoints import smollm2
 from tgserve.core.model_config import ModelConfig
 from tgserve.core.model_source import ModelNotFound
-from tgserve.core.smollm2 import SmolLM2Unavailable, SmolLM2Wheel, checkpoint_config, ensure_smollm2, find_wheel
+from tgserve.checkpoints.smollm2 import SmolLM2Unavailable, SmolLM2Wheel, checkpoint_config, ensure_smollm2, find_wheel
 from tgserve.core.tokenizer import Tokenizer
 
 

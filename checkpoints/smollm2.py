@@ -20,8 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tgserve.core.demo_tokenizer import write_json
-from tgserve.core.model_cache import ensure_cached
+from tgserve.checkpoints.demo_tokenizer import write_json
+from tgserve.checkpoints.model_cache import ensure_cached
 from tgserve.core.model_source import ModelNotFound
 
 SMOLLM2_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub id the built model reports
