@@ -86,7 +86,8 @@ def tgserve_get_default_kv_cache_bytes(device):
 def tgserve_get_dist_backend():
     """The torch.distributed backend name for this device ("gloo", "nccl", "hccl", "xla", ...).
 
-    Called once per process when the server is sharded. First non-None result wins.
+    Called once per process when the server is sharded (nothing calls it yet: tensor parallelism,
+    which will, is not built). First non-None result wins.
     """
 
 
@@ -94,7 +95,8 @@ def tgserve_get_dist_backend():
 def tgserve_synchronize(device):
     """Wait until all work queued on `device` has finished; return True.
 
-    Used by benchmarks and warmup timing, never on the per-token path. First non-None result wins.
+    For code that times device work; never on the per-token path. Nothing calls it yet: every step
+    ends by reading the sampled ids, which waits for the device. First non-None result wins.
     """
 
 

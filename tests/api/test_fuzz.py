@@ -13,6 +13,7 @@ server's --max-total-tokens is 40, so a request without max_new_tokens stays sho
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -45,11 +46,7 @@ TEXT = _weighted(
                          "word " * 600, "x" * 20_000, "Ω≈ç√∫˜µ≤≥÷", "\u202e\u0301\ufeff"])),
 )
 SMALL_NEW_TOKENS = st.integers(1, 3)
-VALID_PARAMETERS = st.fixed_dictionaries({
-    # None means "up to max_total_tokens": rarer, and the server keeps that limit small.
-    "max_new_tokens": _weighted((6, SMALL_NEW_TOKENS), (1, st.none())),
-}, optional={
-    "best_of": st.integers(1, 2),
+SAMPLING_PARAMETERS = {  # each valid alone
     "temperature": st.floats(0.1, 2.5),
     "repetition_penalty": st.floats(0.5, 2.0),
     "frequency_penalty": st.floats(-2.0, 2.0),
@@ -65,7 +62,15 @@ VALID_PARAMETERS = st.fixed_dictionaries({
     "decoder_input_details": st.booleans(),
     "seed": st.integers(0, 2**64 - 1),
     "top_n_tokens": st.integers(0, 5),
-})
+}
+VALID_PARAMETERS = st.fixed_dictionaries({
+    # None means "up to max_total_tokens": rarer, and the server keeps that limit small.
+    "max_new_tokens": _weighted((6, SMALL_NEW_TOKENS), (1, st.none())),
+}, optional={"best_of": st.integers(1, 2), **SAMPLING_PARAMETERS})
+# Every parameter at once, valid on both routes (a stream refuses decoder_input_details): requests that
+# reach the engine and could leave state behind.
+EVERY_PARAMETER = st.fixed_dictionaries({"max_new_tokens": SMALL_NEW_TOKENS, **{
+    name: values for name, values in SAMPLING_PARAMETERS.items() if name != "decoder_input_details"}})
 EDGE_VALUES = st.one_of(BIG_INTS, ODD_FLOATS, WRONG_TYPES, st.integers(-3, 3), TEXT,
                         st.sampled_from([{"type": "regex", "value": "a+"}, {"type": "bogus"}, ["a"] * 9]))
 FIELDS = ["best_of", "temperature", "repetition_penalty", "frequency_penalty", "top_k", "top_p", "typical_p",
@@ -148,6 +153,31 @@ def test_fuzzed_requests_never_break_the_server(client, reference_answer, path, 
     _check_answer(path, status, content, answer_type)
 
 
+NUM_BURST_REQUESTS, NUM_BURST_THREADS = 16, 4
+
+
 def test_server_is_healthy_and_unchanged_after_fuzzing(client, reference_answer):
+    """Self-contained: its own burst of fuzzed requests, sent concurrently (so they share steps), then
+    /health and the reference answer taken before the burst (oracle: the server's own earlier answer).
+    The burst is drawn by hypothesis (fixed seed), bodies only, nothing sent while drawing: mostly valid
+    requests that set every sampling parameter (they reach the engine), the rest from the fuzz mix."""
+    burst: list[tuple[str, bytes, str]] = []
+
+    @settings(max_examples=NUM_BURST_REQUESTS, derandomize=True, database=None, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                     HealthCheck.large_base_example])
+    @given(path=st.sampled_from(["/generate", "/generate_stream"]),
+           body=_weighted((3, _encoded(st.builds(_request, st.text(min_size=1, max_size=40), EVERY_PARAMETER))),
+                          (1, BODIES)))
+    def draw(path, body):
+        burst.append((path, body, "application/json"))
+
+    draw()
+    assert len(burst) == NUM_BURST_REQUESTS
+    with ThreadPoolExecutor(NUM_BURST_THREADS) as pool:
+        answers = list(pool.map(lambda request: (request[0], *_post(client, *request)), burst))
+    assert any(status == 200 for _, status, _, _ in answers), "the burst generated nothing"
+    for path, status, content, answer_type in answers:
+        _check_answer(path, status, content, answer_type)
     assert client.get("/health").status_code == 200
     assert client.post("/generate", json=REFERENCE).json() == reference_answer

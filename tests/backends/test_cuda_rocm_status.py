@@ -44,7 +44,6 @@ def test_cuda_build_with_gpus(fake_build):
     assert status.is_usable and status.priority == 100 and status.device_name == "2x NVIDIA H100 80GB HBM3"
     assert not rocm.tgserve_get_backend_status().is_usable
     assert cuda.tgserve_get_device(rank=3) == torch.device("cuda", 1)
-    assert cuda.tgserve_get_dist_backend() == "nccl"
 
 
 def test_rocm_build_with_gpu(fake_build):
@@ -54,7 +53,6 @@ def test_rocm_build_with_gpu(fake_build):
     cuda_status = cuda.tgserve_get_backend_status()
     assert not cuda_status.is_usable and "--backend rocm" in cuda_status.reason
     assert rocm.tgserve_get_device(rank=0) == torch.device("cuda", 0)
-    assert rocm.tgserve_get_dist_backend() == "nccl"
 
 
 def test_driver_failure_is_a_reason_not_a_crash(fake_build, monkeypatch):

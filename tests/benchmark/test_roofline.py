@@ -1,9 +1,12 @@
 """The roofline arithmetic: which bytes a decode step reads, the floor, the fraction; the bandwidth probe runs."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from tgserve.benchmark import roofline
 
@@ -78,7 +81,50 @@ def test_summary_has_every_field():
         assert key in summary
 
 
-def test_bandwidth_probe_measures_something():
+class _ScriptedSums(TorchFunctionMode):
+    """Logs every torch call of the probe and advances a fake clock by a scripted time per `sum`,
+    so the probe's arithmetic can be checked exactly: only a sum inside a timed window adds time."""
+
+    def __init__(self, sum_durations_s: list[float]):
+        super().__init__()
+        self.now_s = 0.0
+        self.durations_s = list(sum_durations_s)
+        self.log: list[tuple] = []
+
+    def perf_counter(self) -> float:
+        self.log.append(("clock",))
+        return self.now_s
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", str(func))
+        if name == "sum":
+            self.now_s += self.durations_s.pop(0)
+            self.log.append(("sum", args[0].numel(), args[0].dtype))
+        elif name == "ones":
+            self.log.append(("ones", result.numel(), result.dtype))
+        return result
+
+
+def test_bandwidth_probe_is_bytes_over_the_best_timed_full_read(monkeypatch):
+    """Oracle: the docstring's arithmetic by hand. A fake clock advances only while a sum runs
+    (warm-up 0.125 s, then 0.5, 0.25, 0.375 s: exact in binary), so the probe must time each repeat's
+    sum alone, skip the warm-up, read the whole num_bytes every time, and report num_bytes / 0.25 s
+    (the best repeat; the median would be 0.375 s, the mean 0.375 s)."""
+    num_bytes, durations_s = 4 << 20, [0.125, 0.5, 0.25, 0.375]
+    sums = _ScriptedSums(durations_s)
+    monkeypatch.setattr(roofline, "time", SimpleNamespace(perf_counter=sums.perf_counter))
+    with sums:
+        probe = roofline.measure_read_bandwidth(num_bytes=num_bytes, repeats=3)
+    numel = num_bytes // 4
+    assert sums.log == [("ones", numel, torch.float32), ("sum", numel, torch.float32),  # untimed warm-up
+                        *[("clock",), ("sum", numel, torch.float32), ("clock",)] * 3]
+    assert probe["read_bytes_per_s"] == num_bytes / 0.25
+    assert (probe["num_bytes"], probe["repeats"], probe["device"]) == (num_bytes, 3, "cpu")
+    assert probe["num_threads"] == torch.get_num_threads()
+
+
+def test_bandwidth_probe_runs_on_the_real_clock():
     probe = roofline.measure_read_bandwidth(num_bytes=4 << 20, repeats=2)
     assert probe["read_bytes_per_s"] > 0 and probe["num_bytes"] == 4 << 20
     assert probe["num_threads"] == torch.get_num_threads() and probe["device"] == "cpu"

@@ -1,4 +1,5 @@
-"""`tgserve benchmark serve` end to end: the real CLI, as a subprocess, against a real `tgserve serve`.
+"""`tgserve benchmark serve` end to end: the real CLI, as a subprocess, against a real `tgserve serve`
+(the package's `server` fixture, tests/benchmark/conftest.py).
 
 A sweep of two rates (inf, 4) over 8 short prompts of the demo model; checks the printed table,
 the JSON result file (one result per rate, every metric) and the PNG plot.
@@ -8,27 +9,16 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from tests.api.conftest import TEST_SERVER_FLAGS, ServerProcess, tgserve_command, tgserve_env
+from tests.api.conftest import ServerProcess, tgserve_command, tgserve_env
 
 NUM_PROMPTS = 8
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
 THROUGHPUTS = ("request_throughput_rps", "request_goodput_rps", "output_throughput_tok_s",
                "total_token_throughput_tok_s")
-
-
-@pytest.fixture(scope="module")
-def server(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One demo-model server for this module."""
-    process = ServerProcess(demo_model_dir, tmp_path_factory.mktemp("server") / "server.log", *TEST_SERVER_FLAGS)
-    try:
-        yield process.wait_healthy()
-    finally:
-        process.terminate()
 
 
 def run_benchmark(*args: str) -> subprocess.CompletedProcess:
