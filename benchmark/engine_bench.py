@@ -140,6 +140,7 @@ def add_roofline(report: dict, engine, model_dir: Path, bandwidth_probe_bytes: i
     and `fraction_of_floor` (floor / avg step) to each decode row."""
     import torch
 
+    from tgserve.core.kv_cache import KVCache
     from tgserve.core.model_config import ModelConfig
 
     model = ModelConfig.from_dir(model_dir)
@@ -148,7 +149,9 @@ def add_roofline(report: dict, engine, model_dir: Path, bandwidth_probe_bytes: i
     bandwidth = probe["read_bytes_per_s"]
     context = report["meta"]["sequence_length"] + report["meta"]["decode_length"] / 2  # mean cached tokens
     weights = roofline.weight_bytes(roofline.safetensors_numels(model_dir), itemsize, model.tie_word_embeddings)
-    kv_per_token, row_bytes = model.kv_bytes_per_token(itemsize), model.hidden_size * itemsize
+    kv_per_token = KVCache.bytes_per_block(model.num_hidden_layers, 1, model.num_key_value_heads, model.head_dim,
+                                           getattr(torch, engine.model_info.model_dtype))
+    row_bytes = model.hidden_size * itemsize
     report["roofline"] = {**roofline.roofline_summary(weights, kv_per_token, row_bytes, bandwidth, context),
                           "bandwidth_probe": probe}
     for row in report["results"]:

@@ -76,12 +76,12 @@ class ServerConfig:
             raise ConfigError(f"`cuda_memory_fraction` must be in (0, 1]. Given: {self.cuda_memory_fraction}")
         if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
             raise ConfigError(f"`kv_cache_gib` must be > 0. Given: {self.kv_cache_gib}")
-        _check_token_limits(self.max_input_tokens, self.max_total_tokens,
-                            self.max_batch_prefill_tokens, self.max_batch_total_tokens)
+        check_token_limits(self.max_input_tokens, self.max_total_tokens,
+                           self.max_batch_prefill_tokens, self.max_batch_total_tokens)
 
 
-def _check_token_limits(max_input: int | None, max_total: int | None,
-                        max_prefill: int | None, max_batch_total: int | None) -> None:
+def check_token_limits(max_input: int | None, max_total: int | None,
+                       max_prefill: int | None, max_batch_total: int | None) -> None:
     """TGI's start-up consistency checks, with its messages, on whichever limits are known."""
     if max_input is not None and max_total is not None and max_input >= max_total:
         raise ConfigError(f"`max_input_tokens`({max_input}) must be < `max_total_tokens`({max_total})")
@@ -91,4 +91,3 @@ def _check_token_limits(max_input: int | None, max_total: int | None,
         raise ConfigError("`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`")
 
 
-check_token_limits = _check_token_limits

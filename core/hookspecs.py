@@ -84,10 +84,11 @@ def tgserve_get_default_kv_cache_bytes(device):
 
 @hookspec(firstresult=True)
 def tgserve_get_dist_backend():
-    """The torch.distributed backend name for this device ("gloo", "nccl", "hccl", "xla", ...).
+    """The torch.distributed backend name for this device ("gloo", "nccl", "hccl", "xla", ...), or
+    None where this backend cannot shard a model.
 
-    Called once per process when the server is sharded (nothing calls it yet: tensor parallelism,
-    which will, is not built). First non-None result wins.
+    Optional. Called once per process when the server is sharded (tensor parallelism, `--num-shard`).
+    First non-None result wins.
     """
 
 
@@ -95,8 +96,9 @@ def tgserve_get_dist_backend():
 def tgserve_synchronize(device):
     """Wait until all work queued on `device` has finished; return True.
 
-    For code that times device work; never on the per-token path. Nothing calls it yet: every step
-    ends by reading the sampled ids, which waits for the device. First non-None result wins.
+    For code that times device work: warmup calls it after each step it times (a step that samples
+    nothing would otherwise time as queued, not run). Never on the per-token path: a serving step
+    ends by reading the sampled ids, which waits for the device anyway. First non-None result wins.
     """
 
 
@@ -154,8 +156,8 @@ def tgserve_make_attention(model_config, block_size, device, dtype):
 def tgserve_make_model(model_config, device, dtype, linear_method, attention):
     """Build the runnable model for `model_config` on `device`, weights not yet loaded.
 
-    Returns: an object with `load_weights(weights)`, `forward(batch, kv_cache)` and
-    `compute_logits(hidden)` (see `tgserve.core.models.registry`). The core builds its own Qwen2 /
+    Returns: a `tgserve.core.models.registry.RunnableModel` (`load_weights(weights)`,
+    `forward(batch, kv_cache)`, `compute_logits(hidden)`). The core builds its own Qwen2 /
     Llama code; a backend may return something else entirely (a compiled graph, a wrapped model).
     Called once per process. First non-None result wins.
     """

@@ -26,7 +26,6 @@ class ModelConfig:
     rope_scaling: dict | None
     tie_word_embeddings: bool
     attention_bias: bool  # q/k/v projections carry a bias (always for Qwen2)
-    torch_dtype: str | None  # dtype the checkpoint was saved in
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     # The longest sequence the server computes when that passes max_position_embeddings (its
@@ -58,7 +57,6 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             attention_bias=model_type == "qwen2" or raw.get("attention_bias", False),
-            torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
             eos_token_ids=eos_ids,
             bos_token_id=raw.get("bos_token_id"),
         )
@@ -88,10 +86,6 @@ class ModelConfig:
             return int(self.max_position_embeddings * float(scaling["factor"]))
         return max(self.max_position_embeddings,
                    int(float(scaling["factor"]) * scaling["original_max_position_embeddings"]))
-
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """KV-cache bytes one token takes across all layers (K and V)."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
 
 
 def normalize_rope_scaling(rope: dict, max_position_embeddings: int, original_max_position_embeddings: int | None

@@ -17,7 +17,7 @@ from tgserve.core.backend_status import BackendStatus
 ENTRY_POINT_GROUP = "tgserve.backends"
 # Hooks with no core default: the selected backend itself must answer them.
 REQUIRED_HOOKS = ("tgserve_get_backend_status", "tgserve_get_device", "tgserve_get_default_dtype",
-                  "tgserve_get_free_memory_bytes", "tgserve_get_dist_backend", "tgserve_synchronize")
+                  "tgserve_get_free_memory_bytes", "tgserve_synchronize")
 
 
 class BackendUnavailable(RuntimeError):

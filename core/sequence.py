@@ -27,7 +27,6 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     # Content hashes of the leading blocks full of computed tokens, in order (BlockManager.hash_full_blocks).
     block_hashes: list[bytes] = field(default_factory=list)
-    is_cancelled: bool = False
     arrival_s: float = 0.0  # time.monotonic() at submit
     first_scheduled_s: float | None = None  # when it first entered a step (end of its queue time)
 

@@ -33,12 +33,6 @@ class RotaryEmbedding(nn.Module):
         """positions [T] -> (cos, signed_sin), each [T, 1, head_dim]; once per step, shared by all layers."""
         return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions [T]; q [T, heads, head_dim]; k [T, kv_heads, head_dim] -> rotated q, k."""
-        qk = torch.cat([q, k], dim=1)
-        rotated = apply_rotary(self.lookup(positions), qk)
-        return rotated[:, :q.shape[1]], rotated[:, q.shape[1]:]
-
 
 def apply_rotary(cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, heads, d] (queries and keys together, one call) by the looked-up (cos, signed_sin).

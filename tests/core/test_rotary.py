@@ -13,7 +13,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb as qwen2_apply
 
 from tgserve.core.layers.rope_frequencies import UnsupportedRopeType
-from tgserve.core.layers.rotary import RotaryEmbedding
+from tgserve.core.layers.rotary import RotaryEmbedding, apply_rotary
 from tgserve.core.model_config import ModelConfig
 
 _MAX_POSITIONS = 8192
@@ -59,6 +59,12 @@ _CASES = {
 }
 
 
+def rotate(rotary: RotaryEmbedding, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    """As the model applies it: one table lookup per step, queries and keys rotated in one call."""
+    rotated = apply_rotary(rotary.lookup(positions), torch.cat([q, k], dim=1))
+    return rotated.split([q.shape[1], k.shape[1]], dim=1)
+
+
 @pytest.mark.parametrize("case", list(_CASES))
 def test_rotary_matches_transformers(case):
     config_cls, hf_rotary_cls, hf_apply, extra, max_position_embeddings, num_positions = _CASES[case]
@@ -77,7 +83,7 @@ def test_rotary_matches_transformers(case):
                            torch.tensor([num_positions - 1])])
     q = torch.randn(len(positions), 4, head_dim, generator=generator)
     k = torch.randn(len(positions), 2, head_dim, generator=generator)
-    q_ours, k_ours = ours(positions, q, k)
+    q_ours, k_ours = rotate(ours, positions, q, k)
 
     hf_rotary = hf_rotary_cls(hf_config)
     cos, sin = hf_rotary(q, positions.unsqueeze(0))  # [1, T, head_dim]
@@ -102,10 +108,10 @@ def test_yarn_attention_factor_and_ramp_follow_the_paper():
 def test_position_zero_is_identity_and_norms_are_kept():
     rotary = RotaryEmbedding(16, 64, 10_000.0, None, torch.float32, torch.device("cpu"))
     q, k = torch.randn(3, 2, 16), torch.randn(3, 1, 16)
-    q_rot, k_rot = rotary(torch.tensor([0, 0, 0]), q, k)
+    q_rot, k_rot = rotate(rotary, torch.tensor([0, 0, 0]), q, k)
     torch.testing.assert_close(q_rot, q)
     torch.testing.assert_close(k_rot, k)
-    q_rot, _ = rotary(torch.tensor([1, 17, 63]), q, k)
+    q_rot, _ = rotate(rotary, torch.tensor([1, 17, 63]), q, k)
     torch.testing.assert_close(q_rot.norm(dim=-1), q.norm(dim=-1))
 
 
@@ -114,8 +120,8 @@ def test_scores_depend_on_relative_position_only():
     q, k = torch.randn(1, 1, 32), torch.randn(1, 1, 32)
 
     def score(q_pos, k_pos):
-        q_rot, _ = rotary(torch.tensor([q_pos]), q, k)
-        _, k_rot = rotary(torch.tensor([k_pos]), q, k)
+        q_rot, _ = rotate(rotary, torch.tensor([q_pos]), q, k)
+        _, k_rot = rotate(rotary, torch.tensor([k_pos]), q, k)
         return (q_rot * k_rot).sum()
 
     torch.testing.assert_close(score(10, 3), score(107, 100), rtol=1e-4, atol=1e-4)
