@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions: TGI's Messages API over the /generate machinery.
+"""POST /v1/chat/completions: TGI's Messages API, run by the shared request lifecycle.
 
 Request-level refusals (tools, images, a missing chat template, n > 1) are HTTP 422s before
 anything streams. Once a stream has started, validation, overload and engine errors arrive as
@@ -13,20 +13,21 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from tgserve.api.chat_template import render_chat
-from tgserve.api.errors import ApiError
-from tgserve.api.generation import PreparedRequest, cancel_on_disconnect
-from tgserve.api.openai_generation import Prepare, generate_to_end, preparer, stream_generation
-from tgserve.api.openai_params import chat_parameters, check_chat_fields
-from tgserve.api.openai_responses import (DONE_EVENT, ResponseMeta, chat_chunk_json, chat_completion_json,
+from tgserve.api.openai.chat_template import render_chat
+from tgserve.api.openai.params import chat_parameters, check_chat_fields
+from tgserve.api.openai.responses import (DONE_EVENT, ResponseMeta, chat_chunk_json, chat_completion_json,
                                           chat_usage_chunk_json, openai_error_event, sse_json)
-from tgserve.api.openai_schemas import ERROR_RESPONSES, ChatRequest
-from tgserve.api.schemas import GenerateRequest
-from tgserve.api.state import ServerState, get_state
-from tgserve.api.streaming import SSEResponse, stream_headers
-from tgserve.api.timing import RequestTimer
+from tgserve.api.openai.schemas import ERROR_RESPONSES, ChatRequest
+from tgserve.api.shared.errors import ApiError
+from tgserve.api.shared.lifecycle import RequestLifecycle
+from tgserve.api.shared.prepare import PreparedRequest, preparer
+from tgserve.api.shared.schemas import GenerateRequest
+from tgserve.api.shared.sse import SSEResponse, stream_headers
+from tgserve.api.shared.state import ServerState, get_state
+from tgserve.api.shared.tasks import cancel_on_disconnect
 
 router = APIRouter(tags=["Text Generation Inference"])
+
 
 async def chat_generate_request(state: ServerState, body: ChatRequest) -> GenerateRequest:
     """Check the request, render its messages with the chat template and map its parameters.
@@ -53,27 +54,25 @@ async def chat_completions(request: Request, body: ChatRequest, state: ServerSta
     """Answer a conversation with one assistant message, whole or as `chat.completion.chunk` events."""
     generate_body = await chat_generate_request(state, body)
     meta = response_meta(state, body.model)
-    prepare = preparer(state, generate_body, is_templated=True)
-    timer = RequestTimer()
+    lifecycle = RequestLifecycle(state, preparer(state, generate_body, is_templated=True))
     if body.stream:
-        return SSEResponse(_chat_events(state, prepare, timer, meta, body),
-                           headers=stream_headers(state, generate_body))
-    prepared, collected = await cancel_on_disconnect(request, generate_to_end(state, prepare, timer))
-    assert collected.finish is not None
-    body_json = chat_completion_json(meta, collected, num_prompt_tokens=prepared.input_length,
+        return SSEResponse(_chat_events(lifecycle, meta, body),
+                           headers=stream_headers(state.compute_type, len(generate_body.inputs)))
+    generated = await cancel_on_disconnect(request, lifecycle.run())
+    prepared = generated.prepared
+    body_json = chat_completion_json(meta, generated.best, num_prompt_tokens=prepared.input_length,
                                      is_logprobs=bool(body.logprobs))
-    headers = timer.headers(collected.finish, compute_type=state.compute_type,
-                            num_characters=len(generate_body.inputs), num_prompt_tokens=prepared.input_length)
+    headers = lifecycle.timer.headers(generated.finish, compute_type=state.compute_type,
+                                      num_characters=len(generate_body.inputs), num_prompt_tokens=prepared.input_length)
     return JSONResponse(body_json, headers=headers)
 
 
-async def _chat_events(state: ServerState, prepare: Prepare, timer: RequestTimer, meta: ResponseMeta,
-                       body: ChatRequest) -> AsyncIterator[bytes]:
+async def _chat_events(lifecycle: RequestLifecycle, meta: ResponseMeta, body: ChatRequest) -> AsyncIterator[bytes]:
     """The SSE body: one chunk per token, the usage chunk if asked for, then `[DONE]`."""
     is_logprobs = bool(body.logprobs)
     is_usage_asked = body.stream_options is not None and bool(body.stream_options.include_usage)
     num_prompt_tokens = 0
-    async with aclosing(stream_generation(state, prepare, timer)) as items:
+    async with aclosing(lifecycle.stream()) as items:
         async for item in items:
             if isinstance(item, PreparedRequest):
                 num_prompt_tokens = item.input_length

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
-from tgserve.api.errors import ApiError, validation_error
-from tgserve.api.openai_schemas import ChatMessage, ImagePart
+from tgserve.api.openai.schemas import ChatMessage, ImagePart
+from tgserve.api.shared.errors import ApiError, validation_error
 from tgserve.core.tokenizer import Tokenizer
 
 TEMPLATE_NOT_FOUND = "template not found"  # TGI's message when the checkpoint has no chat template

@@ -16,19 +16,19 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from tgserve.api.errors import ApiError
-from tgserve.api.generation import PreparedRequest, cancel_on_disconnect
-from tgserve.api.openai_chat import response_meta
-from tgserve.api.openai_generation import gather_or_cancel, generate_to_end, merge_streams, preparer, stream_generation
-from tgserve.api.openai_params import check_completion_fields, completion_parameters
-from tgserve.api.openai_responses import (DONE_EVENT, ResponseMeta, completion_chunk_json, completion_choice_json,
+from tgserve.api.openai.chat import response_meta
+from tgserve.api.openai.params import check_completion_fields, completion_parameters
+from tgserve.api.openai.responses import (DONE_EVENT, ResponseMeta, completion_chunk_json, completion_choice_json,
                                           completion_json, completion_logprobs_json, openai_error_event,
                                           openai_finish_reason, sse_json, usage_json, visible_text)
-from tgserve.api.openai_schemas import ERROR_RESPONSES, CompletionRequest
-from tgserve.api.schemas import GenerateRequest
-from tgserve.api.state import ServerState, get_state
-from tgserve.api.streaming import SSEResponse, stream_headers
-from tgserve.api.timing import RequestTimer
+from tgserve.api.openai.schemas import ERROR_RESPONSES, CompletionRequest
+from tgserve.api.shared.errors import ApiError
+from tgserve.api.shared.lifecycle import RequestLifecycle
+from tgserve.api.shared.prepare import PreparedRequest, preparer
+from tgserve.api.shared.schemas import GenerateRequest
+from tgserve.api.shared.sse import SSEResponse, stream_headers
+from tgserve.api.shared.state import ServerState, get_state
+from tgserve.api.shared.tasks import cancel_on_disconnect, gather_or_cancel, merge_streams
 from tgserve.core.request import TokenEvent
 
 router = APIRouter(tags=["Text Generation Inference"])
@@ -42,25 +42,22 @@ async def completions(request: Request, body: CompletionRequest, state: ServerSt
     params = completion_parameters(body)
     bodies = [GenerateRequest(inputs=prompt, parameters=params) for prompt in prompts]
     meta = response_meta(state, body.model)
+    lifecycles = [RequestLifecycle(state, preparer(state, b)) for b in bodies]  # one per prompt, as TGI
     if body.stream:
-        headers = stream_headers(state, bodies[0])
-        headers["x-compute-characters"] = str(sum(len(prompt) for prompt in prompts))
-        return SSEResponse(_completion_events(state, bodies, meta, body), headers=headers)
-    timers = [RequestTimer() for _ in bodies]
-    results = await cancel_on_disconnect(request, gather_or_cancel([
-        generate_to_end(state, preparer(state, b, is_templated=False), timer) for b, timer in zip(bodies, timers)]))
+        headers = stream_headers(state.compute_type, sum(len(prompt) for prompt in prompts))
+        return SSEResponse(_completion_events(lifecycles, bodies, meta, body), headers=headers)
+    results = await cancel_on_disconnect(request, gather_or_cancel([lifecycle.run() for lifecycle in lifecycles]))
     choices, all_headers = [], []
     num_prompt_tokens = num_completion_tokens = 0
-    for index, ((prepared, collected), timer, prompt) in enumerate(zip(results, timers, prompts)):
-        finish = collected.finish
-        assert finish is not None
+    for index, (generated, lifecycle, prompt) in enumerate(zip(results, lifecycles, prompts)):
+        prepared, finish = generated.prepared, generated.finish
         prefix = prompt if body.echo else ""
-        logprobs = None if body.logprobs is None else completion_logprobs_json(collected.tokens, len(prefix))
+        logprobs = None if body.logprobs is None else completion_logprobs_json(generated.best.tokens, len(prefix))
         choices.append(completion_choice_json(index, prefix + finish.text, logprobs,
                                               openai_finish_reason(finish.reason)))
         num_prompt_tokens += prepared.input_length
         num_completion_tokens += finish.generated_tokens
-        all_headers.append(timer.headers(finish, compute_type=state.compute_type, num_characters=len(prompt),
+        all_headers.append(lifecycle.timer.headers(finish, compute_type=state.compute_type, num_characters=len(prompt),
                                          num_prompt_tokens=prepared.input_length))
     body_json = completion_json(meta, choices, usage_json(num_prompt_tokens, num_completion_tokens))
     return JSONResponse(body_json, headers=sum_headers(all_headers))
@@ -89,12 +86,11 @@ class _PromptProgress:
     text_offset: int = 0  # characters of this choice's text sent so far (for logprobs.text_offset)
 
 
-async def _completion_events(state: ServerState, bodies: list[GenerateRequest], meta: ResponseMeta,
+async def _completion_events(lifecycles: list[RequestLifecycle], bodies: list[GenerateRequest], meta: ResponseMeta,
                              body: CompletionRequest) -> AsyncIterator[bytes]:
     """The SSE body: the prompts' chunks interleaved, errors as OpenAI error events, then `[DONE]`."""
     progress = [_PromptProgress(prefix=b.inputs if body.echo else "") for b in bodies]
-    streams = [stream_generation(state, preparer(state, b, is_templated=False), RequestTimer()) for b in bodies]
-    async with aclosing(merge_streams(streams)) as items:
+    async with aclosing(merge_streams([lifecycle.stream() for lifecycle in lifecycles])) as items:
         async for index, item in items:
             if isinstance(item, PreparedRequest):
                 progress[index].num_prompt_tokens = item.input_length

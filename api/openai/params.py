@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import NoReturn
 
-from tgserve.api.errors import ApiError, validation_error
-from tgserve.api.openai_schemas import ChatRequest, CompletionRequest, SamplingFields
-from tgserve.api.schemas import GenerateParameters
+from tgserve.api.openai.schemas import ChatRequest, CompletionRequest, SamplingFields
+from tgserve.api.shared.errors import ApiError, validation_error
+from tgserve.api.shared.schemas import GenerateParameters
 
 NO_TOOL_CHOICES = (None, "none", "auto")  # tool_choice values that ask for no tool when none is given
 TEXT_RESPONSE_FORMATS = (None, {"type": "text"})  # OpenAI's plain-text default

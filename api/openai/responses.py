@@ -12,9 +12,9 @@ import math
 import time
 from dataclasses import dataclass
 
-from tgserve.api.errors import ApiError
-from tgserve.api.responses import CollectedGeneration
-from tgserve.api.routes_info import server_version
+from tgserve.api.shared.collected import CollectedGeneration
+from tgserve.api.shared.errors import ApiError
+from tgserve.api.shared.version import server_version
 from tgserve.core.request import Finish, TokenEvent, TopToken
 
 MIN_LOGPROB = -9999.0  # what OpenAI reports for a token with probability 0 (JSON has no -Infinity)

@@ -1,15 +1,17 @@
-"""The OpenAI-compatible routes as one router: chat completions, completions and GET /v1/models."""
+"""The OpenAI-compatible routes as one router: chat completions, completions,
+POST /chat_tokenize and GET /v1/models."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
-from tgserve.api import openai_chat, openai_completions
-from tgserve.api.state import ServerState, get_state
+from tgserve.api.openai import chat, chat_tokenize, completions
+from tgserve.api.shared.state import ServerState, get_state
 
 router = APIRouter(tags=["Text Generation Inference"])
-router.include_router(openai_chat.router)
-router.include_router(openai_completions.router)
+router.include_router(chat.router)
+router.include_router(completions.router)
+router.include_router(chat_tokenize.router)
 
 
 def models_json(model_id: str) -> dict:

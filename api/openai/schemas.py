@@ -1,9 +1,9 @@
 """Request bodies of the OpenAI-compatible routes, mirroring TGI's `ChatRequest` and `CompletionRequest`.
 
-Parsed as strictly as the native routes (`tgserve.api.schemas`): wrong JSON types are a 422, unknown
+Parsed as strictly as the native routes (`tgserve.api.shared.schemas`): wrong JSON types are a 422, unknown
 fields are ignored (serde's default, and what OpenAI clients rely on when they send `user` or
 `store`). Fields TGI accepts but tgserve cannot honour yet (`tools`, `response_format`, `n` > 1,
-...) are parsed here and refused in `tgserve.api.openai_params`, never silently dropped.
+...) are parsed here and refused in `tgserve.api.openai.params`, never silently dropped.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tgserve.api.schemas import MAX_U32, MAX_U64, ErrorResponse
+from tgserve.api.shared.schemas import MAX_U32, MAX_U64, ErrorResponse
 
 _REQUEST_CONFIG = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)  # as the native routes
 

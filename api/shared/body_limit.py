@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tgserve.api.errors import ApiError, envelope_response
+from tgserve.api.shared.errors import ApiError, envelope_response
 
 
 def _too_large(limit_bytes: int) -> ApiError:

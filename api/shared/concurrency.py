@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tgserve.api.metrics import ServerMetrics
+    from tgserve.api.shared.metrics import ServerMetrics
 
 
 class ConcurrencyLimiter:

@@ -1,5 +1,6 @@
-"""TGI's error envelope `{"error": ..., "error_type": ...}`, its status codes, and the handlers
-that make every failure (bad JSON, wrong types, engine errors, bugs) answer in that envelope."""
+"""TGI's error envelope `{"error": ..., "error_type": ...}`, its status codes, the one mapping from
+an exception during a request to its answer (`api_error`), and the handlers that make every other
+failure (bad JSON, wrong types, bugs outside a request's lifecycle) answer in that envelope."""
 from __future__ import annotations
 
 import logging
@@ -10,8 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from tgserve.api.responses import sse_data
-from tgserve.api.validation import ValidationError
+from tgserve.api.shared.sse import sse_data
+from tgserve.api.shared.validation import ValidationError
+from tgserve.core.errors import EngineStopped, GenerationError, RequestRejected
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,30 @@ def incomplete_generation_error(is_stream: bool) -> ApiError:
     return ApiError(500, "incomplete_generation", "Incomplete generation")
 
 
+def internal_error(error: BaseException) -> ApiError:
+    """500 "internal": a bug in tgserve (TGI has no status for it); the traceback goes to the log."""
+    return ApiError(500, "internal", f"Internal server error: {error!r}")
+
+
+def api_error(error: Exception) -> ApiError:
+    """The answer to `error`, raised while serving a request: the only place exceptions get a status.
+
+    422 only for what the client caused (the API's own `ValidationError`, the engine's typed
+    `RequestRejected`); 424 for the engine's `GenerationError`; 503 while draining. Anything else,
+    a `ValueError` included, is a bug: logged with its traceback and answered 500.
+    """
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, (ValidationError, RequestRejected)):
+        return validation_error(str(error))
+    if isinstance(error, GenerationError):
+        return generation_error(str(error))
+    if isinstance(error, EngineStopped):
+        return shutting_down_error()
+    logger.error("unexpected error while serving a request", exc_info=error)
+    return internal_error(error)
+
+
 def envelope_response(error: ApiError) -> JSONResponse:
     """The JSON response for `error`."""
     return JSONResponse(error.body(), status_code=error.status_code)
@@ -108,4 +134,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
-        return envelope_response(ApiError(500, "internal", f"Internal server error: {exc!r}"))
+        return envelope_response(internal_error(exc))

@@ -1,132 +1,129 @@
-"""One generation request from parsed body to engine events: validate, tokenize, submit, collect.
+"""One generation request's lifecycle, the same for every route: permit, prepare, engine, log, errors.
 
-Shared by the TGI routes (and later the OpenAI routes): they differ only in how they render the
-events. Tokenization runs in a worker thread so a long prompt never stalls the event loop.
+    lifecycle = RequestLifecycle(state, preparer(state, body))
+    generated = await lifecycle.run()        # a whole answer (best_of candidates included), or ApiError
+    async for item in lifecycle.stream():    # the PreparedRequest, then TokenEvents, or one ApiError last
+        ...
+
+Both take one `--max-concurrent-requests` permit (429 when none is free) for the whole request,
+run its prepare step (validate, tokenize), consume `Engine.stream` through `metered_stream` (the
+request metrics and timings), log TGI's "Success" line with the timings, and answer any failure
+through `errors.api_error`, the one place an exception gets a status. The routes differ only in
+how they render a `Generated` or the stream's items; a /v1/completions request with several
+prompts is one lifecycle per prompt (`tasks.gather_or_cancel`, `tasks.merge_streams`).
 """
 from __future__ import annotations
 
-import asyncio
-from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Awaitable, TypeVar
+import logging
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator
 
-from starlette.requests import Request
+from tgserve.api.shared.best_of import candidate_requests, pick_best
+from tgserve.api.shared.collected import CollectedGeneration
+from tgserve.api.shared.errors import ApiError, api_error, incomplete_generation_error, overloaded_error
+from tgserve.api.shared.metrics_requests import metered_stream
+from tgserve.api.shared.prepare import Prepare, PreparedRequest
+from tgserve.api.shared.state import ServerState
+from tgserve.api.shared.tasks import gather_or_cancel
+from tgserve.api.shared.timing import RequestTimer
+from tgserve.core.request import Finish, GenerationRequest, TokenEvent
 
-from tgserve.api.errors import (ApiError, ClientDisconnected, generation_error, incomplete_generation_error,
-                                shutting_down_error, validation_error)
-from tgserve.api.metrics_requests import metered_stream
-from tgserve.api.responses import CollectedGeneration
-from tgserve.api.schemas import GenerateRequest
-from tgserve.api.state import ServerState
-from tgserve.api.timing import RequestTimer
-from tgserve.api.validation import ValidationError, check_parameters, fit_input_ids
-from tgserve.core.engine import EngineStopped, GenerationError
-from tgserve.core.request import GenerationRequest, StoppingParams
-
-T = TypeVar("T")
-DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
-
-# What `Engine.stream` raises: a failed step, a stopping engine, or (from `submit`) a request
-# whose tokens can never fit in the KV cache.
-ENGINE_ERRORS = (GenerationError, EngineStopped, ValueError)
+logger = logging.getLogger(__name__)
+StreamItem = PreparedRequest | TokenEvent | ApiError  # what `RequestLifecycle.stream` yields
 
 
 @dataclass(slots=True)
-class PreparedRequest:
-    """A validated, tokenized request and what its answer needs besides the events."""
+class Generated:
+    """A finished non-streaming request."""
 
-    request: GenerationRequest
-    input_length: int  # prompt tokens after truncation
-    prompt_prefix: str  # the prompt when return_full_text, else ""
-    top_n_tokens: int
-    best_of: int = 1  # candidates to run (`tgserve.api.best_of`); 1 = just `request`
+    prepared: PreparedRequest
+    best: CollectedGeneration  # the answer (the best_of winner when there were candidates)
+    others: list[CollectedGeneration] = field(default_factory=list)  # the losing best_of candidates
 
-
-async def prepare_request(state: ServerState, body: GenerateRequest, timer: RequestTimer, *,
-                          add_special_tokens: bool = True) -> PreparedRequest:
-    """Validate and tokenize `body`; raise `ApiError` (422) with TGI's message if it is invalid.
-
-    add_special_tokens: False for chat-templated text, which already spells BOS and friends out
-    (TGI tokenizes chat input with `add_special_tokens: false`; adding them would double BOS).
-    """
-    params = body.parameters
-    try:
-        checked = check_parameters(body.inputs, params, state.limits)
-        input_ids = await _encode(state, body.inputs, add_special_tokens)
-        input_ids, max_new_tokens = fit_input_ids(input_ids, checked.truncate, checked.max_new_tokens,
-                                                  state.limits)
-    except ValidationError as error:
-        state.metrics.record_failure("validation")
-        raise validation_error(error) from None
-    state.metrics.record_validated(len(input_ids), max_new_tokens)
-    request = GenerationRequest(
-        input_ids=input_ids,
-        sampling=checked.sampling,
-        stopping=StoppingParams(max_new_tokens=max_new_tokens, stop_sequences=checked.stop_sequences),
-        top_n_tokens=checked.top_n_tokens,
-        prefill_logprobs=params.decoder_input_details and state.engine.config.enable_prefill_logprobs,
-    )
-    timer.mark_queued()
-    return PreparedRequest(request=request, input_length=len(input_ids),
-                           prompt_prefix=body.inputs if params.return_full_text else "",
-                           top_n_tokens=checked.top_n_tokens, best_of=checked.best_of)
+    @property
+    def finish(self) -> Finish:
+        finish = self.best.finish
+        assert finish is not None, "only finished generations are answered"
+        return finish
 
 
-async def _encode(state: ServerState, text: str, add_special_tokens: bool) -> list[int]:
-    try:
-        return await asyncio.to_thread(state.engine.tokenizer.encode, text, add_special_tokens)
-    except Exception as error:  # a tokenizer failure is the request's fault, as in TGI
-        raise ValidationError(f"tokenizer error {error}") from None
+class RequestLifecycle:
+    """One request from permit to answer; `run` or `stream` it once."""
 
+    def __init__(self, state: ServerState, prepare: Prepare):
+        self.state = state
+        self.prepare = prepare
+        self.timer = RequestTimer()  # started now: the validation time counts from the handler
 
-async def collect_generation(state: ServerState, prepared: PreparedRequest, timer: RequestTimer,
-                             is_metered: bool = True) -> CollectedGeneration:
-    """Run the request to its end; raise `ApiError` 424 on an engine error, 500 if cut short.
+    async def run(self) -> Generated:
+        """Run the request to its end (every best_of candidate); raise `ApiError` on any failure."""
+        async with self._permit():
+            try:
+                prepared = await self.prepare(self.timer)
+                best, others = await self._collect_candidates(prepared)
+            except Exception as error:
+                raise api_error(error) from None
+        generated = Generated(prepared, best, others)
+        self._log_success(generated.finish)
+        return generated
 
-    is_metered: record the outcome in the request metrics (False for extra best_of candidates).
-    """
-    collected = CollectedGeneration()
-    events = state.engine.stream(prepared.request)
-    if is_metered:
-        events = metered_stream(state.metrics, events, timer)
-    try:
+    async def stream(self) -> AsyncIterator[StreamItem]:
+        """Yield the `PreparedRequest`, then one `TokenEvent` per token; a failure is yielded as
+        one `ApiError` and ends the stream. Closing the iterator cancels the request in the engine."""
+        try:
+            async with self._permit():
+                prepared = await self.prepare(self.timer)
+                yield prepared
+                async with aclosing(self._engine_events(prepared.request)) as events:
+                    async for event in events:
+                        yield event
+                        if event.finish is not None:
+                            self._log_success(event.finish)
+                            return
+                raise incomplete_generation_error(is_stream=True)
+        except Exception as error:
+            yield api_error(error)
+
+    @asynccontextmanager
+    async def _permit(self) -> AsyncIterator[None]:
+        if not self.state.limiter.try_acquire():
+            raise overloaded_error()
+        try:
+            yield
+        finally:
+            self.state.limiter.release()
+
+    async def _engine_events(self, request: GenerationRequest, is_metered: bool = True) -> AsyncIterator[TokenEvent]:
+        """`Engine.stream(request)`, metered unless `is_metered` is False (extra best_of candidates)."""
+        events = self.state.engine.stream(request)
+        if is_metered:
+            events = metered_stream(self.state.metrics, events, self.timer)
         async with aclosing(events):
+            async for event in events:
+                if event.finish is not None:
+                    self.timer.mark_end()
+                yield event
+
+    async def _collect(self, request: GenerationRequest, is_metered: bool = True) -> CollectedGeneration:
+        """Every event of `request`; raise 500 "incomplete_generation" if the stream ends unfinished."""
+        collected = CollectedGeneration()
+        async with aclosing(self._engine_events(request, is_metered)) as events:
             async for event in events:
                 collected.add(event)
                 if event.finish is not None:
-                    timer.mark_end()
-                    break
-    except ENGINE_ERRORS as error:
-        raise engine_error(error) from None
-    if collected.finish is None:
+                    return collected
         raise incomplete_generation_error(is_stream=False)
-    return collected
 
+    async def _collect_candidates(self, prepared: PreparedRequest) -> tuple[CollectedGeneration,
+                                                                             list[CollectedGeneration]]:
+        """(the answer, the losing best_of candidates); one failing candidate cancels the others."""
+        if prepared.best_of <= 1:
+            return await self._collect(prepared.request), []
+        candidates = candidate_requests(prepared)
+        results = await gather_or_cancel([self._collect(candidate.request, is_metered=i == 0)
+                                          for i, candidate in enumerate(candidates)])
+        return pick_best(results)
 
-async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client hangs up first (TGI drops such requests too).
-
-    Cancelling `collect_generation` closes `Engine.stream`, which cancels the request in the engine.
-    Raises `ClientDisconnected` in that case; nobody is left to read the answer.
-    """
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise ClientDisconnected()
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
-
-
-def engine_error(error: Exception) -> ApiError:
-    """The TGI error answering one of `ENGINE_ERRORS`."""
-    if isinstance(error, GenerationError):
-        return generation_error(str(error))
-    if isinstance(error, EngineStopped):
-        return shutting_down_error()
-    return validation_error(str(error))
+    def _log_success(self, finish: Finish) -> None:
+        logger.info("Success %s", self.timer.log_fields(finish))

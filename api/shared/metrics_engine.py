@@ -13,7 +13,7 @@ turning sampled ids into token events; filter = removing finished and cancelled 
 """
 from __future__ import annotations
 
-from tgserve.api.metrics import ServerMetrics
+from tgserve.api.shared.metrics import ServerMetrics
 from tgserve.core.step_stats import StepStats
 
 

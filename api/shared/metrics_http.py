@@ -14,8 +14,8 @@ from typing import Callable
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from tgserve.api.metrics import CONTENT_TYPE
-from tgserve.api.state import ServerState, get_state
+from tgserve.api.shared.metrics import CONTENT_TYPE
+from tgserve.api.shared.state import ServerState, get_state
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["Text Generation Inference"])

@@ -1,6 +1,6 @@
 """Request-level metrics around the engine's event stream: success, failure by kind, and timings.
 
-Every generation route consumes `Engine.stream` through `metered_stream`, which records how the
+Every request's lifecycle (`tgserve.api.shared.lifecycle`) consumes `Engine.stream` through `metered_stream`, which records how the
 request ended exactly once:
 
 - finished: `tgi_request_success` and the duration / token histograms (timings from `RequestTimer`);
@@ -10,21 +10,21 @@ request ended exactly once:
 - the consumer stopped early, i.e. the client went away: `err="dropped"`. Closing the stream
   cancels the request in the engine, which frees its KV blocks before the next step.
 
-The routes themselves record arrival (`record_request`), validation and overload failures.
+The permit records arrival (`record_request`) and overload; the prepare step, validation failures.
 """
 from __future__ import annotations
 
 from contextlib import aclosing
 from typing import AsyncIterator
 
-from tgserve.api.metrics import ServerMetrics
-from tgserve.api.timing import RequestTimer
-from tgserve.core.engine import EngineStopped, GenerationError
+from tgserve.api.shared.metrics import ServerMetrics
+from tgserve.api.shared.timing import RequestTimer
+from tgserve.core.errors import EngineStopped, GenerationError, RequestRejected
 from tgserve.core.request import TokenEvent
 
 # What `Engine.stream` may raise, and the failure it counts as (None: not a request failure).
 _ENGINE_FAILURES: tuple[tuple[type[Exception], str | None], ...] = (
-    (GenerationError, "generation"), (EngineStopped, None), (ValueError, "validation"))
+    (GenerationError, "generation"), (EngineStopped, None), (RequestRejected, "validation"))
 
 
 async def metered_stream(metrics: ServerMetrics, events: AsyncIterator[TokenEvent],

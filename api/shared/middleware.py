@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from tgserve.api.auth import ApiKeyMiddleware
-from tgserve.api.request_id import RequestIdMiddleware
-from tgserve.api.tracing import TracingMiddleware
+from tgserve.api.shared.auth import ApiKeyMiddleware
+from tgserve.api.shared.request_id import RequestIdMiddleware
+from tgserve.api.shared.tracing import TracingMiddleware
 from tgserve.core.config import ServerConfig
 
 if TYPE_CHECKING:

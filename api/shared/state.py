@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from tgserve.api.concurrency import ConcurrencyLimiter
-from tgserve.api.metrics import ServerMetrics
-from tgserve.api.validation import ValidationLimits
+from tgserve.api.shared.concurrency import ConcurrencyLimiter
+from tgserve.api.shared.metrics import ServerMetrics
+from tgserve.api.shared.validation import ValidationLimits
 
 if TYPE_CHECKING:
     from tgserve.core.engine import Engine

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tgserve.api.request_id import current_request_id
+from tgserve.api.shared.request_id import current_request_id
 from tgserve.core.config import ConfigError
 
 if TYPE_CHECKING:

@@ -10,15 +10,18 @@ import secrets
 from dataclasses import dataclass
 from typing import Callable
 
-from tgserve.api.schemas import GenerateParameters
+from tgserve.api.shared.schemas import GenerateParameters
 from tgserve.core.request import SamplingParams
 
 
 GENERATION_CHUNK_TOKENS = 1024  # TGI's DEFAULT_GENERATION_LENGTH (router/src/infer/mod.rs)
 
 
-class ValidationError(ValueError):
-    """A request TGI would reject with 422 / error_type "validation"; str() is TGI's message."""
+class ValidationError(Exception):
+    """A request TGI would reject with 422 / error_type "validation"; str() is TGI's message.
+
+    Not a `ValueError`: only this type (and the engine's `RequestRejected`) means "the client's fault".
+    """
 
 
 @dataclass(slots=True, frozen=True)

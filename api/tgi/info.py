@@ -1,27 +1,19 @@
 """TGI's service routes: health checks and GET /info."""
 from __future__ import annotations
 
-import importlib.metadata
-
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
-from tgserve.api.errors import ApiError, envelope_response
-from tgserve.api.schemas import ErrorResponse, Info
-from tgserve.api.state import ServerState, get_state
+from tgserve.api.shared.errors import ApiError, envelope_response
+from tgserve.api.shared.schemas import ErrorResponse
+from tgserve.api.shared.state import ServerState, get_state
+from tgserve.api.shared.version import server_version
+from tgserve.api.tgi.schemas import Info
 
 router = APIRouter(tags=["Text Generation Inference"])
 
 ROUTER_NAME = "text-generation-router"  # what TGI clients expect in /info
 VALIDATION_WORKERS = 2  # TGI's default; tgserve tokenizes in asyncio worker threads instead
-
-
-def server_version() -> str:
-    """The installed tgserve version."""
-    try:
-        return importlib.metadata.version("tgserve")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0+unknown"
 
 
 @router.get("/health", responses={503: {"model": ErrorResponse}})

@@ -1,17 +1,16 @@
 """Engine events -> TGI's JSON bodies, as plain dicts (the per-token path avoids pydantic).
 
-Shapes follow `tgserve.api.schemas` exactly: `top_tokens` and `details` are omitted where TGI
+Shapes follow `tgserve.api.tgi.schemas` exactly: `top_tokens` and `details` are omitted where TGI
 omits them, and a logprob that is not a finite number (the first prompt token has none) is
 written as null, as serde_json writes NaN.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
 from typing import Sequence
 
-from tgserve.core.request import Finish, TokenEvent, TopToken
+from tgserve.api.shared.collected import CollectedGeneration
+from tgserve.core.request import TokenEvent, TopToken
 
 
 def _logprob(value: float | None) -> float | None:
@@ -26,23 +25,6 @@ def token_json(token: TokenEvent | TopToken) -> dict:
 def prefill_token_json(token: TopToken) -> dict:
     """TGI's `PrefillToken`: {id, text, logprob}."""
     return {"id": token.id, "text": token.text, "logprob": _logprob(token.logprob)}
-
-
-@dataclass(slots=True)
-class CollectedGeneration:
-    """Every event of one finished request, gathered for a non-streaming answer."""
-
-    tokens: list[TokenEvent] = field(default_factory=list)
-    prefill: tuple[TopToken, ...] = ()
-    finish: Finish | None = None
-
-    def add(self, event: TokenEvent) -> None:
-        """Record one token event (the first may carry the prompt's logprobs)."""
-        if event.prefill:
-            self.prefill = event.prefill
-        self.tokens.append(event)
-        if event.finish is not None:
-            self.finish = event.finish
 
 
 def generate_response_json(collected: CollectedGeneration, *, prompt_prefix: str, details: bool,
@@ -91,8 +73,3 @@ def stream_event_json(event: TokenEvent, *, prompt_prefix: str, details: bool, i
         body["details"] = {"finish_reason": finish.reason, "generated_tokens": finish.generated_tokens,
                            "seed": finish.seed, "input_length": input_length}
     return body
-
-
-def sse_data(body: dict) -> bytes:
-    """One SSE event, framed as TGI/axum frame it: `data:` without a space, then a blank line."""
-    return b"data:" + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"

@@ -1,21 +1,19 @@
 """TGI's generation routes: POST /generate, POST /generate_stream and POST / (compat)."""
 from __future__ import annotations
 
-import logging
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from tgserve.api.best_of import collect_best_of
-from tgserve.api.errors import overloaded_error
-from tgserve.api.generation import cancel_on_disconnect, prepare_request
-from tgserve.api.responses import generate_response_json
-from tgserve.api.schemas import CompatGenerateRequest, ErrorResponse, GenerateRequest, GenerateResponse, StreamResponse
-from tgserve.api.state import ServerState, get_state
-from tgserve.api.streaming import SSEResponse, generate_stream_events, stream_headers
-from tgserve.api.timing import RequestTimer
+from tgserve.api.shared.lifecycle import RequestLifecycle
+from tgserve.api.shared.prepare import preparer
+from tgserve.api.shared.schemas import ErrorResponse, GenerateRequest
+from tgserve.api.shared.sse import SSEResponse, stream_headers
+from tgserve.api.shared.state import ServerState, get_state
+from tgserve.api.shared.tasks import cancel_on_disconnect
+from tgserve.api.tgi.responses import generate_response_json
+from tgserve.api.tgi.schemas import CompatGenerateRequest, GenerateResponse, StreamResponse
+from tgserve.api.tgi.stream import generate_stream_events
 
-logger = logging.getLogger(__name__)
 router = APIRouter(tags=["Text Generation Inference"])
 
 _ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in (
@@ -49,27 +47,18 @@ async def compat_generate(request: Request, body: CompatGenerateRequest,
 
 
 async def _generate(state: ServerState, body: GenerateRequest, request: Request) -> tuple[dict, dict[str, str]]:
-    """Run one non-streaming request under a concurrency permit; return (body, headers)."""
-    timer = RequestTimer()
-    if not state.limiter.try_acquire():
-        raise overloaded_error()
-    try:
-        prepared = await prepare_request(state, body, timer)
-        collected, others = await cancel_on_disconnect(request, collect_best_of(state, prepared, timer))
-    finally:
-        state.limiter.release()
-    finish = collected.finish
-    assert finish is not None
-    params = body.parameters
-    body_json = generate_response_json(collected, prompt_prefix=prepared.prompt_prefix,
+    """Run one non-streaming request (its best_of candidates too); return (body, headers)."""
+    lifecycle = RequestLifecycle(state, preparer(state, body))
+    generated = await cancel_on_disconnect(request, lifecycle.run())
+    prepared, params = generated.prepared, body.parameters
+    body_json = generate_response_json(generated.best, prompt_prefix=prepared.prompt_prefix,
                                        details=params.details or params.decoder_input_details,
-                                       top_n_tokens=prepared.top_n_tokens, best_of_sequences=others)
-    headers = timer.headers(finish, compute_type=state.compute_type, num_characters=len(body.inputs),
-                            num_prompt_tokens=prepared.input_length)
-    logger.info("Success %s", timer.log_fields(finish))
+                                       top_n_tokens=prepared.top_n_tokens, best_of_sequences=generated.others)
+    headers = lifecycle.timer.headers(generated.finish, compute_type=state.compute_type,
+                                      num_characters=len(body.inputs), num_prompt_tokens=prepared.input_length)
     return body_json, headers
 
 
 def _stream(state: ServerState, body: GenerateRequest) -> Response:
-    timer = RequestTimer()
-    return SSEResponse(generate_stream_events(state, body, timer), headers=stream_headers(state, body))
+    return SSEResponse(generate_stream_events(state, body),
+                       headers=stream_headers(state.compute_type, len(body.inputs)))

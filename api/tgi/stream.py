@@ -1,51 +1,25 @@
 """/generate_stream's server-sent events, with TGI's framing and TGI's in-stream errors.
 
-TGI validates inside the stream: a validation or overload error is an HTTP 200 whose only event
-is `data:{"error":...,"error_type":...}`. A client that disconnects cancels its request in the
-engine: Starlette cancels the response task on `http.disconnect`, and `SSEResponse` always closes
-the body generator, whose `aclosing` block closes `engine.stream`, which cancels the request.
+TGI validates inside the stream: a validation, overload or engine error is an HTTP 200 whose only
+event is `data:{"error":...,"error_type":...}`. The request runs through the shared
+`RequestLifecycle.stream`; closing this body (a client that hung up) cancels it in the engine.
 """
 from __future__ import annotations
 
-import logging
 from contextlib import aclosing
 from typing import AsyncIterator
 
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
-
-from tgserve.api.errors import ApiError, incomplete_generation_error, overloaded_error, validation_error
-from tgserve.api.generation import ENGINE_ERRORS, engine_error, prepare_request
-from tgserve.api.metrics_requests import metered_stream
-from tgserve.api.responses import sse_data, stream_event_json
-from tgserve.api.schemas import GenerateRequest
-from tgserve.api.state import ServerState
-from tgserve.api.timing import RequestTimer
-from tgserve.api.validation import ValidationError, check_stream_parameters
-
-logger = logging.getLogger(__name__)
+from tgserve.api.shared.errors import ApiError, validation_error
+from tgserve.api.shared.lifecycle import RequestLifecycle
+from tgserve.api.shared.prepare import PreparedRequest, preparer
+from tgserve.api.shared.schemas import GenerateRequest
+from tgserve.api.shared.sse import sse_data
+from tgserve.api.shared.state import ServerState
+from tgserve.api.shared.validation import ValidationError, check_stream_parameters
+from tgserve.api.tgi.responses import stream_event_json
 
 
-class SSEResponse(StreamingResponse):
-    """A `text/event-stream` response that closes its generator however the response ends."""
-
-    media_type = "text/event-stream"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()  # type: ignore[union-attr]
-
-
-def stream_headers(state: ServerState, body: GenerateRequest) -> dict[str, str]:
-    """The headers TGI sends on streaming routes."""
-    return {"x-compute-type": state.compute_type, "x-compute-characters": str(len(body.inputs)),
-            "X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
-
-
-async def generate_stream_events(state: ServerState, body: GenerateRequest,
-                                 timer: RequestTimer) -> AsyncIterator[bytes]:
+async def generate_stream_events(state: ServerState, body: GenerateRequest) -> AsyncIterator[bytes]:
     """The SSE body of /generate_stream: one event per token, or one error event."""
     try:
         check_stream_parameters(body.parameters)
@@ -54,36 +28,15 @@ async def generate_stream_events(state: ServerState, body: GenerateRequest,
         state.metrics.record_failure("validation")
         yield validation_error(error).sse_event()
         return
-    if not state.limiter.try_acquire():
-        yield overloaded_error().sse_event()
-        return
-    try:
-        async for chunk in _token_events(state, body, timer):
-            yield chunk
-    finally:
-        state.limiter.release()
-
-
-async def _token_events(state: ServerState, body: GenerateRequest, timer: RequestTimer) -> AsyncIterator[bytes]:
-    try:
-        prepared = await prepare_request(state, body, timer)
-    except ApiError as error:
-        yield error.sse_event()
-        return
-    is_finished = False
-    try:
-        async with aclosing(metered_stream(state.metrics, state.engine.stream(prepared.request), timer)) as events:
-            async for event in events:
-                yield sse_data(stream_event_json(event, prompt_prefix=prepared.prompt_prefix,
+    prepared: PreparedRequest | None = None
+    async with aclosing(RequestLifecycle(state, preparer(state, body)).stream()) as items:
+        async for item in items:
+            if isinstance(item, PreparedRequest):
+                prepared = item
+            elif isinstance(item, ApiError):
+                yield item.sse_event()
+            else:
+                assert prepared is not None
+                yield sse_data(stream_event_json(item, prompt_prefix=prepared.prompt_prefix,
                                                  details=body.parameters.details,
                                                  input_length=prepared.input_length))
-                if event.finish is not None:
-                    is_finished = True
-                    timer.mark_end()
-                    logger.info("Success %s", timer.log_fields(event.finish))
-                    break
-    except ENGINE_ERRORS as error:
-        yield engine_error(error).sse_event()
-        return
-    if not is_finished:
-        yield incomplete_generation_error(is_stream=True).sse_event()

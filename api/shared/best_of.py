@@ -3,23 +3,21 @@
 As TGI (`infer::generate_best_of`): each candidate is its own engine request with its own random
 seed, all run in parallel (they share engine steps); the winner has the highest mean token
 logprob, and the others become `details.best_of_sequences`. Validation (best_of <= max_best_of,
-sampling on, no seed, no streaming) happened before, in `tgserve.api.validation`.
+sampling on, no seed, no streaming) happened before, in `tgserve.api.shared.validation`;
+`RequestLifecycle.run` runs the candidates with these functions.
 
 Unlike TGI, a best_of request holds one `--max-concurrent-requests` permit, not best_of, and is
 counted once in the request metrics (its first candidate is the one metered).
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 from typing import Callable
 
-from tgserve.api.generation import PreparedRequest, collect_generation
-from tgserve.api.responses import CollectedGeneration
-from tgserve.api.state import ServerState
-from tgserve.api.timing import RequestTimer
-from tgserve.api.validation import random_seed
+from tgserve.api.shared.collected import CollectedGeneration
+from tgserve.api.shared.prepare import PreparedRequest
+from tgserve.api.shared.validation import random_seed
 
 
 def candidate_requests(prepared: PreparedRequest,
@@ -44,23 +42,3 @@ def pick_best(candidates: list[CollectedGeneration]) -> tuple[CollectedGeneratio
     """(the highest-scoring candidate, the others in their original order); ties go to the first."""
     best_index = max(range(len(candidates)), key=lambda i: (mean_logprob(candidates[i]), -i))
     return candidates[best_index], candidates[:best_index] + candidates[best_index + 1:]
-
-
-async def collect_best_of(state: ServerState, prepared: PreparedRequest,
-                          timer: RequestTimer) -> tuple[CollectedGeneration, list[CollectedGeneration]]:
-    """Run every candidate to its end; (best, others). Others is empty when best_of is 1.
-
-    If one candidate fails (424, 500) the others are cancelled and the error propagates; so does
-    cancellation of this coroutine (a client that hung up).
-    """
-    if prepared.best_of <= 1:
-        return await collect_generation(state, prepared, timer), []
-    tasks = [asyncio.ensure_future(collect_generation(state, candidate, timer, is_metered=i == 0))
-             for i, candidate in enumerate(candidate_requests(prepared))]
-    try:
-        results = await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()  # no-op for finished ones; closes the engine stream of the others
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return pick_best(list(results))
