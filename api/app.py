@@ -1,7 +1,7 @@
-"""The FastAPI application: TGI's routes over one engine.
+"""The FastAPI application: TGI's routes (`api.tgi`) and the OpenAI ones (`api.openai`) over one engine.
 
 `create_app(engine)` wires the routes, the error envelope, `--payload-limit` and the operational
-layers (`api.middleware`: auth, CORS, tracing, request ids) around an engine that `build_engine`
+layers (`api.shared.middleware`: auth, CORS, tracing, request ids) around an engine that `build_engine`
 made, and attaches the engine's step observer that feeds /metrics. Its lifespan starts the engine
 loop and the `--prometheus-port` listener and, on shutdown (uvicorn runs it after in-flight
 requests drained or --graceful-termination-timeout passed), stops them and flushes traces.
@@ -15,14 +15,18 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from fastapi import FastAPI
 
-from tgserve.api import metrics_http, routes_generate, routes_info, routes_openai, routes_tokenize
-from tgserve.api.body_limit import BodyLimitMiddleware
-from tgserve.api.errors import install_error_handlers
-from tgserve.api.metrics_engine import EngineMetrics
-from tgserve.api.middleware import install_middleware
-from tgserve.api.routes_info import server_version
-from tgserve.api.state import ServerState
-from tgserve.api.tracing import make_tracer_provider, shutdown_tracer_provider
+from tgserve.api.openai import routes as openai_routes
+from tgserve.api.shared import metrics_http
+from tgserve.api.shared.body_limit import BodyLimitMiddleware
+from tgserve.api.shared.errors import install_error_handlers
+from tgserve.api.shared.metrics_engine import EngineMetrics
+from tgserve.api.shared.middleware import install_middleware
+from tgserve.api.shared.state import ServerState
+from tgserve.api.shared.tracing import make_tracer_provider, shutdown_tracer_provider
+from tgserve.api.shared.version import server_version
+from tgserve.api.tgi import info as tgi_info
+from tgserve.api.tgi import routes as tgi_routes
+from tgserve.api.tgi import tokenize as tgi_tokenize
 
 if TYPE_CHECKING:
     from tgserve.core.engine import Engine
@@ -61,10 +65,10 @@ def create_app(engine: "Engine") -> FastAPI:
     state = app.state.tgserve = ServerState.from_engine(engine)
     engine.set_observer(EngineMetrics(state.metrics))
     install_error_handlers(app)
-    app.include_router(routes_info.router)
-    app.include_router(routes_generate.router)
-    app.include_router(routes_openai.router)
-    app.include_router(routes_tokenize.router)
+    app.include_router(tgi_info.router)
+    app.include_router(tgi_routes.router)
+    app.include_router(openai_routes.router)
+    app.include_router(tgi_tokenize.router)
     app.include_router(metrics_http.router)
     app.add_middleware(BodyLimitMiddleware, limit_bytes=engine.config.payload_limit)
     install_middleware(app, config, tracer_provider)

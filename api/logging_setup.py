@@ -2,7 +2,7 @@
 
 The JSON shape follows TGI's tracing subscriber closely enough for log pipelines keyed on it:
 `timestamp` (RFC 3339, UTC), `level`, `message`, `target` (the logger name), plus `request_id` on
-every line logged while serving an HTTP request (`tgserve.api.request_id`).
+every line logged while serving an HTTP request (`tgserve.api.shared.request_id`).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import logging
 import sys
 from datetime import datetime, timezone
 
-from tgserve.api.request_id import current_request_id
+from tgserve.api.shared.request_id import current_request_id
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)-5s %(name)s: %(message)s"
 

@@ -15,7 +15,7 @@ import uvicorn
 
 from tgserve.api.app import create_app
 from tgserve.api.cli import fail
-from tgserve.api.tracing import require_opentelemetry
+from tgserve.api.shared.tracing import require_opentelemetry
 from tgserve.core.config import ConfigError, ServerConfig
 from tgserve.core.engine_builder import start_engine
 from tgserve.core.model_source import ModelNotFound

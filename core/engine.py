@@ -19,6 +19,7 @@ from typing import AsyncIterator, Callable
 
 from tgserve.core.config import ServerConfig
 from tgserve.core.detokenizer import DetokenizerState, final_text, next_text
+from tgserve.core.errors import EngineStopped, GenerationError, RequestRejected  # noqa: F401 (re-exported)
 from tgserve.core.limits import RuntimeLimits
 from tgserve.core.model_runner import ModelRunner, SampledToken
 from tgserve.core.request import ErrorEvent, Finish, GenerationRequest, ModelInfo, TokenEvent, TopToken
@@ -34,14 +35,6 @@ Sink = Callable[[TokenEvent | ErrorEvent], None]
 STOPPED_WITH_REQUESTS_IN_FLIGHT = "Stopping with requests still in flight after the drain wait"
 # Logged (with the traceback) when the engine loop fails outside a model step and stops for good.
 ENGINE_STOPPED_BY_INTERNAL_ERROR = "Engine stopped by an internal error"
-
-
-class GenerationError(RuntimeError):
-    """The engine failed while computing a request (TGI's 424 `generation` error)."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine is shutting down and takes no new requests."""
 
 
 @dataclass(slots=True, eq=False)
@@ -93,14 +86,17 @@ class Engine:
         self._loop()
 
     def submit(self, request: GenerationRequest, sink: Sink) -> int:
-        """Queue `request`; returns its id. `sink` is called from the engine thread."""
+        """Queue `request`; returns its id. `sink` is called from the engine thread.
+
+        Raises `RequestRejected` for a request the engine can never serve, `EngineStopped` while draining.
+        """
         if not self._is_accepting:
             raise EngineStopped("the server is shutting down")
         max_tokens = len(request.input_ids) + request.stopping.max_new_tokens
         if not request.input_ids or not self.scheduler.can_ever_fit(max_tokens):
-            raise ValueError(f"request needs {max_tokens} KV slots, more than the cache holds")
+            raise RequestRejected(f"request needs {max_tokens} KV slots, more than the cache holds")
         if not 0 <= min(request.input_ids) <= max(request.input_ids) < self.runner.vocab_size:
-            raise ValueError(f"input token ids must be in [0, {self.runner.vocab_size})")
+            raise RequestRejected(f"input token ids must be in [0, {self.runner.vocab_size})")
         request.request_id = next(self._ids)
         seq = Sequence(request.request_id, request, list(request.input_ids), len(request.input_ids),
                        max_tokens, arrival_s=time.monotonic())

@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from tgserve.api.schemas import GenerateResponse
+from tgserve.api.tgi.schemas import GenerateResponse
 
 from .metrics_scrape import scrape, value
 
@@ -69,7 +69,7 @@ def test_best_of_without_details_answers_text_only(client):
 
 
 def test_a_best_of_request_is_metered_once(client):
-    """As documented in `tgserve.api.best_of`: one request in the request metrics, however many candidates."""
+    """As documented in `tgserve.api.shared.best_of`: one request in the request metrics, however many candidates."""
     before, _ = scrape(str(client.base_url))
     assert generate(client, best_of=2, **SAMPLED).status_code == 200
     after, _ = scrape(str(client.base_url))

@@ -1,4 +1,4 @@
-"""`tgserve.api.best_of`'s pure functions without a server: the candidates' seeds and the winner.
+"""`tgserve.api.shared.best_of`'s pure functions without a server: the candidates' seeds and the winner.
 
 These take plain values (requests, collected token events) and fake no engine behaviour; the
 winner's logprobs are hand-made so ties and NaN can be set exactly. What needs an engine is tested
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 
-from tgserve.api.best_of import candidate_requests, mean_logprob, pick_best
-from tgserve.api.generation import PreparedRequest
-from tgserve.api.responses import CollectedGeneration
+from tgserve.api.shared.best_of import candidate_requests, mean_logprob, pick_best
+from tgserve.api.shared.collected import CollectedGeneration
+from tgserve.api.shared.prepare import PreparedRequest
 from tgserve.core.request import Finish, GenerationRequest, SamplingParams, StoppingParams, TokenEvent
 
 

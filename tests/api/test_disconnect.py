@@ -8,7 +8,7 @@ poll's timeout only bounds a hang: what shows the cancellation is the count of d
 engine ran meanwhile, fewer than the `LONG - 1` that running the request(s) to their end takes.
 Last, a two-prompt /v1/completions (which takes both permits) must succeed: every permit came back.
 
-Chat streams go through the same `stream_generation` as completions; they have no test of their own
+Chat streams go through the same `RequestLifecycle.stream` as completions; they have no test of their own
 because the demo model ends every chat answer with its eos token within tens of tokens, so a chat
 request cut by the hang-up could not be told from one that ran to its end.
 """

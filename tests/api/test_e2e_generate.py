@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from tgserve.api.schemas import GenerateResponse, Info, StreamResponse
+from tgserve.api.tgi.schemas import GenerateResponse, Info, StreamResponse
 
 PROMPT = "Once upon a time"
 

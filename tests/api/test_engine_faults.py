@@ -56,9 +56,9 @@ def fail_next_step(fault_file: Path, client: httpx.Client):
     """`fail_next_step()` makes the engine's next model step raise; the test must run one."""
     assert client.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1}}).status_code == 200
 
-    def arm() -> None:
+    def arm(text: str = CAUSE) -> None:
         staged = fault_file.with_suffix(".tmp")
-        staged.write_text(CAUSE)
+        staged.write_text(text)
         os.replace(staged, fault_file)  # the engine thread never reads a half-written file
 
     yield arm
@@ -104,6 +104,33 @@ def test_two_prompt_completions_fail_with_424_and_free_the_other_prompt(server, 
     response = client.post("/v1/completions", json={"model": "tgi", "prompt": [PROMPT, "The cat"], "max_tokens": 3})
     assert (response.status_code, response.json()) == (424, FAILURE)
     wait_for_metrics(server.url, is_released, "the other prompt left the engine and freed its blocks")
+
+
+BUG = "an engine bug"  # a plain ValueError out of the model step: a failure, not the client's fault
+BUG_FAILURE = {"error": f"Request failed during generation: {BUG}", "error_type": "generation"}
+
+
+@pytest.mark.parametrize("route", ["/generate", "/generate_stream", "/v1/chat/completions",
+                                   "/v1/chat/completions stream"])
+def test_a_value_error_in_the_engine_is_a_generation_failure_not_a_validation_error(client, fail_next_step, route):
+    """A `ValueError` raised inside the engine (the faulty backend's model step) is TGI's 424
+    "generation" failure, on every route and in every stream shape, never a 422: only the engine's
+    typed `RequestRejected` and the API's own validation mean the client sent something wrong."""
+    fail_next_step(f"ValueError: {BUG}")  # faulty_plugin.VALUE_ERROR_PREFIX
+    path, _, mode = route.partition(" ")
+    if path == "/v1/chat/completions":
+        response = client.post(path, json={**CHAT, "stream": mode == "stream"})
+    else:
+        response = client.post(path, json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}})
+    if path == "/generate":
+        assert (response.status_code, response.json()) == (424, BUG_FAILURE)
+    elif path == "/generate_stream":
+        assert (response.status_code, sse(response.text)) == (200, [BUG_FAILURE])
+    elif mode == "stream":  # the OpenAI routes' in-stream error always says 422 in its body, as TGI's
+        assert (response.status_code, sse(response.text)) == (
+            200, [{"error": {"message": BUG_FAILURE["error"], "http_status_code": 422}}, "[DONE]"])
+    else:
+        assert (response.status_code, response.json()) == (424, BUG_FAILURE)
 
 
 def test_a_failed_step_makes_health_503_until_a_step_succeeds(client, fail_next_step):

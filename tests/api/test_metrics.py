@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tgserve.api.metrics import DURATION_BUCKETS_S, ServerMetrics, linear_buckets
-from tgserve.api.metrics_engine import EngineMetrics
-from tgserve.api.metrics_requests import metered_stream
-from tgserve.api.timing import RequestTimer
-from tgserve.core.engine import GenerationError
+from tgserve.api.shared.metrics import DURATION_BUCKETS_S, ServerMetrics, linear_buckets
+from tgserve.api.shared.metrics_engine import EngineMetrics
+from tgserve.api.shared.metrics_requests import metered_stream
+from tgserve.api.shared.timing import RequestTimer
+from tgserve.core.errors import GenerationError, RequestRejected
 from tgserve.core.limits import RuntimeLimits
 from tgserve.core.request import Finish, TokenEvent
 from tgserve.core.step_stats import StepStats
@@ -139,14 +139,16 @@ async def _consume(metrics: ServerMetrics, events, max_events: int | None = None
     (lambda: _events(2, is_finished=False), None, 'tgi_request_failure{err="incomplete"}'),
     (lambda: _events(1, is_finished=False, error=GenerationError("boom")), None,
      'tgi_request_failure{err="generation"}'),
-    (lambda: _events(0, is_finished=False, error=ValueError("too long")), None,
+    (lambda: _events(0, is_finished=False, error=RequestRejected("too long")), None,
      'tgi_request_failure{err="validation"}'),
+    (lambda: _events(1, is_finished=False, error=ValueError("an engine bug")), None,
+     'tgi_request_failure{err="generation"}'),  # only the typed rejection counts as the client's
 ])
 def test_metered_stream_records_one_outcome(events, max_events, outcome):
     metrics = ServerMetrics(LIMITS)
     try:
         asyncio.run(_consume(metrics, events(), max_events))
-    except (GenerationError, ValueError):
+    except (GenerationError, RequestRejected, ValueError):
         pass
     got = samples(metrics)
     outcomes = {key: value for key, value in got.items()

@@ -1,4 +1,4 @@
-"""Chat messages -> prompt text (`tgserve.api.chat_template`) on the demo tokenizer, and TGI's
+"""Chat messages -> prompt text (`tgserve.api.openai.chat_template`) on the demo tokenizer, and TGI's
 "Template error: template not found" for a checkpoint without a chat template, from a real server."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from tgserve.api.chat_template import render_sync, template_messages
-from tgserve.api.errors import ApiError
-from tgserve.api.openai_schemas import ChatMessage
+from tgserve.api.openai.chat_template import render_sync, template_messages
+from tgserve.api.openai.schemas import ChatMessage
+from tgserve.api.shared.errors import ApiError
 from tgserve.core.tokenizer import Tokenizer
 from .conftest import TEST_SERVER_FLAGS, server_factory
 

@@ -17,9 +17,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from tgserve.api.logging_setup import JsonFormatter
-from tgserve.api.metrics_http import start_metrics_listener
-from tgserve.api.request_id import RequestIdMiddleware
-from tgserve.api.tracing import INSTALL_HINT, TracingMiddleware, TracingUnavailable, make_tracer_provider, \
+from tgserve.api.shared.metrics_http import start_metrics_listener
+from tgserve.api.shared.request_id import RequestIdMiddleware
+from tgserve.api.shared.tracing import INSTALL_HINT, TracingMiddleware, TracingUnavailable, make_tracer_provider, \
     require_opentelemetry
 
 from .conftest import tgserve_env

@@ -1,4 +1,4 @@
-"""`tgserve.api.routes_tokenize.simple_tokens` on the demo tokenizer: TGI's byte offsets and texts."""
+"""`tgserve.api.shared.tokens.simple_tokens` on the demo tokenizer: TGI's byte offsets and texts."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tgserve.api.errors import ApiError
-from tgserve.api.routes_tokenize import _byte_starts, simple_tokens
+from tgserve.api.shared.errors import ApiError
+from tgserve.api.shared.tokens import _byte_starts, simple_tokens
 from tgserve.core.tokenizer import Tokenizer
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from tgserve.api.schemas import GenerateParameters, GenerateRequest, default_parameters
-from tgserve.api.validation import (ValidationError, ValidationLimits, check_parameters, check_stream_parameters,
+from tgserve.api.shared.schemas import GenerateParameters, GenerateRequest, default_parameters
+from tgserve.api.shared.validation import (ValidationError, ValidationLimits, check_parameters, check_stream_parameters,
                                     fit_input_ids)
 
 LIMITS = ValidationLimits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5, max_input_tokens=10,

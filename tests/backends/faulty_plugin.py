@@ -8,9 +8,11 @@ is patched: the fault enters where a real device fault would, in the model step.
 Every hook but two is the cpu backend's own function, so the server computes exactly as on
 `--backend cpu`. The model is the core's model wrapped: while the file named by
 `TGSERVE_TEST_FAULT_FILE` (read when the model is built, never at import) exists, the next model
-forward deletes it and raises `InjectedDeviceFault` with the file's text as the message. So one
-file written by a test fails exactly one engine step, the way a lost device fails a step: every
-request in that step fails, the engine keeps serving.
+forward deletes it and raises `InjectedDeviceFault` with the file's text as the message, or, when
+the text starts with `VALUE_ERROR_PREFIX`, a plain `ValueError` with the rest (a bug deep in a
+model, which the server must not mistake for the client's validation error). So one file written
+by a test fails exactly one engine step, the way a lost device fails a step: every request in that
+step fails, the engine keeps serving.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from tgserve.core.hookspecs import hookimpl
 NAME = "faulty"
 FAULT_FILE_ENV = "TGSERVE_TEST_FAULT_FILE"
 PRIORITY = -1  # below cpu (0): `--backend auto` never picks it, only `--backend faulty` does
+VALUE_ERROR_PREFIX = "ValueError: "  # a fault text starting so raises ValueError(rest of the text)
 
 
 class InjectedDeviceFault(RuntimeError):
@@ -58,6 +61,8 @@ class FaultyModel:
         except FileNotFoundError:
             return self._model.forward(batch, kv_cache)
         self._fault_file.unlink()
+        if message.startswith(VALUE_ERROR_PREFIX):
+            raise ValueError(message[len(VALUE_ERROR_PREFIX):])
         raise InjectedDeviceFault(message)
 
 

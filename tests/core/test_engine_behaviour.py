@@ -10,6 +10,7 @@ import torch
 from tgserve.core.config import ServerConfig
 from tgserve.core.engine import ENGINE_STOPPED_BY_INTERNAL_ERROR, STOPPED_WITH_REQUESTS_IN_FLIGHT, EngineStopped
 from tgserve.core.engine_builder import build_engine
+from tgserve.core.errors import RequestRejected
 from tgserve.core.invariants import EngineInvariantError
 from tgserve.core.plugins import BackendRegistry
 from tgserve.core.request import ErrorEvent, GenerationRequest, SamplingParams, StoppingParams
@@ -137,7 +138,7 @@ def test_failed_step_fails_its_requests_and_the_engine_recovers(engine, monkeypa
 
 def test_request_that_can_never_fit_is_refused_at_submit(engine):
     too_long = GenerationRequest([1] * 10, SamplingParams(), StoppingParams(max_new_tokens=10**6))
-    with pytest.raises(ValueError):
+    with pytest.raises(RequestRejected):  # typed: the API maps only this rejection to 422
         engine.submit(too_long, Collected())
 
 

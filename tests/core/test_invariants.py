@@ -1,12 +1,12 @@
 """EngineInvariantError: a tgserve bug, so the HTTP layer must not mistake it for a bad request."""
 from __future__ import annotations
 
-from tgserve.api.generation import ENGINE_ERRORS
+from tgserve.api.shared.errors import api_error
 from tgserve.core.invariants import EngineInvariantError
 
 
 def test_invariant_error_is_not_mapped_to_a_client_status():
-    # ENGINE_ERRORS are the exceptions the routes turn into 422/424/503; a ValueError subclass would be
-    # reported as the user's validation error.
-    assert not issubclass(EngineInvariantError, ENGINE_ERRORS)
+    # `api_error` is where every exception during a request gets its status: a broken invariant is a
+    # tgserve bug (500), never the user's validation error (422) nor a typed engine failure.
+    assert api_error(EngineInvariantError("broken")).status_code == 500
     assert not issubclass(EngineInvariantError, AssertionError)  # `python -O` must not be able to strip it
