@@ -13,9 +13,10 @@ import pytest
 from tgserve.core.config import ServerConfig
 from tgserve.core.engine_builder import build_engine
 from tgserve.core.plugins import BackendRegistry
+from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
 
 from tests.backends import bucketed_plugin as plugin
-from tests.core.engine_harness import request, run_all, running_engine
+from tests.core.engine_harness import run_all, running_engine
 
 LIMITS = {"dtype": "float32", "max_batch_prefill_tokens": 64, "max_batch_total_tokens": 2048,
           "max_total_tokens": 256}
@@ -30,7 +31,8 @@ def _prompts(vocab_size: int) -> list[list[int]]:
 
 
 def _requests(prompts):
-    return [request(p, n, ignore_eos_token=True) for p, n in zip(prompts, NEW_TOKENS)]
+    return [GenerationRequest(p, SamplingParams(), StoppingParams(max_new_tokens=n, ignore_eos_token=True))
+            for p, n in zip(prompts, NEW_TOKENS)]
 
 
 @pytest.fixture(scope="module")
