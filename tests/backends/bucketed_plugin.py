@@ -68,7 +68,8 @@ class _CheckedModel:
     def forward(self, batch, kv_cache):
         plan = self.plan
         JOURNAL.append(SeenStep(
-            request_ids=[s.seq.request_id for s in plan.scheduled], plan_slots=[s.seq.batch_slot for s in plan.scheduled],
+            request_ids=[s.seq.request_id for s in plan.scheduled],
+            plan_slots=[s.seq.batch_slot for s in plan.scheduled],
             query_lens=[s.num_new_tokens for s in plan.scheduled], num_sampled=[s.num_sampled for s in plan.scheduled],
             num_token_rows=batch.input_ids.shape[0], num_seq_rows=batch.query_lens.shape[0],
             batch_slots=batch.batch_slots.tolist(), logits_indices=batch.logits_indices.tolist(),

@@ -114,3 +114,16 @@ def test_a_step_larger_than_the_buffers_is_refused():
     inputs = StepInputs(step_capacity(4, 8, 40, 12, BLOCK_SIZE), BLOCK_SIZE, torch.device("cpu"))
     with pytest.raises(EngineInvariantError, match="larger than the step inputs hold"):
         inputs.prepare(_plan((_seq(0, range(9), 0, [1, 2, 3]), 9)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA (or ROCm) GPU: pinned staging, async copies")
+def test_pinned_staging_to_a_gpu_over_consecutive_steps():
+    """The cuda backend's inputs (pinned, async copies): each step's fields still match the brute force,
+    also when the next step rewrites the staging buffer right after the previous step's copies."""
+    inputs = StepInputs(step_capacity(32, 8, 40, 12, BLOCK_SIZE), BLOCK_SIZE, torch.device("cuda"), is_pinned=True)
+    seen = []
+    for plan in _steps() * 3:  # no host sync in between: as a step whose forward is still queued
+        batch = inputs.prepare(plan)
+        seen.append([t.clone() for t in (batch.input_ids, batch.positions, batch.slot_mapping, batch.logits_indices)])
+    for plan, tensors in zip(_steps() * 3, seen):
+        assert [t.tolist() for t in tensors] == list(_expected(plan))
