@@ -34,13 +34,13 @@ def _plan(*items):
 
 
 def _steps():
-    """Two consecutive steps: (decode, decode, chunk) then (decode, prefill verifying 2 of 3)."""
+    """Two consecutive steps: (decode, decode, chunk) then (decode, 3 positions sampled at the last 2)."""
     a = _seq(0, range(10, 17), 6, [3, 5])  # decode at position 6
     b = _seq(1, [4], 0, [7])  # 1-token prompt
     c = _seq(2, range(30, 41), 4, [8, 1, 9])  # chunk of 5 from position 4, not at the end: nothing sampled
     first = _plan((b, 1), (a, 1), (c, 5))
-    d = _seq(3, range(50, 59), 7, [2, 6, 11])  # 2 proposals + the last token: 3 positions, 3 samples
-    second = _plan((a, 1), (d, 2, 2))
+    d = _seq(3, range(50, 60), 7, [2, 6, 11])  # 3 positions from 7, samples at the last 2 (1 proposal verified)
+    second = _plan((a, 1), (d, 3, 2))
     return [first, second]
 
 
