@@ -1,4 +1,4 @@
-"""The core's reference answers to the model, attention, KV-cache and quantization hooks.
+"""The core's reference answers to the model, attention, KV-cache, quantization and runner hooks.
 
 Registered `trylast`, exactly like any plugin, so a backend that implements a hook wins over it.
 Everything here is plain torch and runs on any device torch supports.
@@ -9,7 +9,9 @@ from tgserve.core.hookspecs import hookimpl
 from tgserve.core.kv_cache import KVCache
 from tgserve.core.layers.attention import TorchPagedAttention
 from tgserve.core.layers.linear import LinearMethod
+from tgserve.core.model_runner import ModelRunner
 from tgserve.core.models.registry import model_class
+from tgserve.core.step_inputs import StepInputs
 from tgserve.core.warmup_policy import WarmupPolicy
 
 DEFAULT_BLOCK_SIZE = 16
@@ -45,3 +47,14 @@ def tgserve_make_kv_cache(num_blocks, block_size, model_config, device, dtype):
 @hookimpl(trylast=True)
 def tgserve_make_model(model_config, device, dtype, linear_method, attention):
     return model_class(model_config.model_type)(model_config, linear_method, attention, dtype, device)
+
+
+@hookimpl(trylast=True)
+def tgserve_make_step_inputs(capacity, block_size, constraints, device):
+    return StepInputs(capacity, block_size, device, constraints)
+
+
+@hookimpl(trylast=True)
+def tgserve_make_model_runner(model, kv_cache, attention, step_inputs, device, vocab_size, config):
+    return ModelRunner(model, kv_cache, attention, device, vocab_size, step_inputs,
+                       watermark_gamma=config.watermark_gamma, watermark_delta=config.watermark_delta)

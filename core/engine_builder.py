@@ -28,6 +28,8 @@ from tgserve.core.plugins import ActiveBackend
 from tgserve.core.request import ModelInfo
 from tgserve.core.rope_scaling import serving_model_config
 from tgserve.core.scheduler import Scheduler
+from tgserve.core.shape_constraints import ShapeConstraints
+from tgserve.core.step_inputs import StepCapacity, step_capacity
 from tgserve.core.step_memory import StepMemory, step_memory
 from tgserve.core.tokenizer import Tokenizer
 from tgserve.core.warmup import ProbeResult, full_step, probe_prefill_speed
@@ -92,7 +94,7 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     loaded = _load_model(config, hook, source, model_config, getattr(torch, dtype_name), progress)
     constraints = hook.tgserve_get_shape_constraints(model_config=model_config, config=config)
     policy: WarmupPolicy = hook.tgserve_get_warmup_policy(model_config=model_config, config=config)
-    probe = None if policy.is_full_step else _probe(config, hook, loaded, policy)
+    probe = None if policy.is_full_step else _probe(config, hook, loaded, policy, constraints)
     step_s = policy.prefill_step_s
     default_prefill = (DEFAULT_MAX_BATCH_PREFILL_TOKENS if probe is None
                        else prefill_tokens_for_speed(probe.tokens_per_s_over(step_s), step_s))
@@ -103,9 +105,12 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     log.info("Setting max batch total tokens to %d", limits.max_batch_total_tokens)
     kv_cache = hook.tgserve_make_kv_cache(num_blocks=sizing.num_blocks, block_size=loaded.block_size,
                                           model_config=model_config, device=loaded.device, dtype=loaded.dtype)
-    runner = _runner(config, loaded, kv_cache)
+    capacity = step_capacity(limits.max_batch_prefill_tokens, limits.max_batch_size, limits.max_total_tokens,
+                             sizing.num_blocks, loaded.block_size, constraints)
+    runner = _runner(config, hook, loaded, kv_cache, capacity, constraints)
     scheduler = Scheduler(BlockManager(sizing.num_blocks, loaded.block_size), limits.max_batch_prefill_tokens,
-                          limits.max_batch_size, constraints.supports_chunked_prefill if constraints else True)
+                          limits.max_batch_size, constraints.supports_chunked_prefill if constraints else True,
+                          constraints)
     if probe is None:
         full_step(runner, scheduler, limits, config.max_top_n_tokens, _synchronizer(hook, loaded))
     else:
@@ -132,20 +137,27 @@ def _load_model(config: ServerConfig, hook, source: ModelSource, model_config: M
     return _Loaded(model, attention, model_config, device, dtype, block_size)
 
 
-def _runner(config: ServerConfig, loaded: _Loaded, kv_cache) -> ModelRunner:
-    return ModelRunner(loaded.model, kv_cache, loaded.attention, loaded.device, loaded.model_config.vocab_size,
-                       watermark_gamma=config.watermark_gamma, watermark_delta=config.watermark_delta)
+def _runner(config: ServerConfig, hook, loaded: _Loaded, kv_cache, capacity: StepCapacity,
+            constraints: ShapeConstraints | None) -> ModelRunner:
+    """The backend's step inputs and model runner (the core's unless the backend supplies its own)."""
+    inputs = hook.tgserve_make_step_inputs(capacity=capacity, block_size=loaded.block_size, constraints=constraints,
+                                           device=loaded.device)
+    return hook.tgserve_make_model_runner(model=loaded.model, kv_cache=kv_cache, attention=loaded.attention,
+                                          step_inputs=inputs, device=loaded.device,
+                                          vocab_size=loaded.model_config.vocab_size, config=config)
 
 
-def _probe(config: ServerConfig, hook, loaded: _Loaded, policy: WarmupPolicy) -> ProbeResult:
+def _probe(config: ServerConfig, hook, loaded: _Loaded, policy: WarmupPolicy,
+           constraints: ShapeConstraints | None) -> ProbeResult:
     """Time the policy's probe step on a scratch KV cache just big enough for it (freed on return)."""
     num_tokens = min(policy.probe_tokens, loaded.model_config.max_position_embeddings - 1)
     blocks = BlockManager(-(-(num_tokens + 1) // loaded.block_size) + 1, loaded.block_size)
     scratch = hook.tgserve_make_kv_cache(num_blocks=blocks.num_blocks, block_size=loaded.block_size,
                                          model_config=loaded.model_config, device=loaded.device, dtype=loaded.dtype)
-    scheduler = Scheduler(blocks, max_batch_prefill_tokens=num_tokens, max_batch_size=1)
-    return probe_prefill_speed(_runner(config, loaded, scratch), scheduler, num_tokens, config.max_top_n_tokens,
-                               _synchronizer(hook, loaded))
+    scheduler = Scheduler(blocks, max_batch_prefill_tokens=num_tokens, max_batch_size=1, constraints=constraints)
+    capacity = step_capacity(num_tokens, 1, num_tokens + 1, blocks.num_blocks, loaded.block_size, constraints)
+    return probe_prefill_speed(_runner(config, hook, loaded, scratch, capacity, constraints), scheduler, num_tokens,
+                               config.max_top_n_tokens, _synchronizer(hook, loaded))
 
 
 def _synchronizer(hook, loaded: _Loaded):

@@ -110,7 +110,9 @@ def tgserve_get_shape_constraints(model_config, config):
 
     Returns: a `tgserve.core.shape_constraints.ShapeConstraints` (max batch size, max tokens per
     sequence, prefill and decode buckets, slot-based batching). The scheduler never plans a step
-    that breaks them. Called once per process, before the KV cache is sized. First non-None wins.
+    that breaks them, the step inputs pad every step to its bucket, and a slot-based backend sees
+    each sequence's slot (`ForwardBatch.batch_slots`). Called once per process, before the KV cache
+    is sized. First non-None wins.
     """
 
 
@@ -183,6 +185,35 @@ def tgserve_make_kv_cache(num_blocks, block_size, model_config, device, dtype):
 
 
 # --- Steps and shutdown ------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def tgserve_make_step_inputs(capacity, block_size, constraints, device):
+    """The model runner's input preparation: each step's plan into the device `ForwardBatch`.
+
+    capacity: the `tgserve.core.step_inputs.StepCapacity` of the largest step the scheduler plans
+    (padded to the largest buckets); block_size: tokens per KV block; constraints: this backend's
+    `ShapeConstraints` or None; device: where the inputs live.
+    Returns: a `tgserve.core.step_inputs.StepInputs` (or an object with its `prepare(plan)`), whose
+    buffers are allocated here, once, and filled in place every step, so graphs can be captured
+    over them. The core's default stages in pageable host memory; a backend whose device has memory
+    of its own returns `StepInputs(..., is_pinned=True)` so the host-to-device copies run async.
+    Called once per runner (the serving one; on a probing backend also the start-up probe's), after
+    the KV cache. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def tgserve_make_model_runner(model, kv_cache, attention, step_inputs, device, vocab_size, config):
+    """The model runner: one step of a plan through inputs, model, logits and sampling.
+
+    model, kv_cache, attention, step_inputs: what the hooks above returned; vocab_size: the model's;
+    config: the `ServerConfig` (watermark settings, ...).
+    Returns: an object like `tgserve.core.model_runner.ModelRunner`: `execute(plan) -> StepOutput`
+    once per step, and `vocab_size`, `device` attributes. The core's runner is the default; a backend
+    returns its own (or a wrapper of the core's) to run steps its way, e.g. replaying captured graphs.
+    Called once per runner, right after `tgserve_make_step_inputs`. First non-None result wins.
+    """
+
 
 @hookspec
 def tgserve_on_model_ready(model, kv_cache, limits):

@@ -1,7 +1,9 @@
 """One engine step on the device: plan -> tensors -> model -> logits -> sampled tokens -> host.
 
-Host work is per sequence (a few list appends); everything per token happens in tensor ops. The
-only device-to-host transfer is the single packed read of the sampled ids and logprobs.
+The plan's inputs go into persistent device buffers (`tgserve.core.step_inputs`); host work is per
+sequence (a few list writes); everything per token happens in vectorised array or tensor ops. The
+only device-to-host transfer is the single packed read of the sampled ids and logprobs. This is the
+core's runner; a backend may supply its own through `tgserve_make_model_runner`.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from tgserve.core.forward_batch import ForwardBatch
+from tgserve.core.step_inputs import StepInputs
 from tgserve.core.step_plan import StepPlan
 from tgserve.core.sampling import SamplingBatch, sample
 from tgserve.core.watermark import DEFAULT_DELTA, DEFAULT_GAMMA, WatermarkBatch
@@ -29,9 +32,10 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model, kv_cache, attention, device: torch.device, vocab_size: int,
+    def __init__(self, model, kv_cache, attention, device: torch.device, vocab_size: int, inputs: StepInputs,
                  watermark_gamma: float = DEFAULT_GAMMA, watermark_delta: float = DEFAULT_DELTA):
         self.model = model
+        self.inputs = inputs  # the plan -> ForwardBatch preparation (`tgserve_make_step_inputs`)
         self.kv_cache = kv_cache
         self.attention = attention
         self.device = device
@@ -56,43 +60,11 @@ class ModelRunner:
         return StepOutput([_sampled(row) for row in rows], prompt_logprobs)
 
     def _forward_batch(self, plan: StepPlan) -> tuple[ForwardBatch, list[int]]:
-        input_ids, query_lens, context_lens, starts, tables, sampling_rows = [], [], [], [], [], []
-        for i, item in enumerate(plan.scheduled):
-            seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_new_tokens
-            input_ids.extend(seq.token_ids[start:end])
-            query_lens.append(item.num_new_tokens)
-            context_lens.append(end)
-            starts.append(start)
-            tables.append(seq.block_ids)
-            if item.is_sampling:
-                sampling_rows.append(i)
-        max_ctx = max(context_lens)
-        num_decode = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))  # leading decode rows
-        num_table_blocks = -(-max_ctx // self.block_size)
-        tables = [t[:num_table_blocks] + [0] * (num_table_blocks - min(len(t), num_table_blocks)) for t in tables]
+        """The step's device batch (persistent inputs, attention prepared) and its sampling sequences."""
         self.kv_cache.initialize_blocks(plan.max_block_id)  # every block this step reads holds finite values
-        dev = self.device
-        query_lens_t = torch.tensor(query_lens, dtype=torch.int64).to(dev)
-        cu_seqlens_q = torch.nn.functional.pad(query_lens_t.cumsum(0), (1, 0))
-        num_tokens = len(input_ids)
-        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens), device=dev), query_lens_t,
-                                               output_size=num_tokens)
-        positions = (torch.tensor(starts, dtype=torch.int64).to(dev)[seq_of_token]
-                     + torch.arange(num_tokens, device=dev) - cu_seqlens_q[seq_of_token])
-        block_tables = torch.tensor(tables, dtype=torch.int64).to(dev)
-        slot_mapping = (block_tables[seq_of_token, positions // self.block_size] * self.block_size
-                        + positions % self.block_size)
-        batch = ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64).to(dev), positions=positions,
-            slot_mapping=slot_mapping, block_tables=block_tables,
-            context_lens=torch.tensor(context_lens, dtype=torch.int64).to(dev), query_lens=query_lens_t,
-            cu_seqlens_q=cu_seqlens_q, logits_indices=cu_seqlens_q[1:][torch.tensor(sampling_rows, dtype=torch.int64).to(dev)] - 1,
-            max_query_len=max(query_lens), max_context_len=max_ctx, num_decode_seqs=num_decode,
-            max_decode_context_len=max(context_lens[:num_decode], default=0),
-            max_prefill_context_len=max(context_lens[num_decode:], default=0))
+        batch = self.inputs.prepare(plan)
         batch.attention = self.attention.prepare(batch)
-        return batch, sampling_rows
+        return batch, [i for i, item in enumerate(plan.scheduled) if item.is_sampling]
 
     def _sampling_batch(self, seqs: list) -> SamplingBatch:
         params = [s.request.sampling for s in seqs]

@@ -8,26 +8,43 @@ reserves the blocks for its whole token budget when admitted, so a running reque
 of cache and nothing is ever preempted. At admission the block manager says how much of the prompt
 is already computed (0 until prefix caching); only the rest is scheduled.
 
+A backend's `ShapeConstraints` bound every step: never more tokens than its largest prefill bucket
+nor more sequences than its largest batch bucket, and on a slot-based backend each admitted request
+takes one of `max_batch_size` fixed slots (`Sequence.batch_slot`) until it finishes; admission waits
+while none is free.
+
 Every block allocation goes through `schedule` (warmup and `tgserve benchmark engine` included), and
 every accepted computed token through `advance`.
 """
 from __future__ import annotations
 
+import heapq
 from collections import deque
 
 from tgserve.core.block_manager import BlockManager
 from tgserve.core.invariants import EngineInvariantError
 from tgserve.core.sequence import Sequence, SequenceStatus
+from tgserve.core.shape_constraints import ShapeConstraints
 from tgserve.core.step_plan import ScheduledSequence, StepPlan
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch_prefill_tokens: int,
-                 max_batch_size: int | None, is_chunking_allowed: bool = True):
+                 max_batch_size: int | None, is_chunking_allowed: bool = True,
+                 constraints: ShapeConstraints | None = None):
+        constraints = constraints or ShapeConstraints()
         self.blocks = block_manager
-        self.max_step_tokens = max_batch_prefill_tokens
-        self.max_batch_size = max_batch_size
+        self.max_step_tokens = min(max_batch_prefill_tokens, max(constraints.prefill_token_buckets,
+                                                                  default=max_batch_prefill_tokens))
+        batch_caps = [c for c in (max_batch_size, max(constraints.decode_batch_buckets, default=None)) if c]
+        self.max_batch_size = min(batch_caps, default=None)
         self.is_chunking_allowed = is_chunking_allowed
+        # Free batch slots, lowest first (slot-based backends only; None: requests hold no slot).
+        self._free_slots: list[int] | None = None
+        if constraints.is_slot_based:
+            if self.max_batch_size is None:
+                raise EngineInvariantError("a slot-based backend must declare max_batch_size")
+            self._free_slots = list(range(self.max_batch_size))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -67,6 +84,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.block_ids = self.blocks.allocate(num_blocks)
+            if self._free_slots is not None:
+                seq.batch_slot = heapq.heappop(self._free_slots)
             seq.num_computed_tokens = num_computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -92,6 +111,8 @@ class Scheduler:
         self.blocks.hash_full_blocks(seq)
 
     def _has_batch_room(self) -> bool:
+        if self._free_slots is not None and not self._free_slots:
+            return False
         return self.max_batch_size is None or len(self.running) < self.max_batch_size
 
     def finish(self, seq: Sequence) -> None:
@@ -99,6 +120,9 @@ class Scheduler:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self.blocks.free(seq.block_ids)
+            if seq.batch_slot is not None:
+                heapq.heappush(self._free_slots, seq.batch_slot)
+                seq.batch_slot = None
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         seq.block_ids = []

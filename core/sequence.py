@@ -27,6 +27,9 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     # Content hashes of the leading blocks full of computed tokens, in order (BlockManager.hash_full_blocks).
     block_hashes: list[bytes] = field(default_factory=list)
+    # The fixed batch slot it holds from admission to finish on a slot-based backend
+    # (`ShapeConstraints.is_slot_based`), set by the scheduler; None elsewhere.
+    batch_slot: int | None = None
     arrival_s: float = 0.0  # time.monotonic() at submit
     first_scheduled_s: float | None = None  # when it first entered a step (end of its queue time)
 

@@ -10,6 +10,7 @@ import torch
 
 from tgserve.core.backend_status import BackendStatus
 from tgserve.core.hookspecs import hookimpl
+from tgserve.core.step_inputs import StepInputs
 
 
 def gpu_status(name: str, priority: int, install_hint: str, vendor: str, label: str = "") -> BackendStatus:
@@ -54,3 +55,9 @@ def tgserve_get_dist_backend():
 def tgserve_synchronize(device):
     torch.cuda.synchronize(device)
     return True
+
+
+@hookimpl
+def tgserve_make_step_inputs(capacity, block_size, constraints, device):
+    """The core's step inputs staged in pinned host memory: the per-field copies to the GPU run async."""
+    return StepInputs(capacity, block_size, device, constraints, is_pinned=True)

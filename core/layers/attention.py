@@ -53,7 +53,7 @@ class TorchPagedAttention(PagedAttention):
         self.scale = head_dim ** -0.5
 
     def prepare(self, batch: ForwardBatch) -> TorchAttentionMetadata:
-        num_decode, num_seqs = batch.num_decode_seqs, batch.query_lens.shape[0]
+        num_decode, num_seqs = batch.num_decode_seqs, batch.num_seqs
         decode_bias = unpad_index = prefill_mask = None
         if num_decode > 0:
             decode_bias = self._decode_bias(batch.context_lens[:num_decode], batch.max_decode_context_len)
@@ -72,8 +72,9 @@ class TorchPagedAttention(PagedAttention):
     def _prefill_layout(self, batch: ForwardBatch, num_decode: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded-row index of each prefill token and the causal mask of the prefill sequences."""
         device = batch.input_ids.device
-        query_lens, context_lens = batch.query_lens[num_decode:], batch.context_lens[num_decode:]
-        num_seqs, num_tokens = query_lens.shape[0], batch.input_ids.shape[0] - num_decode
+        query_lens = batch.query_lens[num_decode:batch.num_seqs]
+        context_lens = batch.context_lens[num_decode:batch.num_seqs]
+        num_seqs, num_tokens = query_lens.shape[0], batch.num_tokens - num_decode
         max_q, max_ctx = batch.max_query_len, batch.max_prefill_context_len
         seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens,
                                                output_size=num_tokens)
@@ -82,7 +83,7 @@ class TorchPagedAttention(PagedAttention):
         unpad_index = seq_of_token * max_q + offset
         # Position of each padded query row; padding rows get -1 and are fixed up below.
         q_pos = torch.full((num_seqs * max_q,), -1, dtype=torch.int64, device=device)
-        q_pos = q_pos.index_copy(0, unpad_index, batch.positions[num_decode:]).view(num_seqs, max_q, 1)
+        q_pos = q_pos.index_copy(0, unpad_index, batch.positions[num_decode:batch.num_tokens]).view(num_seqs, max_q, 1)
         k_pos = torch.arange(max_ctx, device=device).view(1, 1, max_ctx)
         mask = (k_pos <= q_pos) & (k_pos < context_lens.view(num_seqs, 1, 1))
         mask = mask | ((q_pos < 0) & (k_pos == 0))  # padding rows see one key, so no row is all -inf
@@ -100,9 +101,11 @@ class TorchPagedAttention(PagedAttention):
             outputs.append(self._decode(q[:num_decode], self._gather(k_cache, tables, ctx),
                                         self._gather(v_cache, tables, ctx), meta.decode_bias))
         if meta.prefill_mask is not None:
-            tables, ctx = batch.block_tables[num_decode:], batch.max_prefill_context_len
-            outputs.append(self._prefill(q[num_decode:], self._gather(k_cache, tables, ctx),
+            tables, ctx = batch.block_tables[num_decode:batch.num_seqs], batch.max_prefill_context_len
+            outputs.append(self._prefill(q[num_decode:batch.num_tokens], self._gather(k_cache, tables, ctx),
                                          self._gather(v_cache, tables, ctx), meta))
+        if batch.num_tokens < q.shape[0]:  # padding rows of a bucketed step attend to nothing
+            outputs.append(q.new_zeros(q.shape[0] - batch.num_tokens, self.num_heads * self.head_dim))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _prefill(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

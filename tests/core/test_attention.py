@@ -45,7 +45,8 @@ def _run_step(seqs: list[tuple[int, int]], dtype: torch.dtype):
         cu_seqlens_q=torch.nn.functional.pad(query_lens.cumsum(0), (1, 0)), logits_indices=torch.zeros(0),
         max_query_len=int(query_lens.max()), max_context_len=int(context_lens.max()), num_decode_seqs=num_decode,
         max_decode_context_len=int(context_lens[:num_decode].max()) if num_decode else 0,
-        max_prefill_context_len=int(context_lens[num_decode:].max()) if num_decode < len(seqs) else 0)
+        max_prefill_context_len=int(context_lens[num_decode:].max()) if num_decode < len(seqs) else 0,
+        num_tokens=len(positions), num_seqs=len(seqs))
     batch.attention = attention.prepare(batch)
     out = attention.forward(torch.cat(qs), torch.cat(ks), torch.cat(vs), (k_cache, v_cache), batch)
     return out, torch.cat(expected)

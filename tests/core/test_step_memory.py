@@ -15,6 +15,7 @@ from tgserve.core.model_config import ModelConfig
 from tgserve.core.model_runner import ModelRunner
 from tgserve.core.plugins import BackendRegistry
 from tgserve.core.scheduler import Scheduler
+from tgserve.core.step_inputs import step_capacity
 from tgserve.core.step_memory import step_memory
 from tgserve.core.warmup import _run_step
 
@@ -51,7 +52,9 @@ def _build_runner():
     kv_cache = hook.tgserve_make_kv_cache(num_blocks=blocks.num_blocks, block_size=16, model_config=model_config,
                                           device=device, dtype=dtype)
     scheduler = Scheduler(blocks, max_batch_prefill_tokens=STEP_TOKENS, max_batch_size=1)
-    return ModelRunner(model, kv_cache, attention, device, model_config.vocab_size), scheduler, model_config
+    inputs = hook.tgserve_make_step_inputs(capacity=step_capacity(STEP_TOKENS, 1, STEP_TOKENS + 1, blocks.num_blocks, 16),
+                                           block_size=16, constraints=None, device=device)
+    return ModelRunner(model, kv_cache, attention, device, model_config.vocab_size, inputs), scheduler, model_config
 
 
 def measure_step_peak_bytes() -> int:
