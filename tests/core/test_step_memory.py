@@ -60,10 +60,10 @@ def _build_runner():
 def measure_step_peak_bytes() -> int:
     """Peak RSS growth over one STEP_TOKENS prefill step, after a small step paid the one-time costs."""
     runner, scheduler, _ = _build_runner()
-    _run_step(runner, scheduler, [16], top_n_tokens=5)
+    _run_step(runner, scheduler, [16], top_n_tokens=5, synchronize=lambda: None)
     _reset_peak_rss()
     before = _status_bytes("VmRSS")
-    _run_step(runner, scheduler, [STEP_TOKENS], top_n_tokens=5)
+    _run_step(runner, scheduler, [STEP_TOKENS], top_n_tokens=5, synchronize=lambda: None)
     return _status_bytes("VmHWM") - before
 
 
