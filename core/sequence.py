@@ -19,7 +19,7 @@ class Sequence:
 
     request_id: int
     request: GenerationRequest
-    token_ids: list[int]  # prompt followed by generated tokens
+    token_ids: list[int]  # prompt, accepted generated tokens, then this step's proposed tokens (if any)
     num_prompt_tokens: int
     max_tokens: int  # prompt + max_new_tokens: the KV slots reserved at admission
     status: SequenceStatus = SequenceStatus.WAITING
@@ -28,12 +28,17 @@ class Sequence:
     # Content hashes of the leading blocks full of computed tokens, in order (BlockManager.hash_full_blocks).
     block_hashes: list[bytes] = field(default_factory=list)
     is_cancelled: bool = False
+    # Tokens at the end of `token_ids` that a proposer guessed and the next step verifies (set by the
+    # engine before scheduling, back to 0 when the step's tokens are accepted).
+    num_proposed_tokens: int = 0
+    states: tuple = ()  # the request's `RequestState`s, told about every accepted token
     arrival_s: float = 0.0  # time.monotonic() at submit
     first_scheduled_s: float | None = None  # when it first entered a step (end of its queue time)
 
     @property
     def num_generated_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Accepted generated tokens (proposed ones not counted)."""
+        return len(self.token_ids) - self.num_proposed_tokens - self.num_prompt_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:
