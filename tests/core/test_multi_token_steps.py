@@ -130,6 +130,8 @@ def test_max_new_tokens_cuts_inside_an_accepted_append(engine, prompts, greedy):
     assert _kept_per_step(proposer.calls[tuple(prompts[0])]) == [K + 1]
     assert got.ids == greedy[0][:7]
     assert got.finish.reason == "length" and got.finish.generated_tokens == 7
+    (after,) = run_all(engine, [_request(prompts[1], max_new_tokens=2)])  # the engine still serves
+    assert after.ids == greedy[1][:2]
 
 
 def test_stop_sequence_inside_an_accepted_append(engine, hf, prompts, greedy):
@@ -146,6 +148,8 @@ def test_stop_sequence_inside_an_accepted_append(engine, hf, prompts, greedy):
         (got,) = run_all(engine, [_request(prompts[0], stop=[stop])])
     assert got.ids == ref[:cut + 1]
     assert got.finish.reason == "stop_sequence" and got.finish.generated_tokens == cut + 1
+    (after,) = run_all(engine, [_request(prompts[1], max_new_tokens=2)])  # the engine still serves
+    assert after.ids == greedy[1][:2]
 
 
 class Recorder(RequestState):
