@@ -17,12 +17,15 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
+from tgserve.core.acceptance import AcceptanceRule, Proposer, accept_matching_prefix
 from tgserve.core.config import ServerConfig
 from tgserve.core.detokenizer import DetokenizerState, final_text, next_text
 from tgserve.core.errors import EngineStopped, GenerationError, RequestRejected  # noqa: F401 (re-exported)
+from tgserve.core.invariants import EngineInvariantError
 from tgserve.core.limits import RuntimeLimits
 from tgserve.core.model_runner import ModelRunner, SampledToken
 from tgserve.core.request import ErrorEvent, Finish, GenerationRequest, ModelInfo, TokenEvent, TopToken
+from tgserve.core.request_state import RequestState, no_request_states
 from tgserve.core.scheduler import Scheduler
 from tgserve.core.sequence import Sequence
 from tgserve.core.step_stats import StepObserver, StepStats
@@ -51,7 +54,9 @@ class _Active:
 class Engine:
     def __init__(self, config: ServerConfig, limits: RuntimeLimits, model_info: ModelInfo,
                  tokenizer: Tokenizer, scheduler: Scheduler, runner: ModelRunner,
-                 on_shutdown: Callable[[], object] = lambda: None, observer: StepObserver | None = None):
+                 on_shutdown: Callable[[], object] = lambda: None, observer: StepObserver | None = None,
+                 proposer: Proposer | None = None, acceptance: AcceptanceRule = accept_matching_prefix,
+                 make_request_states: Callable[[GenerationRequest], tuple[RequestState, ...]] = no_request_states):
         self.config = config
         self.limits = limits
         self.model_info = model_info
@@ -68,6 +73,11 @@ class Engine:
         self._on_shutdown = on_shutdown  # the backend's tgserve_on_shutdown, called once at the end
         self._observer = observer  # told about every step (see `set_observer`)
         self._filter_s = 0.0  # seconds spent freeing finished/cancelled sequences since the last step report
+        # Multi-token steps (tgserve.core.acceptance): guesses verified each step (None: one token per
+        # step), and the rule that says how many sampled tokens a sequence keeps. Set before submitting.
+        self.proposer = proposer
+        self.acceptance = acceptance
+        self.make_request_states = make_request_states  # request -> its RequestStates, at submit
 
     # --- any thread ----------------------------------------------------------------------------
 
@@ -99,7 +109,7 @@ class Engine:
             raise RequestRejected(f"input token ids must be in [0, {self.runner.vocab_size})")
         request.request_id = next(self._ids)
         seq = Sequence(request.request_id, request, list(request.input_ids), len(request.input_ids),
-                       max_tokens, arrival_s=time.monotonic())
+                       max_tokens, arrival_s=time.monotonic(), states=tuple(self.make_request_states(request)))
         self._inbox.put(("add", _Active(seq, sink, StopMatcher(request.stopping.stop_sequences))))
         return request.request_id
 
@@ -221,6 +231,8 @@ class Engine:
     def _step(self) -> None:
         """Plan, compute and apply one step; report it to the observer, if any."""
         started_s = time.perf_counter()
+        if self.proposer is not None:
+            self._propose(self.proposer)
         plan = self.scheduler.schedule()
         if not plan:
             self._filter_s = 0.0
@@ -301,21 +313,58 @@ class Engine:
             self._release(active.seq)
             active.sink(ErrorEvent(message))
 
+    def _propose(self, proposer: Proposer) -> None:
+        """Append the proposer's guesses to every decoding sequence; the next step verifies them. At most
+        as many as the sequence's reserved KV slots still hold."""
+        for seq in self.scheduler.running:
+            room = seq.max_tokens - len(seq.token_ids)
+            if seq.num_uncomputed_tokens == 1 and room > 0:
+                proposed = proposer.propose(seq, room)[:room]
+                seq.token_ids.extend(proposed)
+                seq.num_proposed_tokens = len(proposed)
+
     def _update(self, plan, output) -> None:
-        sampled = iter(output.sampled)
+        """Apply a step: advance every sequence by its accepted positions and emit its accepted tokens.
+
+        `output.sampled` holds `item.num_sampled` tokens per sampling sequence, in plan order. Of a
+        sequence's k proposed tokens the acceptance rule keeps a prefix of n - 1 plus the bonus token;
+        the k - n + 1 positions after them are rolled back (not counted as computed; their K/V are
+        overwritten when the positions are computed again)."""
+        offset = 0
         for item in plan.scheduled:
             seq = item.seq
             active = self._active.get(seq.request_id)
-            self.scheduler.advance(seq, item.num_new_tokens)
+            if not item.is_sampling:
+                self.scheduler.advance(seq, item.num_new_tokens)
+                if active is not None:
+                    active.prompt_logprobs.extend(output.prompt_logprobs.get(seq.request_id, ()))
+                continue
+            tokens = output.sampled[offset:offset + item.num_sampled]
+            offset += item.num_sampled
+            num_proposed = seq.num_proposed_tokens
+            num_accepted = 1
+            if num_proposed:
+                num_accepted = self.acceptance(seq.token_ids[len(seq.token_ids) - num_proposed:],
+                                               [token.id for token in tokens])
+                if not 1 <= num_accepted <= num_proposed + 1:
+                    raise EngineInvariantError(f"accepted {num_accepted} of {num_proposed + 1} sampled tokens")
+            # Accepted proposals are still in token_ids here, so the blocks they fill hash right.
+            self.scheduler.advance(seq, item.num_new_tokens - (num_proposed - num_accepted + 1))
+            del seq.token_ids[len(seq.token_ids) - num_proposed:]  # the kept ones come back as sampled tokens
+            seq.num_proposed_tokens = 0
             if active is None:
                 continue
             active.prompt_logprobs.extend(output.prompt_logprobs.get(seq.request_id, ()))
-            if item.is_sampling:
-                self._append(active, next(sampled))
+            for token in tokens[:num_accepted]:
+                if self._append(active, token):
+                    break  # finished: tokens after a stop or past max_new_tokens are not emitted
 
-    def _append(self, active: _Active, token: SampledToken) -> None:
+    def _append(self, active: _Active, token: SampledToken) -> bool:
+        """Append one accepted token and emit its event; True when it finished the request."""
         seq, tokenizer = active.seq, self.tokenizer
         seq.token_ids.append(token.id)
+        for state in seq.states:
+            state.on_accept(token.id)
         generated = seq.token_ids[seq.num_prompt_tokens:]
         text = next_text(tokenizer, generated, active.detok)
         reason = self._finish_reason(seq, token.id, active.stops.feed(text))
@@ -334,6 +383,7 @@ class Engine:
             id=token.id, text=text, logprob=token.logprob, special=tokenizer.is_special(token.id),
             index=len(generated), top_tokens=tuple(self._top(t, p) for t, p in token.top),
             prefill=self._prefill(active) if len(generated) == 1 else (), finish=finish))
+        return finish is not None
 
     def _finish_reason(self, seq: Sequence, token_id: int, is_stop_found: bool) -> str | None:
         stopping = seq.request.stopping

@@ -15,6 +15,7 @@ from tgserve.core.forward_batch import ForwardBatch
 from tgserve.core.step_inputs import StepInputs
 from tgserve.core.step_plan import StepPlan
 from tgserve.core.sampling import SamplingBatch, sample
+from tgserve.core.token_history import TokenHistory
 from tgserve.core.watermark import DEFAULT_DELTA, DEFAULT_GAMMA, WatermarkBatch
 
 
@@ -27,7 +28,9 @@ class SampledToken:
 
 @dataclass(slots=True)
 class StepOutput:
-    sampled: list[SampledToken]  # one per sampling sequence of the plan, in plan order
+    # item.num_sampled tokens per sampling sequence of the plan, in plan order, each sequence's in
+    # position order (the token sampled after its i-th sampled position at index i).
+    sampled: list[SampledToken]
     prompt_logprobs: dict[int, list[float]]  # request_id -> logprobs of prompt tokens computed this step
 
 
@@ -43,6 +46,7 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.watermark_gamma = watermark_gamma  # --watermark-gamma: green share of the vocabulary
         self.watermark_delta = watermark_delta  # --watermark-delta: logit bias of green ids
+        self.token_history = TokenHistory(device, pad_id=vocab_size)  # ids seen by penalized sequences
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
@@ -52,7 +56,7 @@ class ModelRunner:
         if not sampling_rows:
             return StepOutput([], prompt_logprobs)
         logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
-        out = sample(logits, self._sampling_batch([plan.scheduled[i].seq for i in sampling_rows]))
+        out = sample(logits, self._sampling_batch([plan.scheduled[i] for i in sampling_rows]))
         columns = [out.next_ids.unsqueeze(1).double(), out.logprobs.unsqueeze(1).double()]
         if out.top_ids is not None:
             columns += [out.top_ids.double(), out.top_logprobs.double()]
@@ -66,18 +70,24 @@ class ModelRunner:
         batch.attention = self.attention.prepare(batch)
         return batch, [i for i, item in enumerate(plan.scheduled) if item.is_sampling]
 
-    def _sampling_batch(self, seqs: list) -> SamplingBatch:
+    def _sampling_batch(self, items: list) -> SamplingBatch:
+        """One row per sampled position: a sequence verifying k proposed tokens has k + 1 rows, row j
+        drawing its token number `num_generated_tokens + j` after the accepted tokens and j proposals."""
+        seqs, offsets = [], []
+        for item in items:
+            seqs += [item.seq] * item.num_sampled
+            offsets += range(item.num_sampled)
         params = [s.request.sampling for s in seqs]
         dev = self.device
 
         def column(values, dtype):
             return torch.tensor(values, dtype=dtype).to(dev)
 
-        any_penalty = any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 for p in params)
+        is_penalized = [p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 for p in params]
         history = None
-        if any_penalty:
-            width = max(len(s.token_ids) for s in seqs)
-            history = column([s.token_ids + [self.vocab_size] * (width - len(s.token_ids)) for s in seqs], torch.int64)
+        if any(is_penalized):  # rows without a penalty see no history (neutral values change nothing)
+            history = self.token_history.rows(seqs, [len(s.token_ids) - s.num_proposed_tokens + j if is_p else 0
+                                                     for s, j, is_p in zip(seqs, offsets, is_penalized)])
         greedy = [p.is_greedy for p in params]
         return SamplingBatch(
             temperature=column([p.temperature for p in params], torch.float32),
@@ -87,18 +97,35 @@ class ModelRunner:
             repetition_penalty=column([p.repetition_penalty for p in params], torch.float32),
             frequency_penalty=column([p.frequency_penalty for p in params], torch.float32),
             seed=column([p.seed & 0x7FFFFFFFFFFFFFFF for p in params], torch.int64),
-            step=column([s.num_generated_tokens for s in seqs], torch.int64),
+            step=column([s.num_generated_tokens + j for s, j in zip(seqs, offsets)], torch.int64),
             is_greedy=column(greedy, torch.bool), token_history=history,
             any_sampling=not all(greedy), any_top_k=any(p.top_k > 0 for p in params),
             any_top_p=any(p.top_p < 1.0 for p in params), any_typical_p=any(p.typical_p < 1.0 for p in params),
             max_top_n=max(s.request.top_n_tokens for s in seqs),
-            watermark=self._watermark_batch(seqs) if any(p.watermark for p in params) else None)
+            watermark=self._watermark_batch(seqs, offsets) if any(p.watermark for p in params) else None,
+            allowed=self._allowed(seqs, offsets) if any(s.states for s in seqs) else None)
 
-    def _watermark_batch(self, seqs: list) -> WatermarkBatch:
+    def _allowed(self, seqs: list, offsets: list[int]) -> torch.Tensor | None:
+        """bool [rows, vocab]: the ids each row's request states allow (all for rows without a mask)."""
+        masks: dict[int, torch.Tensor] = {}
+        for row, (seq, j) in enumerate(zip(seqs, offsets)):
+            proposed = seq.token_ids[len(seq.token_ids) - seq.num_proposed_tokens:][:j]
+            for state in seq.states:
+                mask = state.allowed_mask(proposed)
+                if mask is not None:
+                    masks[row] = mask.to(torch.bool) & masks[row] if row in masks else mask.to(torch.bool)
+        if not masks:
+            return None
+        allowed = torch.ones(len(seqs), self.vocab_size, dtype=torch.bool, device=self.device)
+        allowed[torch.tensor(list(masks)).to(self.device)] = torch.stack(list(masks.values())).to(self.device)
+        return allowed
+
+    def _watermark_batch(self, seqs: list, offsets: list[int]) -> WatermarkBatch:
         """Each row's previous token (the greenlist seed) and flag; built only when a row asked."""
         dev = self.device
+        previous = [s.token_ids[len(s.token_ids) - s.num_proposed_tokens - 1 + j] for s, j in zip(seqs, offsets)]
         return WatermarkBatch(
-            prev_ids=torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.int64).to(dev),
+            prev_ids=torch.tensor(previous, dtype=torch.int64).to(dev),
             is_watermarked=torch.tensor([s.request.sampling.watermark for s in seqs], dtype=torch.bool).to(dev),
             gamma=self.watermark_gamma, delta=self.watermark_delta)
 

@@ -1,7 +1,9 @@
 """Choosing the next token for every sampling sequence of a step, with TGI's parameters.
 
 Order, as TGI: watermark (`tgserve.core.watermark`), repetition penalty, frequency penalty,
-temperature, top-k, top-p, typical-p, then greedy argmax or a seeded draw. Rows of the batch are
+temperature, top-k, top-p, typical-p, then greedy argmax or a seeded draw. An allowed-token mask
+(request states such as grammar matchers, `tgserve.core.request_state`) removes the ids it forbids
+after the penalties and before temperature, in one batched op. Rows of the batch are
 independent: a seeded row draws its noise from a counter-based hash of (seed, generated-token
 index, vocabulary id), never from a shared generator, so its text does not depend on what else
 shares the batch. Sampling by argmax(logprobs + Gumbel noise) is an exact draw from the
@@ -41,6 +43,9 @@ class SamplingBatch:
     any_typical_p: bool
     max_top_n: int
     watermark: WatermarkBatch | None = None  # None unless a row of the step asked (host-side any_watermark)
+    # bool [S, vocab]: True where an id may be drawn; None unless a row of the step has a mask. A row
+    # must allow at least one id. Set by the runner from the requests' `RequestState.allowed_mask`.
+    allowed: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -57,6 +62,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = batch.watermark.apply(logits)
     if batch.token_history is not None:
         logits = _apply_penalties(logits, batch)
+    if batch.allowed is not None:
+        logits = logits.masked_fill(~batch.allowed, float("-inf"))
     if batch.any_sampling:
         logits = logits / batch.temperature.unsqueeze(1)
         if batch.any_top_k or batch.any_top_p:

@@ -71,6 +71,8 @@ class Scheduler:
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if num_tokens == 0:
                 continue
+            if num_tokens < seq.num_uncomputed_tokens and seq.num_proposed_tokens:
+                self._drop_proposals(seq, seq.num_uncomputed_tokens - num_tokens)
             plan.scheduled.append(ScheduledSequence(seq, num_tokens))
             budget -= num_tokens
         while self.waiting and budget > 0 and self._has_batch_room():
@@ -96,6 +98,14 @@ class Scheduler:
         plan.max_block_id = self.blocks.max_block_id
         return plan
 
+    @staticmethod
+    def _drop_proposals(seq: Sequence, num_tokens: int) -> None:
+        """Drop the last `num_tokens` proposed tokens of `seq` that do not fit the step's budget: a
+        sequence's proposals are verified in the step that computes them or not at all."""
+        num_dropped = min(num_tokens, seq.num_proposed_tokens)
+        del seq.token_ids[len(seq.token_ids) - num_dropped:]
+        seq.num_proposed_tokens -= num_dropped
+
     def _num_computed_at_admission(self, seq: Sequence) -> int:
         """The block manager's answer for how much of `seq`'s prompt is computed, checked."""
         num_computed = self.blocks.num_computed_prompt_tokens(seq.token_ids)
@@ -106,7 +116,8 @@ class Scheduler:
 
     def advance(self, seq: Sequence, num_tokens: int) -> None:
         """Record that `num_tokens` more tokens of `seq` are computed and accepted (their K/V stay in the
-        cache); blocks they filled get their content hashes. Called after every step for each sequence."""
+        cache); blocks they filled get their content hashes. Called after every step for each sequence,
+        with the step's count less any rejected proposed positions (their K/V are overwritten later)."""
         seq.num_computed_tokens += num_tokens
         self.blocks.hash_full_blocks(seq)
 

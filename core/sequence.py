@@ -19,7 +19,7 @@ class Sequence:
 
     request_id: int
     request: GenerationRequest
-    token_ids: list[int]  # prompt followed by generated tokens
+    token_ids: list[int]  # prompt, accepted generated tokens, then this step's proposed tokens (if any)
     num_prompt_tokens: int
     max_tokens: int  # prompt + max_new_tokens: the KV slots reserved at admission
     status: SequenceStatus = SequenceStatus.WAITING
@@ -30,12 +30,17 @@ class Sequence:
     # The fixed batch slot it holds from admission to finish on a slot-based backend
     # (`ShapeConstraints.is_slot_based`), set by the scheduler; None elsewhere.
     batch_slot: int | None = None
+    # Tokens at the end of `token_ids` that a proposer guessed and the next step verifies (set by the
+    # engine before scheduling, back to 0 when the step's tokens are accepted).
+    num_proposed_tokens: int = 0
+    states: tuple = ()  # the request's `RequestState`s, told about every accepted token
     arrival_s: float = 0.0  # time.monotonic() at submit
     first_scheduled_s: float | None = None  # when it first entered a step (end of its queue time)
 
     @property
     def num_generated_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Accepted generated tokens (proposed ones not counted)."""
+        return len(self.token_ids) - self.num_proposed_tokens - self.num_prompt_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -23,7 +23,9 @@ class ScheduledSequence:
     num_sampled: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.num_sampled = int(self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq.token_ids))
+        seq = self.seq
+        is_at_end = seq.num_computed_tokens + self.num_new_tokens == len(seq.token_ids)
+        self.num_sampled = seq.num_proposed_tokens + 1 if is_at_end else 0
 
     @property
     def is_sampling(self) -> bool:

@@ -255,6 +255,56 @@ def test_penalty_can_change_the_greedy_choice():
     assert sample(logits, batch).next_ids.item() == 1
 
 
+# --- allowed-token mask ----------------------------------------------------------------------------------
+
+def _with_mask(batch: SamplingBatch, allowed: torch.Tensor) -> SamplingBatch:
+    batch.allowed = allowed
+    return batch
+
+
+def test_masked_rows_draw_only_allowed_ids_and_unmasked_rows_are_unaffected():
+    """Rows 0 (greedy) and 1 (sampled) allow 5 ids that are not their argmax; rows 2 (greedy) and 3
+    (sampled) allow everything. Over 200 seeds the masked rows only ever give allowed ids, the greedy
+    masked row gives the argmax among them (reference: argmax over the allowed columns), and the
+    unmasked rows equal the same batch without a mask, token and logprob."""
+    vocab = 64
+    logits = _logits(4, vocab, seed=3)
+    allowed = torch.ones(4, vocab, dtype=torch.bool)
+    allowed_ids = [(int(logits[r].argmax()) + 7 * i + 1) % vocab for r in range(2) for i in range(5)]
+    allowed[:2] = False
+    for r in range(2):
+        allowed[r, allowed_ids[5 * r:5 * r + 5]] = True
+    for seed in range(200):
+        rows = [{"greedy": True}, {"seed": seed, "temperature": 1.5}, {"greedy": True},
+                {"seed": seed, "temperature": 1.5}]
+        masked = sample(logits, _with_mask(_batch(rows), allowed))
+        plain = sample(logits, _batch(rows))
+        for r in range(2):
+            assert int(masked.next_ids[r]) in allowed_ids[5 * r:5 * r + 5]
+        ids = allowed_ids[:5]
+        assert int(masked.next_ids[0]) == ids[int(logits[0, ids].argmax())]
+        assert torch.equal(masked.next_ids[2:], plain.next_ids[2:])
+        assert torch.equal(masked.logprobs[2:], plain.logprobs[2:])
+
+
+def test_masked_draws_follow_the_renormalised_distribution():
+    """Sampled under a mask of 3 ids, frequencies match softmax over those ids (chi-square, 3000 seeds)."""
+    vocab = 32
+    logits = _logits(1, vocab, seed=5, scale=1.0)
+    ids = [2, 9, 20]
+    allowed = torch.zeros(1, vocab, dtype=torch.bool)
+    allowed[0, ids] = True
+    num_draws = 3000
+    rows = [{"seed": s} for s in range(num_draws)]
+    batch = _with_mask(_batch(rows), allowed.expand(num_draws, -1))
+    drawn = sample(logits.expand(num_draws, -1).contiguous(), batch).next_ids
+    counts = torch.bincount(drawn, minlength=vocab).double()
+    assert counts[ids].sum() == num_draws
+    expected = logits[0, ids].softmax(-1).double() * num_draws
+    chi2 = float(((counts[ids] - expected) ** 2 / expected).sum())
+    assert chi2 < 13.8  # p = 0.001 with 2 degrees of freedom
+
+
 # --- top-n tokens --------------------------------------------------------------------------------------
 
 def test_top_n_tokens_are_sorted_and_hold_the_greedy_choice():

@@ -429,3 +429,22 @@ def test_random_traffic_keeps_invariants_and_serves_everyone(limits, ops):
         assert seq.status is SequenceStatus.FINISHED and seq.block_ids == []
         if seq.request_id not in cancelled:
             assert seq.num_generated_tokens == seq.request.stopping.max_new_tokens
+
+
+def test_proposed_tokens_are_verified_in_one_step_or_dropped_to_fit_the_budget():
+    """A decoding sequence with k proposed tokens computes k + 1 positions and samples at all of them;
+    when the step's budget is short, the proposals that do not fit are dropped (never computed
+    unverified), and a sequence without room samples at its one position as before."""
+    scheduler = _scheduler(max_step_tokens=8)
+    a, b = _seq(0, 3, 20), _seq(1, 3, 20)
+    scheduler.add(a)
+    scheduler.add(b)
+    _step(scheduler)  # both prompts
+    for seq in (a, b):
+        seq.token_ids += [11, 12, 13, 14]
+        seq.num_proposed_tokens = 4
+    plan = scheduler.schedule()
+    assert [(item.num_new_tokens, item.num_sampled) for item in plan.scheduled] == [(5, 5), (3, 3)]
+    assert a.token_ids[-4:] == [11, 12, 13, 14] and a.num_proposed_tokens == 4
+    assert b.token_ids[-3:] == [_NEXT_TOKEN, 11, 12] and b.num_proposed_tokens == 2
+    assert len(b.token_ids) == 3 + 1 + 2
