@@ -25,7 +25,7 @@ from tgserve.benchmark.random_checkpoint import write_random_qwen2
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
-SOURCE_PACKAGES = ("tgserve", "core", "backends", "api", "benchmark")  # pyproject's package-dir roots
+SOURCE_PACKAGES = ("tgserve", "core", "backends", "api", "benchmark", "checkpoints")  # pyproject's package-dir roots
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
             max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
 
