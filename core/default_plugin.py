@@ -8,6 +8,7 @@ from __future__ import annotations
 from tgserve.core.hookspecs import hookimpl
 from tgserve.core.kv_cache import KVCache
 from tgserve.core.layers.attention import TorchPagedAttention
+from tgserve.core.layers.int8_linear import Int8WeightOnlyLinearMethod
 from tgserve.core.layers.linear import LinearMethod
 from tgserve.core.model_runner import ModelRunner
 from tgserve.core.models.registry import model_class
@@ -29,6 +30,8 @@ def tgserve_get_warmup_policy(model_config, config):
 
 @hookimpl(trylast=True)
 def tgserve_make_linear_method(quantize, dtype, device):
+    if quantize == "eetq":
+        return Int8WeightOnlyLinearMethod()
     return LinearMethod() if quantize is None else None
 
 

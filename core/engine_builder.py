@@ -90,7 +90,8 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     model_config = serving_model_config(ModelConfig.from_dir(source.path), config)
     tokenizer = Tokenizer(source.path, model_config.eos_token_ids, config.trust_remote_code)
     dtype_name = config.dtype or hook.tgserve_get_default_dtype()
-    log.info("Loading %s (%s) on %s as %s", source.model_id, model_config.model_type, backend.name, dtype_name)
+    log.info("Loading %s (%s) on %s as %s%s", source.model_id, model_config.model_type, backend.name, dtype_name,
+             f", weights quantized with {config.quantize}" if config.quantize else "")
     loaded = _load_model(config, hook, source, model_config, getattr(torch, dtype_name), progress)
     constraints = hook.tgserve_get_shape_constraints(model_config=model_config, config=config)
     policy: WarmupPolicy = hook.tgserve_get_warmup_policy(model_config=model_config, config=config)
