@@ -62,7 +62,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
             known = "TGI's" if self.quantize in TGI_QUANTIZE_METHODS else "a"
-            raise ConfigError(f"`--quantize {self.quantize}` is {known} method tgserve does not implement yet; "
+            raise ConfigError(f"`--quantize {self.quantize}` is {known} method tgserve does not implement; "
                               f"supported: {', '.join(QUANTIZE_METHODS)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"`--dtype` must be one of {', '.join(DTYPES)}. Given: {self.dtype}")

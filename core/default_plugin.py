@@ -8,10 +8,10 @@ from __future__ import annotations
 from tgserve.core.hookspecs import hookimpl
 from tgserve.core.kv_cache import KVCache
 from tgserve.core.layers.attention import TorchPagedAttention
-from tgserve.core.layers.int8_linear import Int8WeightOnlyLinearMethod
 from tgserve.core.layers.linear import LinearMethod
 from tgserve.core.model_runner import ModelRunner
 from tgserve.core.models.registry import model_class
+from tgserve.core.quantization.registry import make_quantized_method
 from tgserve.core.step_inputs import StepInputs
 from tgserve.core.warmup_policy import WarmupPolicy
 
@@ -29,10 +29,10 @@ def tgserve_get_warmup_policy(model_config, config):
 
 
 @hookimpl(trylast=True)
-def tgserve_make_linear_method(quantize, dtype, device):
-    if quantize == "eetq":
-        return Int8WeightOnlyLinearMethod()
-    return LinearMethod() if quantize is None else None
+def tgserve_make_linear_method(quantize, dtype, device, quantization):
+    if quantization is None:
+        return LinearMethod()
+    return make_quantized_method(quantization, dtype, dense=LinearMethod())
 
 
 @hookimpl(trylast=True)

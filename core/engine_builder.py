@@ -8,6 +8,7 @@ the backend the ready model.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from tgserve.core.model_config import ModelConfig
 from tgserve.core.model_runner import ModelRunner
 from tgserve.core.model_source import ModelSource, resolve_model
 from tgserve.core.plugins import ActiveBackend
+from tgserve.core.quantization.quant_config import QuantizationConfig, resolve_quantization
 from tgserve.core.request import ModelInfo
 from tgserve.core.rope_scaling import serving_model_config
 from tgserve.core.scheduler import Scheduler
@@ -87,12 +89,14 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     hook = backend.hook
     hook.tgserve_on_startup(config=config)
     source = resolve_source(config)
-    model_config = serving_model_config(ModelConfig.from_dir(source.path), config)
+    raw_model_config = json.loads((source.path / "config.json").read_text())
+    model_config = serving_model_config(ModelConfig.from_dict(raw_model_config), config)
+    quantization = resolve_quantization(config.quantize, raw_model_config)
     tokenizer = Tokenizer(source.path, model_config.eos_token_ids, config.trust_remote_code)
     dtype_name = config.dtype or hook.tgserve_get_default_dtype()
     log.info("Loading %s (%s) on %s as %s%s", source.model_id, model_config.model_type, backend.name, dtype_name,
-             f", weights quantized with {config.quantize}" if config.quantize else "")
-    loaded = _load_model(config, hook, source, model_config, getattr(torch, dtype_name), progress)
+             f", weights quantized with {quantization.describe()}" if quantization else "")
+    loaded = _load_model(quantization, hook, source, model_config, getattr(torch, dtype_name), progress)
     constraints = hook.tgserve_get_shape_constraints(model_config=model_config, config=config)
     policy: WarmupPolicy = hook.tgserve_get_warmup_policy(model_config=model_config, config=config)
     probe = None if policy.is_full_step else _probe(config, hook, loaded, policy, constraints)
@@ -119,17 +123,20 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     hook.tgserve_on_model_ready(model=loaded.model, kv_cache=kv_cache, limits=limits)
     info = ModelInfo(model_id=source.model_id, model_sha=source.sha, model_dtype=dtype_name,
                      model_device_type=loaded.device.type, backend=backend.name,
-                     eos_token_ids=tokenizer.eos_token_ids)
+                     eos_token_ids=tokenizer.eos_token_ids,
+                     quantization=quantization.as_info() if quantization else None)
     return Engine(config, limits, info, tokenizer, scheduler, runner, on_shutdown=hook.tgserve_on_shutdown)
 
 
-def _load_model(config: ServerConfig, hook, source: ModelSource, model_config: ModelConfig, dtype: torch.dtype,
-                progress: bool) -> _Loaded:
+def _load_model(quantization: QuantizationConfig | None, hook, source: ModelSource, model_config: ModelConfig,
+                dtype: torch.dtype, progress: bool) -> _Loaded:
     """Build the model through the backend's hooks and load its weights."""
     device = hook.tgserve_get_device(rank=0)
-    linear_method = hook.tgserve_make_linear_method(quantize=config.quantize, dtype=dtype, device=device)
+    method = quantization.method if quantization else None
+    linear_method = hook.tgserve_make_linear_method(quantize=method, dtype=dtype, device=device,
+                                                    quantization=quantization)
     if linear_method is None:
-        raise ConfigError(f"`--quantize {config.quantize}` is not available on this backend")
+        raise ConfigError(f"`--quantize {method}` is not available on this backend")
     block_size = hook.tgserve_get_block_size()
     attention = hook.tgserve_make_attention(model_config=model_config, block_size=block_size, device=device, dtype=dtype)
     model = hook.tgserve_make_model(model_config=model_config, device=device, dtype=dtype,

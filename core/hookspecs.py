@@ -130,12 +130,18 @@ def tgserve_get_warmup_policy(model_config, config):
 
 
 @hookspec(firstresult=True)
-def tgserve_make_linear_method(quantize, dtype, device):
+def tgserve_make_linear_method(quantize, dtype, device, quantization):
     """The weight preparation and matmul for linear layers under quantization method `quantize`.
 
     quantize: None for unquantized weights, else a method name ("gptq", "awq", "eetq", ...).
     dtype: the run dtype (activations, and unquantized weights). device: where the weights live.
-    Returns: a `tgserve.core.layers.linear.LinearMethod`, shared by every linear layer. It allocates
+    quantization: None, or the `tgserve.core.quantization.quant_config.QuantizationConfig` behind
+    `quantize` (bits, group size, the checkpoint's quantization_config). A backend with fast kernels
+    usually returns `tgserve.core.quantization.registry.make_quantized_method(quantization, dtype,
+    dense=<its unquantized method>, kernels=<its WeightOnlyKernels>)`: the core's format loaders
+    with its matmuls, tried before the reference.
+    Returns: a `tgserve.core.layers.linear.LinearMethod`, shared by every linear layer (a quantized
+    one answers `method_for(prefixes)` with its dense method for layers the checkpoint keeps float). It allocates
     and names each layer's parameters (`create_params`, with the dims that index output and input
     features so layers load and shard them without knowing the format), turns them into what its
     matmul reads once loaded (`prepare`, once per layer) and runs the matmul (`apply`, per layer

@@ -105,3 +105,4 @@ class ModelInfo:
     model_device_type: str
     backend: str
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    quantization: dict | None = None  # method, bits, group_size, is_prequantized, description; None: float

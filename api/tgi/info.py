@@ -51,5 +51,6 @@ async def info(state: ServerState = Depends(get_state)) -> Response:
         version=server_version(),
         sha=None,
         docker_label=None,
+        quantization=model.quantization,
     )
     return JSONResponse(body.model_dump())

@@ -107,3 +107,6 @@ class Info(BaseModel):
     version: str
     sha: str | None = None
     docker_label: str | None = None
+    # tgserve's addition: the weight quantization in use ({"method", "bits", "group_size",
+    # "is_prequantized", "description"}), None for float weights.
+    quantization: dict | None = None

@@ -15,6 +15,8 @@ import torch
 from tgserve.backends.cpu import host
 from tgserve.backends.cpu.kernels import ISA_ENV, CpuIsaError, CpuKernels, detect_kernels
 from tgserve.backends.cpu.linear import make_onednn_linear_method
+from tgserve.core.layers.linear import LinearMethod
+from tgserve.core.quantization.registry import make_quantized_method
 from tgserve.core.backend_status import BackendStatus
 from tgserve.core.hookspecs import hookimpl
 from tgserve.core.warmup_policy import WarmupPolicy
@@ -121,18 +123,20 @@ SLOW_BF16_MESSAGE = "bfloat16 runs through a slower path on this CPU (%s: %s); u
 
 
 @hookimpl
-def tgserve_make_linear_method(quantize, dtype, device):
-    """oneDNN-packed weights for unquantized bf16/fp32 where this CPU runs them; None leaves the
-    core's reference method (`F.linear`). bf16 without a fast path here logs one line saying so."""
-    if quantize is not None:
-        return None  # no CPU quantized kernels yet
+def tgserve_make_linear_method(quantize, dtype, device, quantization):
+    """oneDNN-packed weights for unquantized bf16/fp32 where this CPU runs them (the core's reference
+    method, `F.linear`, elsewhere); a quantized format keeps them for the layers it leaves float.
+    bf16 without a fast path here logs one line saying so."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     kernels = cpu_kernels()
     if dtype == torch.bfloat16 and not kernels.has_fast_bf16:
         why = "no native bf16" if not kernels.is_native_bf16 else "oneDNN has no bf16 path here"
         log.warning(SLOW_BF16_MESSAGE, kernels.isa or "unknown ISA", why)
-    return make_onednn_linear_method(dtype) if kernels.allows_onednn(dtype) else None
+    dense = make_onednn_linear_method(dtype) if kernels.allows_onednn(dtype) else None
+    if quantization is None:
+        return dense
+    return make_quantized_method(quantization, dtype, dense=dense or LinearMethod())
 
 
 @hookimpl

@@ -63,6 +63,11 @@ class LinearMethod:
             params["bias"] = LinearParam(torch.zeros(out_features, dtype=dtype, device=device), output_dim=0)
         return params
 
+    def method_for(self, prefixes: tuple[str, ...]) -> "LinearMethod":
+        """The method for the layer fused from checkpoint modules `prefixes` ("model.layers.0.mlp.up_proj");
+        a quantized format answers its dense fallback for layers the checkpoint keeps in float."""
+        return self
+
     def prepare(self, params: dict[str, torch.Tensor]) -> object:
         """Turn the loaded tensors (by name) into what `apply` reads. Called once per layer after loading."""
         return params["weight"], params.get("bias")
@@ -80,13 +85,15 @@ class Linear(nn.Module):
     become one qkv layer); `load(part, name, tensor)` fills part `part` of parameter `name`. With
     `world_size` > 1 the layer holds rank `rank`'s slice: COLUMN takes 1/world of every part's
     outputs, ROW 1/world of the inputs. A ROW layer's bias lives on rank 0 only, so summing the
-    ranks' partial outputs (issue 14's all-reduce) adds it exactly once.
+    ranks' partial outputs (issue 14's all-reduce) adds it exactly once. `prefixes` names the
+    checkpoint modules fused here, one per part, so a quantized method can keep float layers float.
     """
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool, method: LinearMethod,
                  dtype: torch.dtype, device: torch.device, parallel: Parallel = Parallel.REPLICATED,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, prefixes: tuple[str, ...] = ()):
         super().__init__()
+        method = method.method_for(prefixes)
         split = world_size if parallel is Parallel.COLUMN else 1
         if any(size % split for size in output_sizes) or (parallel is Parallel.ROW and in_features % world_size):
             raise LinearLoadError(f"{parallel.value}-parallel layer [{in_features} -> {output_sizes}] does not "

@@ -23,17 +23,21 @@ from tgserve.core.model_config import ModelConfig
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, method: LinearMethod, attention: PagedAttention,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, prefix: str):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
         kw = dict(method=method, dtype=dtype, device=device)
+        attn, mlp = prefix + "self_attn.", prefix + "mlp."
         self.qkv_proj = Linear(h, [self.q_size, self.kv_size, self.kv_size], cfg.attention_bias,
-                               parallel=Parallel.COLUMN, **kw)
-        self.o_proj = Linear(self.q_size, [h], False, parallel=Parallel.ROW, **kw)
-        self.gate_up_proj = Linear(h, [cfg.intermediate_size] * 2, False, parallel=Parallel.COLUMN, **kw)
-        self.down_proj = Linear(cfg.intermediate_size, [h], False, parallel=Parallel.ROW, **kw)
+                               parallel=Parallel.COLUMN, prefixes=(attn + "q_proj", attn + "k_proj", attn + "v_proj"),
+                               **kw)
+        self.o_proj = Linear(self.q_size, [h], False, parallel=Parallel.ROW, prefixes=(attn + "o_proj",), **kw)
+        self.gate_up_proj = Linear(h, [cfg.intermediate_size] * 2, False, parallel=Parallel.COLUMN,
+                                   prefixes=(mlp + "gate_proj", mlp + "up_proj"), **kw)
+        self.down_proj = Linear(cfg.intermediate_size, [h], False, parallel=Parallel.ROW,
+                                prefixes=(mlp + "down_proj",), **kw)
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
         self.attention = attention
@@ -68,10 +72,11 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device),
                                          requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, method, attention, dtype, device)
-                                    for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, method, attention, dtype, device, f"model.layers.{index}.")
+                                    for index in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.lm_head = Linear(cfg.hidden_size, [cfg.vocab_size], False, method, dtype, device, Parallel.COLUMN)
+        self.lm_head = Linear(cfg.hidden_size, [cfg.vocab_size], False, method, dtype, device, Parallel.COLUMN,
+                              prefixes=("lm_head",))
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.num_rope_positions, cfg.rope_theta,
                                       cfg.rope_scaling, dtype, device)
 
@@ -91,7 +96,7 @@ class LlamaForCausalLM(nn.Module):
         """Fill parameters from (checkpoint name, tensor) pairs, then hand linears to their method."""
         seen_lm_head = False
         for name, tensor in weights:
-            seen_lm_head |= name == "lm_head.weight"
+            seen_lm_head |= name.startswith("lm_head.")
             self._load_one(name, tensor)
         if not seen_lm_head:
             if not self.config.tie_word_embeddings:
@@ -106,8 +111,8 @@ class LlamaForCausalLM(nn.Module):
             self.embed_tokens.data.copy_(tensor)
         elif name == "model.norm.weight":
             self.norm.weight.data.copy_(tensor)
-        elif name == "lm_head.weight":
-            self.lm_head.load(0, "weight", tensor)
+        elif name.startswith("lm_head."):  # "weight", or a quantized format's tensors
+            self.lm_head.load(0, name[len("lm_head."):], tensor)
         elif name.startswith("model.layers."):
             index, rest = name[len("model.layers."):].split(".", 1)
             layer = self.layers[int(index)]

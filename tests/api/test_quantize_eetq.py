@@ -1,7 +1,7 @@
 """`tgserve serve --quantize eetq` over HTTP: greedy token ids equal transformers' float32 greedy ids on
 a copy of the demo checkpoint whose linear weights were quantized and dequantized here, independently of
 tgserve (per output channel, absmax / 127, round half to even). TGI's names tgserve does not implement
-yet are refused at start with one line naming what is supported."""
+are refused at start with one line naming what is supported."""
 from __future__ import annotations
 
 import json
@@ -66,7 +66,7 @@ def _logprobs(model, full_ids: torch.Tensor, num_prompt: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method, expected", [
-    ("gptq", "`--quantize gptq` is TGI's method tgserve does not implement yet; supported: eetq"),
+    ("exl2", "`--quantize exl2` is TGI's method tgserve does not implement; supported: eetq"),
     ("nope", "invalid choice: 'nope'"),
 ])
 def test_other_methods_are_refused_at_start_with_one_line(run_cli, method, expected):

@@ -83,7 +83,7 @@ def tgserve_get_block_size():
 
 
 @hookimpl
-def tgserve_make_linear_method(quantize, dtype, device):
+def tgserve_make_linear_method(quantize, dtype, device, quantization):
     return AcmeLinearMethod() if quantize is None else None
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tgserve.api import cli
 from tgserve.backends.cpu import host, kernels, plugin
 from tgserve.backends.cpu.kernels import CpuIsaError, choose_kernels
+from tgserve.core.quantization.quant_config import resolve_quantization
 from tgserve.backends.cpu.linear import OneDnnLinearMethod
 from tgserve.core.config import ServerConfig
 from tgserve.core.layers.linear import Linear, LinearMethod, linear_from_dense
@@ -36,7 +37,7 @@ ENGINE_LIMITS = dict(max_batch_prefill_tokens=32, max_batch_total_tokens=512, ma
 
 
 def make_linear_method(dtype, quantize=None):
-    return plugin.tgserve_make_linear_method(quantize=quantize, dtype=dtype, device=torch.device("cpu"))
+    return plugin.tgserve_make_linear_method(quantize=quantize, quantization=None, dtype=dtype, device=torch.device("cpu"))
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ def active_hook():
 
 def method_here(active_hook, dtype) -> LinearMethod:
     """The method the selected cpu backend (plus the core's default) gives: what a server would run."""
-    method = active_hook.tgserve_make_linear_method(quantize=None, dtype=dtype, device=torch.device("cpu"))
+    method = active_hook.tgserve_make_linear_method(quantize=None, quantization=None, dtype=dtype, device=torch.device("cpu"))
     assert type(method) is expected_method_type(dtype)
     return method
 
@@ -120,16 +121,22 @@ def test_dtype_may_be_named(name):
     assert type(make_linear_method(name) or LinearMethod()) is expected
 
 
-def test_reference_method_for_float16_and_quantized():
+def test_reference_method_for_float16():
     assert make_linear_method(torch.float16) is None
-    assert make_linear_method(torch.bfloat16, quantize="gptq") is None
+
+
+def test_quantized_formats_keep_the_onednn_method_for_float_layers():
+    quantization = resolve_quantization("eetq", {})
+    method = plugin.tgserve_make_linear_method(quantize="eetq", quantization=quantization, dtype=torch.float32,
+                                               device=torch.device("cpu"))
+    assert method.name == "eetq" and type(method.dense) is expected_method_type(torch.float32)
 
 
 def test_falls_back_to_core_method_without_mkldnn(monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert make_linear_method(torch.bfloat16) is None
     active = BackendRegistry().select("cpu")
-    method = active.hook.tgserve_make_linear_method(quantize=None, dtype=torch.bfloat16, device=torch.device("cpu"))
+    method = active.hook.tgserve_make_linear_method(quantize=None, quantization=None, dtype=torch.bfloat16, device=torch.device("cpu"))
     assert type(method) is LinearMethod
 
 

@@ -156,7 +156,7 @@ def test_third_party_plugin_wins_auto_and_overrides_defaults(tmp_path, monkeypat
     assert active.status.device_name == "fast accelerator"
     assert active.hook.tgserve_get_block_size() == 32  # its own hook beats the core default (16)
     # Hooks it leaves out fall to the core defaults, never to another backend (cpu's oneDNN method).
-    method = active.hook.tgserve_make_linear_method(quantize=None, dtype=torch.float32, device=torch.device("cpu"))
+    method = active.hook.tgserve_make_linear_method(quantize=None, quantization=None, dtype=torch.float32, device=torch.device("cpu"))
     assert type(method) is LinearMethod
     assert active.hook.tgserve_get_dist_backend() == "fastlink"  # its own answer, not cpu's
 

@@ -46,7 +46,7 @@ def _build_runner():
     attention = hook.tgserve_make_attention(model_config=model_config, block_size=16, device=device, dtype=dtype)
     model = hook.tgserve_make_model(
         model_config=model_config, device=device, dtype=dtype, attention=attention,
-        linear_method=hook.tgserve_make_linear_method(quantize=None, dtype=dtype, device=device))
+        linear_method=hook.tgserve_make_linear_method(quantize=None, quantization=None, dtype=dtype, device=device))
     model.load_weights(state.items())
     blocks = BlockManager(STEP_TOKENS // 16 + 2, 16)
     kv_cache = hook.tgserve_make_kv_cache(num_blocks=blocks.num_blocks, block_size=16, model_config=model_config,

@@ -1,0 +1,57 @@
+"""The shared shape of a quantized format's `LinearMethod`: which layers it quantizes, and its kernels.
+
+A format subclass says how its checkpoint tensors are named and shaped (`create_params`) and how to
+turn them into the common affine form (`to_affine`); this base picks the kernel and runs it. Layers
+the checkpoint left in float (lm_head, `modules_to_not_convert`, compressed-tensors' `ignore`) get the
+backend's dense method through `method_for`. Formats whose weights are not affine integers (fp8, nf4)
+override `prepare` / `apply` themselves.
+"""
+from __future__ import annotations
+
+import torch
+
+from tgserve.core.layers.linear import LinearMethod
+from tgserve.core.quantization.quant_config import QuantizationConfig
+from tgserve.core.quantization.weight_only import AffineQuantizedWeight, WeightOnlyKernel, prepare_with
+
+
+class QuantizedLinearMethod(LinearMethod):
+    """Base of every quantized format; one instance shared by the model's quantized layers."""
+
+    name = "quantized"
+
+    def __init__(self, quantization: QuantizationConfig, dtype: torch.dtype, dense: LinearMethod,
+                 kernels: tuple[WeightOnlyKernel, ...] = ()):
+        self.quantization = quantization
+        self.dtype = dtype  # the run dtype: activations, outputs, biases
+        self.dense = dense  # the backend's unquantized method, for layers the checkpoint keeps in float
+        self.kernels = kernels  # the backend's fast kernels, asked in order before the reference
+
+    def method_for(self, prefixes: tuple[str, ...]) -> LinearMethod:
+        return self if self.is_quantized_layer(prefixes) else self.dense
+
+    def is_quantized_layer(self, prefixes: tuple[str, ...]) -> bool:
+        """Whether the checkpoint layer(s) named `prefixes` ("model.layers.0.mlp.down_proj") hold this
+        format's tensors. Default: a float checkpoint quantized at load quantizes every layer; a
+        pre-quantized one every layer but lm_head and those its config lists as not converted."""
+        if not self.quantization.is_prequantized:
+            return True
+        skipped = self.quantization.checkpoint_config.get("modules_to_not_convert") or []
+        return not any(name == "lm_head" or _listed(name, skipped) for name in prefixes)
+
+    def to_affine(self, params: dict[str, torch.Tensor]) -> AffineQuantizedWeight:
+        """This format's loaded tensors (by checkpoint suffix) -> the common affine form."""
+        raise NotImplementedError
+
+    def prepare(self, params: dict[str, torch.Tensor]) -> object:
+        return prepare_with(self.kernels, self.to_affine(params), self.dtype)
+
+    def apply(self, prepared: object, x: torch.Tensor) -> torch.Tensor:
+        kernel, packed = prepared
+        return kernel.apply(packed, x)
+
+
+def _listed(name: str, modules: list[str]) -> bool:
+    """`name` is, or sits under, one of `modules` (plain names match any path component)."""
+    return any(name == module or name.endswith("." + module) or ("." + module + ".") in name + "."
+               for module in modules)

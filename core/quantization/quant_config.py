@@ -1,0 +1,104 @@
+"""Which quantization a model runs with: the checkpoint's `quantization_config` reconciled with `--quantize`.
+
+TGI's rules (its `get_loader`): `quant_method` in the checkpoint's config.json names the method
+(`fbgemm_fp8` means `fp8`; compressed-tensors may also sit under `compression_config`); an explicit
+`--quantize` that contradicts a pre-quantized checkpoint is an error; a method that quantizes at load
+(eetq, fp8 on a float checkpoint, bitsandbytes-nf4) needs only the flag.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tgserve.core.config import ConfigError
+
+# quant_method spellings in checkpoints -> tgserve's (TGI's) method name
+_CHECKPOINT_METHODS = {"gptq": "gptq", "awq": "awq", "fp8": "fp8", "fbgemm_fp8": "fp8",
+                       "compressed-tensors": "compressed-tensors", "compressed_tensors": "compressed-tensors",
+                       "exl2": "exl2", "marlin": "marlin", "bitsandbytes": "bitsandbytes"}
+# Methods that only read pre-quantized checkpoints: the flag on a float checkpoint is TGI's load error.
+PREQUANTIZED_ONLY = ("gptq", "awq", "compressed-tensors")
+# (bits, group size) of the methods that quantize a float checkpoint at load.
+AT_LOAD_LAYOUTS = {"eetq": (8, -1)}
+
+
+class QuantizationError(ConfigError):
+    """The checkpoint's quantization and the flags cannot work together, or a quantized tensor
+    contradicts the checkpoint's config. The message names the flag or the tensor."""
+
+
+@dataclass(slots=True, frozen=True)
+class QuantizationConfig:
+    """The quantization a model loads with, settled once at start-up (host side, no tensors)."""
+
+    method: str  # TGI's name: "gptq", "awq", "compressed-tensors", "eetq", "fp8", "bitsandbytes-nf4", "gguf"
+    is_prequantized: bool  # the checkpoint holds quantized tensors (else the float weights quantize at load)
+    bits: int | None = None  # weight bits (4, 8, ...); None where the method has no such notion
+    group_size: int | None = None  # input features per scale; -1: one scale per output channel
+    # The checkpoint's `quantization_config` as written (format details: desc_act, sym, zero_point,
+    # checkpoint_format, config_groups, weight_block_size, modules_to_not_convert / ignore ...).
+    checkpoint_config: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One phrase for the start-up log and /info: "gptq 4-bit, group size 128"."""
+        parts = [self.method]
+        if self.bits is not None:
+            parts.append(f"{self.bits}-bit")
+        text = " ".join(parts)
+        if self.group_size is not None:
+            text += ", per output channel" if self.group_size == -1 else f", group size {self.group_size}"
+        return text if self.is_prequantized else text + " (quantized at load)"
+
+
+    def as_info(self) -> dict:
+        """What /info reports."""
+        return {"method": self.method, "bits": self.bits, "group_size": self.group_size,
+                "is_prequantized": self.is_prequantized, "description": self.describe()}
+
+
+def checkpoint_quantization(raw_config: dict) -> dict | None:
+    """The checkpoint's quantization section (`quantization_config`, or compressed-tensors'
+    `compression_config`), with `quant_method` normalised to tgserve's name; None for a float checkpoint."""
+    section = raw_config.get("quantization_config") or raw_config.get("compression_config")
+    if not section:
+        return None
+    raw_method = section.get("quant_method") or ("compressed-tensors" if "config_groups" in section else None)
+    method = _CHECKPOINT_METHODS.get(str(raw_method).lower())
+    if method is None:
+        raise QuantizationError(f"the checkpoint's quantization_config has quant_method {raw_method!r}, "
+                                f"which tgserve cannot load")
+    return {**section, "quant_method": method}
+
+
+def resolve_quantization(flag: str | None, raw_config: dict) -> QuantizationConfig | None:
+    """The method to load with, from `--quantize` (None: not given) and the checkpoint's config.json.
+
+    Raises QuantizationError when the flag contradicts the checkpoint, or asks a pre-quantized-only
+    method of a float checkpoint (TGI: "Cannot load `gptq` weight, make sure the model is already quantized").
+    """
+    section = checkpoint_quantization(raw_config)
+    detected = None if section is None else section["quant_method"]
+    if flag is not None and detected is not None and flag != detected:
+        raise QuantizationError(f"`--quantize {flag}` contradicts the checkpoint, which is quantized with "
+                                f"{detected} (its config.json quantization_config); drop the flag or pass "
+                                f"`--quantize {detected}`")
+    method = flag or detected
+    if method is None:
+        return None
+    if detected is None and method in PREQUANTIZED_ONLY:
+        raise QuantizationError(f"Cannot load `{method}` weight, make sure the model is already quantized "
+                                f"(its config.json has no quantization_config)")
+    if section is None:
+        bits, group_size = AT_LOAD_LAYOUTS.get(method, (None, None))
+        return QuantizationConfig(method=method, is_prequantized=False, bits=bits, group_size=group_size)
+    return QuantizationConfig(method=method, is_prequantized=True, bits=_bits(section),
+                              group_size=_group_size(section), checkpoint_config=section)
+
+
+def _bits(section: dict) -> int | None:
+    bits = section.get("bits", section.get("w_bit"))
+    return None if bits is None else int(bits)
+
+
+def _group_size(section: dict) -> int | None:
+    size = section.get("group_size", section.get("q_group_size"))
+    return None if size is None else int(size)

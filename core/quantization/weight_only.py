@@ -1,0 +1,84 @@
+"""The common form of integer weight-only quantization, and the kernels that multiply by it.
+
+GPTQ, AWQ, compressed-tensors, eetq and GGUF's Q4/Q8 all store, in their own packing, the same thing:
+W[o, i] = (q[o, i] - zero[o, g]) * scale[o, g] with g = i // group_size (after an optional input
+permutation for GPTQ's act-order). Each format's `LinearMethod` unpacks its tensors into an
+`AffineQuantizedWeight` once at load; a `WeightOnlyKernel` then packs that for its matmul. The core's
+`ReferenceKernel` keeps q unpacked (one byte per weight) and dequantizes per call: correct everywhere,
+not fast. Backends return faster kernels (packed int4 / int8) from `tgserve_make_linear_method`; a
+kernel that cannot take a weight (bits, group size) declines and the next one is asked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AffineQuantizedWeight:
+    """One linear layer's integer weight in the common affine form (host of the packed kernels' inputs)."""
+
+    q: torch.Tensor  # uint8 [out, in]: the integer codes, 0 <= q < 2**bits, inputs in kernel order
+    scales: torch.Tensor  # float [out, num_groups]
+    zeros: torch.Tensor  # float [out, num_groups], in code units: W = (q - zeros) * scales
+    bits: int  # 2, 3, 4 or 8
+    group_size: int  # inputs per group; equals in_features for one scale per output channel
+    # int64 [in] or None: the kernel's input i reads x[..., input_perm[i]] (GPTQ act-order sorts
+    # columns by group at load so groups are contiguous); None: inputs in checkpoint order.
+    input_perm: torch.Tensor | None
+    bias: torch.Tensor | None  # [out] in the run dtype, or None
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[1]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W [out, in] in kernel input order (apply `input_perm` to x, not to this)."""
+        groups = torch.arange(self.in_features, device=self.q.device) // self.group_size
+        return ((self.q.float() - self.zeros.float()[:, groups]) * self.scales.float()[:, groups]).to(dtype)
+
+
+class WeightOnlyKernel:
+    """Packs an `AffineQuantizedWeight` once and multiplies activations by it per step."""
+
+    name = "reference"
+
+    def prepare(self, weight: AffineQuantizedWeight, dtype: torch.dtype) -> object | None:
+        """What `apply` reads, or None when this kernel does not take this weight (bits, group size,
+        dtype). Called once per layer at load; may free or keep `weight`'s tensors."""
+        raise NotImplementedError
+
+    def apply(self, prepared: object, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in_features] in the run dtype -> [..., out_features]. Called per layer per step."""
+        raise NotImplementedError
+
+
+class ReferenceKernel(WeightOnlyKernel):
+    """Any bits and group size: codes kept unpacked, the weight dequantized on every call (torch only)."""
+
+    name = "reference"
+
+    def prepare(self, weight: AffineQuantizedWeight, dtype: torch.dtype) -> object:
+        return weight, dtype
+
+    def apply(self, prepared: object, x: torch.Tensor) -> torch.Tensor:
+        weight, dtype = prepared
+        if weight.input_perm is not None:
+            x = x.index_select(-1, weight.input_perm)
+        return F.linear(x, weight.dequantize(dtype), weight.bias)
+
+
+def prepare_with(kernels: tuple[WeightOnlyKernel, ...], weight: AffineQuantizedWeight, dtype: torch.dtype
+                 ) -> tuple[WeightOnlyKernel, object]:
+    """The first of `kernels` that takes `weight` (the reference always does), and its prepared form."""
+    for kernel in (*kernels, ReferenceKernel()):
+        prepared = kernel.prepare(weight, dtype)
+        if prepared is not None:
+            return kernel, prepared
+    raise AssertionError("unreachable: the reference kernel takes every weight")

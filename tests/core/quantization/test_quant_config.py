@@ -1,0 +1,53 @@
+"""`--quantize` reconciled with the checkpoint's quantization_config, as TGI's `get_loader` does."""
+from __future__ import annotations
+
+import pytest
+
+from tgserve.core.quantization.quant_config import QuantizationError, resolve_quantization
+
+GPTQ = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False}}
+
+
+def test_float_checkpoint_without_flag_is_unquantized():
+    assert resolve_quantization(None, {"model_type": "qwen2"}) is None
+
+
+def test_method_is_detected_from_the_checkpoint():
+    quantization = resolve_quantization(None, GPTQ)
+    assert (quantization.method, quantization.bits, quantization.group_size) == ("gptq", 4, 128)
+    assert quantization.is_prequantized and quantization.describe() == "gptq 4-bit, group size 128"
+
+
+@pytest.mark.parametrize("quant_method", ["fp8", "fbgemm_fp8"])
+def test_fp8_spellings(quant_method):
+    assert resolve_quantization(None, {"quantization_config": {"quant_method": quant_method}}).method == "fp8"
+
+
+def test_compressed_tensors_from_compression_config():
+    raw = {"compression_config": {"config_groups": {"group_0": {}}, "format": "pack-quantized"}}
+    assert resolve_quantization(None, raw).method == "compressed-tensors"
+
+
+def test_matching_flag_is_accepted_and_a_contradicting_one_refused():
+    assert resolve_quantization("gptq", GPTQ).method == "gptq"
+    with pytest.raises(QuantizationError, match=r"`--quantize awq` contradicts the checkpoint, which is quantized "
+                                                r"with gptq"):
+        resolve_quantization("awq", GPTQ)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors"])
+def test_prequantized_only_methods_on_a_float_checkpoint(method):
+    with pytest.raises(QuantizationError, match=f"Cannot load `{method}` weight, make sure the model is already "
+                                                f"quantized"):
+        resolve_quantization(method, {"model_type": "llama"})
+
+
+def test_at_load_method_names_its_layout():
+    quantization = resolve_quantization("eetq", {"model_type": "llama"})
+    assert not quantization.is_prequantized
+    assert quantization.describe() == "eetq 8-bit, per output channel (quantized at load)"
+
+
+def test_unknown_checkpoint_method_is_named():
+    with pytest.raises(QuantizationError, match="quant_method 'hqq'"):
+        resolve_quantization(None, {"quantization_config": {"quant_method": "hqq"}})
