@@ -39,6 +39,12 @@ class LinearParam:
     input_dim: int | None = None  # dim indexed by input features; None: whole on every row-parallel rank
     output_pack: int = 1  # output features per element along output_dim (8: eight int4 in an int32)
     input_pack: int = 1  # input features per element along input_dim (2: two int4 per byte; a group's size)
+    # None: each checkpoint tensor is this parameter's slice as is. An int b: this parameter holds a
+    # float scale per output feature ([out, cols], output_dim 0) that each fused part's checkpoint
+    # tensor stores coarser, expanded at load: one element (per-tensor, as fp8's q/k/v each carry
+    # their own) fills the part's rows; [n] or [n, 1] is per row; [ceil(n / b), cols] holds one row
+    # per block of b output features, the last block ragged (fp8's block-wise `weight_scale_inv`).
+    row_block: int | None = None
 
 
 class LinearMethod:
@@ -118,6 +124,8 @@ class Linear(nn.Module):
         if param is None:
             raise LinearLoadError(f"checkpoint has {name} but this layer ({self.method.name}) has no such parameter")
         target, source = param.data, tensor
+        if param.row_block is not None:
+            source = _rows_per_output(name, part, tensor, self.output_sizes[part], param.row_block)
         if param.output_dim is not None:
             size = self.local_output_sizes[part]
             start = self.rank * size if self.parallel is Parallel.COLUMN else 0
@@ -147,6 +155,18 @@ def _check_packing(name: str, param: LinearParam, local_output_sizes: list[int],
         raise LinearLoadError(f"{name}: output parts {local_output_sizes} not multiples of {param.output_pack}")
     if param.input_dim is not None and local_in_features % param.input_pack:
         raise LinearLoadError(f"{name}: {local_in_features} input features not a multiple of {param.input_pack}")
+
+
+def _rows_per_output(name: str, part: int, tensor: torch.Tensor, num_rows: int, row_block: int) -> torch.Tensor:
+    """A part's coarse scale tensor (see `LinearParam.row_block`) as [num_rows, cols], one row per output."""
+    if tensor.numel() == 1:
+        return tensor.reshape(1, 1).expand(num_rows, 1)
+    rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() else tensor.reshape(1, 1)
+    num_blocks = -(-num_rows // row_block)
+    if rows.shape[0] != num_blocks:
+        raise LinearLoadError(f"checkpoint {name} part {part}: {tuple(tensor.shape)} has {rows.shape[0]} rows where "
+                              f"{num_rows} outputs in blocks of {row_block} need {num_blocks}")
+    return rows.repeat_interleave(row_block, dim=0)[:num_rows]
 
 
 def linear_from_dense(method: LinearMethod, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:

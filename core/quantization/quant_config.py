@@ -18,7 +18,7 @@ _CHECKPOINT_METHODS = {"gptq": "gptq", "awq": "awq", "fp8": "fp8", "fbgemm_fp8":
 # Methods that only read pre-quantized checkpoints: the flag on a float checkpoint is TGI's load error.
 PREQUANTIZED_ONLY = ("gptq", "awq", "compressed-tensors")
 # (bits, group size) of the methods that quantize a float checkpoint at load.
-AT_LOAD_LAYOUTS = {"eetq": (8, -1)}
+AT_LOAD_LAYOUTS = {"bitsandbytes-nf4": (4, 64), "eetq": (8, -1), "fp8": (8, -1)}
 
 
 class QuantizationError(ConfigError):
@@ -96,9 +96,13 @@ def resolve_quantization(flag: str | None, raw_config: dict) -> QuantizationConf
 
 def _bits(section: dict) -> int | None:
     bits = section.get("bits", section.get("w_bit"))
+    if bits is None and section["quant_method"] == "fp8":  # e4m3: 8 bits, written nowhere in the config
+        return 8
     return None if bits is None else int(bits)
 
 
 def _group_size(section: dict) -> int | None:
     size = section.get("group_size", section.get("q_group_size"))
+    if size is None and section.get("weight_block_size"):  # fp8 blocks [out, in]: inputs per scale
+        return int(section["weight_block_size"][1])
     return None if size is None else int(size)

@@ -5,12 +5,16 @@ import torch
 
 from tgserve.core.layers.linear import LinearMethod
 from tgserve.core.quantization.eetq import EetqLinearMethod
+from tgserve.core.quantization.fp8 import Fp8LinearMethod
 from tgserve.core.quantization.method import QuantizedLinearMethod
+from tgserve.core.quantization.nf4 import Nf4LinearMethod
 from tgserve.core.quantization.quant_config import QuantizationConfig
 from tgserve.core.quantization.weight_only import WeightOnlyKernel
 
 FORMATS: dict[str, type[QuantizedLinearMethod]] = {
+    "bitsandbytes-nf4": Nf4LinearMethod,
     "eetq": EetqLinearMethod,
+    "fp8": Fp8LinearMethod,
 }
 
 
