@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tgserve.core.layers.linear import Linear, LinearLoadError, LinearMethod
+from tgserve.core.layers.linear import Linear, LinearLoadError, LinearMethod, Parallel
 from tgserve.core.quantization.fp8 import Fp8LinearMethod
 from tgserve.core.quantization.quant_config import QuantizationError, resolve_quantization
 
@@ -165,3 +165,27 @@ def test_checkpoint_detection_names_bits_and_block():
     assert (fbgemm.method, fbgemm.bits) == ("fp8", 8)
     with pytest.raises(QuantizationError, match="contradicts"):
         resolve_quantization("bitsandbytes-nf4", checkpoint_config())
+
+
+@pytest.mark.parametrize("parallel", [Parallel.COLUMN, Parallel.ROW])
+def test_block_scales_split_over_tensor_parallel_ranks(parallel):
+    """Each rank's slice of a fused fp8 layer dequantizes to its slice of the whole layer's weight."""
+    generator = torch.Generator().manual_seed(4)
+    sizes, in_features, block = [8, 12], 32, (4, 8)
+    weights = [random_fp8(size, in_features, generator) for size in sizes]
+    scales = [torch.rand(math.ceil(size / block[0]), in_features // block[1], generator=generator) + 0.01
+              for size in sizes]
+    whole = [dequantize_blocks(w, s, *block) for w, s in zip(weights, scales)]
+    quantization = resolve_quantization(None, checkpoint_config(weight_block_size=list(block)))
+    for rank in range(2):
+        layer = Linear(in_features, sizes, False, Fp8LinearMethod(quantization, torch.float32, dense=LinearMethod()),
+                       torch.float32, CPU, parallel=parallel, rank=rank, world_size=2)
+        for part, (weight, scale) in enumerate(zip(weights, scales)):
+            layer.load(part, "weight", weight)
+            layer.load(part, "weight_scale_inv", scale)
+        layer.finalize()
+        if parallel is Parallel.COLUMN:
+            expected = torch.cat([w[rank * (w.shape[0] // 2):(rank + 1) * (w.shape[0] // 2)] for w in whole])
+        else:
+            expected = torch.cat(whole)[:, rank * in_features // 2:(rank + 1) * in_features // 2]
+        torch.testing.assert_close(layer.prepared.dequantize().double(), expected, rtol=1e-6, atol=1e-6)
