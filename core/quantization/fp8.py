@@ -65,6 +65,9 @@ class Fp8LinearMethod(QuantizedLinearMethod):
                       dtype: torch.dtype, device: torch.device) -> dict[str, LinearParam]:
         if not self.quantization.is_prequantized:  # a dense float weight, quantized in `prepare`
             return super().create_params(in_features, output_sizes, has_bias, dtype, device)
+        fmt = self.quantization.checkpoint_config.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise QuantizationError(f"the checkpoint's fp8 quantization_config has fmt {fmt!r}; tgserve loads e4m3")
         out_features = sum(output_sizes)
         params = {"weight": LinearParam(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
                                         output_dim=0, input_dim=1)}

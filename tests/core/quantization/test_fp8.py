@@ -189,3 +189,8 @@ def test_block_scales_split_over_tensor_parallel_ranks(parallel):
         else:
             expected = torch.cat(whole)[:, rank * in_features // 2:(rank + 1) * in_features // 2]
         torch.testing.assert_close(layer.prepared.dequantize().double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_an_fp8_format_other_than_e4m3_is_refused():
+    with pytest.raises(QuantizationError, match="fmt 'e5m2'"):
+        fused_layer(8, [4], resolve_quantization(None, checkpoint_config(fmt="e5m2")))
