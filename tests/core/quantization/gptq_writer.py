@@ -72,7 +72,7 @@ def gptq_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, a
         scales[g] = scale
         zeros[g] = zero.long()
         codes[columns] = torch.clamp(torch.round(block / scale.double()[:, None]) + zero[:, None], 0, maxq).long().t()
-    dequantized = (codes.t() - zeros[g_idx.long()].t()).double() * scales[g_idx.long()].t().double()
+    dequantized = ((codes.t() - zeros[g_idx.long()].t()).double() * scales[g_idx.long()].t().double()).contiguous()
     stored_zeros = zeros - 1 if version == 1 else zeros
     qweight = [pack_stream(codes[:, o].tolist(), bits) for o in range(out_features)]  # [out][in * b / 32]
     qzeros = [pack_stream(stored_zeros[g].tolist(), bits) for g in range(num_groups)]
