@@ -181,3 +181,13 @@ def test_a_dynamic_override_loads_with_its_own_bits():
 def test_gptq_on_a_float_checkpoint_is_tgis_load_error():
     with pytest.raises(QuantizationError, match="Cannot load `gptq` weight, make sure the model is already quantized"):
         resolve_quantization("gptq", {"model_type": "qwen2"})
+
+
+def test_a_g_idx_whose_groups_are_not_group_size_inputs_is_an_error_naming_it():
+    tensors = gptq_quantize(torch.randn(OUT_FEATURES, IN_FEATURES), 4, 32, True, True)
+    g_idx = tensors.g_idx.clone()
+    g_idx[g_idx == 1] = 0  # group 0 now holds 64 inputs and group 1 none
+    checkpoint = {**tensors.as_checkpoint(), "g_idx": g_idx}
+    with pytest.raises(QuantizationError, match=r"m\.g_idx does not put 32 inputs in each group"):
+        load_layer(gptq_method(quantization_config(4, 32, desc_act=True)), [checkpoint], IN_FEATURES,
+                   [OUT_FEATURES], ("m",))
