@@ -6,6 +6,7 @@ import torch
 from tgserve.core.layers.linear import LinearMethod
 from tgserve.core.quantization.eetq import EetqLinearMethod
 from tgserve.core.quantization.fp8 import Fp8LinearMethod
+from tgserve.core.quantization.gptq import GptqLinearMethod
 from tgserve.core.quantization.method import QuantizedLinearMethod
 from tgserve.core.quantization.nf4 import Nf4LinearMethod
 from tgserve.core.quantization.quant_config import QuantizationConfig
@@ -15,6 +16,7 @@ FORMATS: dict[str, type[QuantizedLinearMethod]] = {
     "bitsandbytes-nf4": Nf4LinearMethod,
     "eetq": EetqLinearMethod,
     "fp8": Fp8LinearMethod,
+    "gptq": GptqLinearMethod,
 }
 
 
