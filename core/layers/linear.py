@@ -111,6 +111,8 @@ class Linear(nn.Module):
                  dtype: torch.dtype, device: torch.device, parallel: Parallel = Parallel.REPLICATED,
                  rank: int = 0, world_size: int = 1, prefixes: tuple[str, ...] = ()):
         super().__init__()
+        if prefixes and len(prefixes) != len(output_sizes):
+            raise LinearLoadError(f"{len(prefixes)} checkpoint names {prefixes} for {len(output_sizes)} fused parts")
         method = method.method_for(prefixes)
         split = world_size if parallel is Parallel.COLUMN else 1
         if any(size % split for size in output_sizes) or (parallel is Parallel.ROW and in_features % world_size):

@@ -145,7 +145,7 @@ def test_quantize_at_load_per_output_channel():
     assert (quantization.bits, quantization.group_size, quantization.is_prequantized) == (8, -1, False)
     assert quantization.describe() == "fp8 8-bit, per output channel (quantized at load)"
     layer = Linear(40, [5, 7], False, Fp8LinearMethod(quantization, torch.float32, dense=LinearMethod()),
-                   torch.float32, CPU, prefixes=("lm_head",))  # at load, lm_head too
+                   torch.float32, CPU, prefixes=("lm_head", "lm_head"))  # at load, lm_head too
     layer.load(0, "weight", weight[:5])
     layer.load(1, "weight", weight[5:])
     absmax = weight.double().abs().amax(dim=1, keepdim=True)
