@@ -34,7 +34,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag(("--revision",), "revision", str, "Hub revision: commit sha, branch or refs/pr/N"),
     Flag(("--dtype",), "dtype", str, "Weights and compute dtype (default: the backend's)", DTYPES),
     Flag(("--quantize",), "quantize", str, "Weight quantization: eetq (int8 per output channel, quantized at "
-         "load from a float checkpoint); TGI's other names are refused at start for now", TGI_QUANTIZE_METHODS),
+         "load from a float checkpoint); awq (AutoAWQ GEMM int4 checkpoints) and compressed-tensors "
+         "(llm-compressor int4/int8 pack-quantized or int-quantized checkpoints) are read as written and "
+         "auto-detected from config.json; TGI's other names are refused at start for now", TGI_QUANTIZE_METHODS),
     Flag(("--backend",), "backend", str, "Backend plugin to run on, or auto for the best usable one"),
     Flag(("--hostname",), "hostname", str, "Address to listen on"),
     Flag(("-p", "--port"), "port", int, "Port to listen on"),

@@ -18,12 +18,13 @@ from tgserve.api.cli import fail
 from tgserve.api.shared.tracing import require_opentelemetry
 from tgserve.core.config import ConfigError, ServerConfig
 from tgserve.core.engine_builder import start_engine
+from tgserve.core.layers.linear import LinearLoadError
 from tgserve.core.model_source import ModelNotFound
 from tgserve.core.plugins import BackendRegistry, BackendUnavailable
 
 logger = logging.getLogger(__name__)
 
-STARTUP_ERRORS = (ConfigError, BackendUnavailable, ModelNotFound, OSError)
+STARTUP_ERRORS = (ConfigError, BackendUnavailable, ModelNotFound, OSError, LinearLoadError)
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,15 @@ class LinearParam:
     data: torch.Tensor  # this rank's tensor, filled by `Linear.load`
     output_dim: int | None  # dim indexed by output features; None: the same for every part and rank
     input_dim: int | None = None  # dim indexed by input features; None: whole on every row-parallel rank
-    output_pack: int = 1  # output features per element along output_dim (8: eight int4 in an int32)
-    input_pack: int = 1  # input features per element along input_dim (2: two int4 per byte; a group's size)
+    # Features per element along output_dim / input_dim (8: eight int4 in an int32; a group's size for
+    # scales). A Fraction where an element holds a non-whole number of them: 3-bit GPTQ packs 32 values
+    # into 3 int32 words, Fraction(32, 3); slices then start and end on whole 3-word runs.
+    output_pack: int | Fraction = 1
+    input_pack: int | Fraction = 1
+    # True: each fused part has its own copy of this tensor (GPTQ's g_idx), stored along a leading
+    # [num_parts] axis of `data`; part p's checkpoint tensor fills data[p] (output_dim must be None, and
+    # input_dim counts the checkpoint tensor's dims).
+    is_per_part: bool = False
 
 
 class LinearMethod:
@@ -77,6 +85,10 @@ class LinearMethod:
         weight, bias = prepared
         return F.linear(x, weight, bias)
 
+    def describe(self) -> str:
+        """The format in words, for load errors ("unquantized", "gptq 4-bit, group size 128")."""
+        return self.name
+
 
 class Linear(nn.Module):
     """y = x W^T + b, W in the method's format, loaded from one or several fused checkpoint tensors.
@@ -99,6 +111,7 @@ class Linear(nn.Module):
             raise LinearLoadError(f"{parallel.value}-parallel layer [{in_features} -> {output_sizes}] does not "
                                   f"split over {world_size} ranks")
         self.output_sizes = output_sizes
+        self.prefixes = prefixes
         self.parallel, self.rank, self.world_size = parallel, rank, world_size
         self.local_output_sizes = [size // split for size in output_sizes]
         self.local_in_features = in_features // world_size if parallel is Parallel.ROW else in_features
@@ -107,30 +120,54 @@ class Linear(nn.Module):
         self.params: dict[str, LinearParam] | None = method.create_params(
             self.local_in_features, self.local_output_sizes, bias and not self.is_bias_elsewhere, dtype, device)
         for name, param in self.params.items():
-            _check_packing(name, param, self.local_output_sizes, self.local_in_features)
+            _check_packing(name, param, self.local_output_sizes, self.local_in_features, self.is_input_sliced)
         self.prepared: object = None
 
+    @property
+    def is_input_sliced(self) -> bool:
+        """Whether this rank holds a slice of the input features (row parallel over several ranks)."""
+        return self.parallel is Parallel.ROW and self.world_size > 1
+
     def load(self, part: int, name: str, tensor: torch.Tensor) -> None:
-        """Copy this rank's slice of checkpoint tensor `name` ("weight", "qweight", ...) into fused part `part`."""
+        """Copy this rank's slice of checkpoint tensor `name` ("weight", "qweight", ...) into fused part `part`.
+
+        Raises LinearLoadError naming the checkpoint tensor ("model.layers.0.self_attn.q_proj.qweight")
+        when its shape is not the one the method allocated for (a format's bits or group size contradicted),
+        or it holds integers where floats are expected or the reverse.
+        """
         if name == "bias" and self.is_bias_elsewhere:
             return
         param = self.params.get(name)
         if param is None:
             raise LinearLoadError(f"checkpoint has {name} but this layer ({self.method.name}) has no such parameter")
-        target, source = param.data, tensor
+        target, source = (param.data[part] if param.is_per_part else param.data), tensor
+        expected = self._checkpoint_shape(param, part, target)
+        full_name = f"{self.prefixes[part]}.{name}" if self.prefixes else name
+        if tuple(source.shape) != expected:  # narrow would fail, or copy_ broadcast a wrong shape silently
+            raise LinearLoadError(f"checkpoint tensor {full_name} has shape {tuple(source.shape)} but "
+                                  f"{self.method.describe()} expects {expected}: it does not fit")
+        if source.dtype.is_floating_point != target.dtype.is_floating_point:  # copy_ would convert silently
+            raise LinearLoadError(f"checkpoint tensor {full_name} is {source.dtype} but {self.method.describe()} "
+                                  f"expects {'a float' if target.dtype.is_floating_point else 'an integer'} dtype")
         if param.output_dim is not None:
             size = self.local_output_sizes[part]
             start = self.rank * size if self.parallel is Parallel.COLUMN else 0
             target = target.narrow(param.output_dim, sum(self.local_output_sizes[:part]) // param.output_pack,
                                    size // param.output_pack)
             source = source.narrow(param.output_dim, start // param.output_pack, size // param.output_pack)
-        if param.input_dim is not None and self.parallel is Parallel.ROW:
+        if param.input_dim is not None and self.is_input_sliced:
             size = self.local_in_features
             source = source.narrow(param.input_dim, self.rank * size // param.input_pack, size // param.input_pack)
-        if source.shape != target.shape:  # copy_ would broadcast a wrong shape silently
-            raise LinearLoadError(f"checkpoint {name} part {part}: slice {tuple(source.shape)} does not fit "
-                                  f"{tuple(target.shape)}")
         target.copy_(source)
+
+    def _checkpoint_shape(self, param: LinearParam, part: int, target: torch.Tensor) -> tuple[int, ...]:
+        """The whole checkpoint tensor's shape for fused part `part`, from this rank's `target`."""
+        shape = list(target.shape)
+        if param.output_dim is not None:
+            shape[param.output_dim] = self.output_sizes[part] // param.output_pack
+        if param.input_dim is not None and self.is_input_sliced:
+            shape[param.input_dim] *= self.world_size
+        return tuple(shape)
 
     def finalize(self) -> None:
         """Hand the loaded tensors to the method (packing, quantizing); called once after loading."""
@@ -141,11 +178,15 @@ class Linear(nn.Module):
         return self.method.apply(self.prepared, x)
 
 
-def _check_packing(name: str, param: LinearParam, local_output_sizes: list[int], local_in_features: int) -> None:
-    """Every part's (and the input's) features must fill whole packed elements, or slices would tear them."""
+def _check_packing(name: str, param: LinearParam, local_output_sizes: list[int], local_in_features: int,
+                   is_input_sliced: bool) -> None:
+    """Every part's (and a sliced input's) features must fill whole packed elements, or slices would tear
+    them. An unsliced input may end in a partial element (a last, shorter quantization group)."""
+    if param.is_per_part and param.output_dim is not None:
+        raise LinearLoadError(f"{name}: a per-part tensor cannot also be indexed by output features")
     if param.output_dim is not None and any(size % param.output_pack for size in local_output_sizes):
         raise LinearLoadError(f"{name}: output parts {local_output_sizes} not multiples of {param.output_pack}")
-    if param.input_dim is not None and local_in_features % param.input_pack:
+    if param.input_dim is not None and is_input_sliced and local_in_features % param.input_pack:
         raise LinearLoadError(f"{name}: {local_in_features} input features not a multiple of {param.input_pack}")
 
 

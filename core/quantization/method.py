@@ -39,6 +39,9 @@ class QuantizedLinearMethod(LinearMethod):
         skipped = self.quantization.checkpoint_config.get("modules_to_not_convert") or []
         return not any(name == "lm_head" or _listed(name, skipped) for name in prefixes)
 
+    def describe(self) -> str:
+        return self.quantization.describe()
+
     def to_affine(self, params: dict[str, torch.Tensor]) -> AffineQuantizedWeight:
         """This format's loaded tensors (by checkpoint suffix) -> the common affine form."""
         raise NotImplementedError

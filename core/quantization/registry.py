@@ -4,12 +4,16 @@ from __future__ import annotations
 import torch
 
 from tgserve.core.layers.linear import LinearMethod
+from tgserve.core.quantization.awq import AwqLinearMethod
+from tgserve.core.quantization.compressed_tensors import CompressedTensorsLinearMethod
 from tgserve.core.quantization.eetq import EetqLinearMethod
 from tgserve.core.quantization.method import QuantizedLinearMethod
 from tgserve.core.quantization.quant_config import QuantizationConfig
 from tgserve.core.quantization.weight_only import WeightOnlyKernel
 
 FORMATS: dict[str, type[QuantizedLinearMethod]] = {
+    "awq": AwqLinearMethod,
+    "compressed-tensors": CompressedTensorsLinearMethod,
     "eetq": EetqLinearMethod,
 }
 
