@@ -18,7 +18,8 @@ W[o, i] = (signed code - signed zero) * scale[o, i // group_size], the same as u
 unsigned zero, which is the common affine form. Layers listed in `ignore` (names, or "re:" regexes
 matched from the start of the module name) stay float; lm_head is quantized unless ignored. Activation
 quantization a config may carry (W8A8's input_activations) is not applied: activations stay in the run
-dtype. Float (fp8) schemes and actorder "group" (`weight_g_idx`) are refused by name for now.
+dtype. Float (fp8) schemes, actorder "group" (`weight_g_idx`), several config groups and a quantized
+KV cache (`kv_cache_scheme`) are refused by name for now.
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ class CompressedTensorsLinearMethod(QuantizedLinearMethod):
         self.bits, self.group_size = quantization.bits, quantization.group_size
         self.is_symmetric = bool(weights.get("symmetric", True))
         _check_supported(self.format, weights)
+        if section.get("kv_cache_scheme"):
+            raise QuantizationError("compressed-tensors: kv_cache_scheme (a quantized KV cache) is not supported yet")
 
     @property
     def is_packed(self) -> bool:

@@ -126,6 +126,8 @@ def test_info_fields_come_from_the_linear_config_group():
     (lambda c: c["config_groups"]["group_0"]["weights"].update(strategy="tensor"), "weight strategy 'tensor'"),
     (lambda c: c["config_groups"]["group_0"]["weights"].update(num_bits=3), "num_bits 3"),
     (lambda c: c["config_groups"]["group_0"]["weights"].update(actorder="group"), "actorder \"group\""),
+    (lambda c: c.update(kv_cache_scheme={"num_bits": 8, "type": "float"}), "kv_cache_scheme"),
+    (lambda c: c["config_groups"].update(group_1=c["config_groups"]["group_0"]), "2 config_groups"),
 ])
 def test_unsupported_configs_are_refused_by_name(change, message):
     config = quantization_config(4, "group", 32, True)
