@@ -9,17 +9,19 @@ per scale; "channel": one scale per output), symmetric. Per quantized module `m`
     m.weight_scale       float [out, G]             (channel: [out, 1])
     m.weight_zero_point  int32 [out * b / 32, G]    asymmetric only: zero points + 2**(b-1), packed along out
     m.weight_shape       int [2]                    the unpacked [out, in]
+    m.weight_g_idx       int32 [in]                 actorder "group" only: each input's group
   format "int-quantized" (int8):
     m.weight             int8 [out, in]             signed codes
     m.weight_scale       float [out, G]
     m.weight_zero_point  int8 [out, G]              asymmetric only
 
-W[o, i] = (signed code - signed zero) * scale[o, i // group_size], the same as unsigned code minus
-unsigned zero, which is the common affine form. Layers listed in `ignore` (names, or "re:" regexes
+W[o, i] = (signed code - signed zero) * scale[o, g(i)], g(i) = i // group_size (or weight_g_idx[i]), the
+same as unsigned code minus unsigned zero, which is the common affine form; act-order becomes its
+`input_perm` (inputs sorted stably by group; fused parts must share one g_idx). Layers listed in `ignore` (names, or "re:" regexes
 matched from the start of the module name) stay float; lm_head is quantized unless ignored. Activation
 quantization a config may carry (W8A8's input_activations) is not applied: activations stay in the run
-dtype. Float (fp8) schemes, actorder "group" (`weight_g_idx`), several config groups and a quantized
-KV cache (`kv_cache_scheme`) are refused by name for now.
+dtype. Float (fp8) schemes, several config groups and a quantized KV cache (`kv_cache_scheme`) are
+refused by name for now.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class CompressedTensorsLinearMethod(QuantizedLinearMethod):
         self.ignore = list(section.get("ignore") or [])
         self.bits, self.group_size = quantization.bits, quantization.group_size
         self.is_symmetric = bool(weights.get("symmetric", True))
+        self.is_act_order = str(weights.get("actorder")).lower() == "group"
         _check_supported(self.format, weights)
         if section.get("kv_cache_scheme"):
             raise QuantizationError("compressed-tensors: kv_cache_scheme (a quantized KV cache) is not supported yet")
@@ -96,6 +99,10 @@ class CompressedTensorsLinearMethod(QuantizedLinearMethod):
                                                   input_pack=pack)
             params["weight_shape"] = LinearParam(torch.zeros(num_parts, 2, dtype=torch.int64, device=device),
                                                  output_dim=None, is_per_part=True)
+        if self.is_act_order:  # -1: the part's weight_g_idx is missing
+            params["weight_g_idx"] = LinearParam(torch.full((num_parts, in_features), -1, dtype=torch.int32,
+                                                            device=device), output_dim=None, input_dim=0,
+                                                 is_per_part=True)
         else:
             params["weight"] = LinearParam(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
                                            output_dim=0, input_dim=1)
@@ -123,9 +130,12 @@ class CompressedTensorsLinearMethod(QuantizedLinearMethod):
             zeros = unpack_words(params["weight_zero_point"].t(), self.bits).t().float()
         else:
             zeros = params["weight_zero_point"].float() + offset
+        group = q.shape[1] // scales.shape[1]
+        perm = _input_perm(params["weight_g_idx"], group) if self.is_act_order else None
+        if perm is not None:
+            q = q.index_select(1, perm)
         return AffineQuantizedWeight(q=q, scales=scales, zeros=zeros.contiguous(), bits=self.bits,
-                                     group_size=q.shape[1] // scales.shape[1], input_perm=None,
-                                     bias=params.get("bias"))
+                                     group_size=group, input_perm=perm, bias=params.get("bias"))
 
     def _check_weight_shape(self, weight_shape: torch.Tensor, unpacked: torch.Size) -> None:
         """Each fused part's weight_shape [out, in] must agree with the packed tensors (this rank's, unsharded)."""
@@ -141,6 +151,19 @@ def unpack_words(packed: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
     codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
     return codes.reshape(packed.shape[0], -1).to(torch.uint8)
+
+
+def _input_perm(g_idx: torch.Tensor, group: int) -> torch.Tensor | None:
+    """weight_g_idx [num_parts, in] -> the inputs sorted stably by group (None if already in order)."""
+    if (g_idx[0] == -1).all() or not all(torch.equal(row, g_idx[0]) for row in g_idx):
+        raise QuantizationError("compressed-tensors: actorder \"group\" needs one weight_g_idx per module, the "
+                                "same for modules fused into one layer (q/k/v, gate/up)")
+    groups = g_idx[0].long()
+    perm = torch.argsort(groups, stable=True)
+    in_order = torch.arange(groups.shape[0], device=groups.device) // group
+    if not torch.equal(groups[perm], in_order):
+        raise QuantizationError(f"compressed-tensors: weight_g_idx does not put {group} inputs in each group")
+    return None if torch.equal(perm, torch.arange(groups.shape[0], device=groups.device)) else perm
 
 
 def _matches(name: str, entry: str) -> bool:
@@ -165,5 +188,3 @@ def _check_supported(format_name: str | None, weights: dict) -> None:
                                 f"{' and '.join(STRATEGIES)}")
     if strategy == "group" and not (weights.get("group_size") or 0) > 0:
         raise QuantizationError(f"compressed-tensors: group strategy with group_size {weights.get('group_size')}")
-    if str(weights.get("actorder")).lower() == "group":
-        raise QuantizationError("compressed-tensors: actorder \"group\" (weight_g_idx) is not supported yet")

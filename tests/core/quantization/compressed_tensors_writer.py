@@ -29,11 +29,14 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def ct_quantize(weight: torch.Tensor, bits: int, strategy: str, group_size: int, symmetric: bool,
-                packed: bool = True) -> CompressedTensors:
-    """weight [out, in] -> the module's compressed tensors (strategy "group" or "channel")."""
+                packed: bool = True, g_idx: torch.Tensor | None = None) -> CompressedTensors:
+    """weight [out, in] -> the module's compressed tensors (strategy "group" or "channel"). `g_idx` [in]
+    (actorder "group"): input i belongs to group g_idx[i] instead of i // group_size."""
     out_features, in_features = weight.shape
     group = in_features if strategy == "channel" else group_size
-    w = weight.float().reshape(out_features, in_features // group, group)
+    groups = torch.arange(in_features) // group if g_idx is None else g_idx.long()
+    order = torch.argsort(groups, stable=True)  # each group's inputs side by side, to take its min / max
+    w = weight.float()[:, order].reshape(out_features, in_features // group, group)
     low_code, high_code = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     low, high = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
     if symmetric:
@@ -42,10 +45,9 @@ def ct_quantize(weight: torch.Tensor, bits: int, strategy: str, group_size: int,
         scale = ((high - low) / (high_code - low_code)).clamp(min=1e-5)
     scale = scale.to(torch.bfloat16).float()  # llm-compressor stores scales in the model's dtype
     zero = (torch.zeros_like(scale) if symmetric
-            else torch.clamp(torch.round(low_code - low / scale), low_code, high_code))
-    codes = torch.clamp(torch.round(w / scale[..., None] + zero[..., None]), low_code, high_code)  # as the package
-    dequantized = ((codes - zero[..., None]) * scale[..., None]).reshape(out_features, in_features)
-    codes = codes.reshape(out_features, in_features)
+            else torch.clamp(torch.round(low_code - low / scale), low_code, high_code))  # [out, G]
+    codes = torch.clamp(torch.round(weight.float() / scale[:, groups] + zero[:, groups]), low_code, high_code)
+    dequantized = (codes - zero[:, groups]) * scale[:, groups]  # [out, in], as the package (round after +zero)
     offset = 1 << (bits - 1)
     tensors = {"weight_scale": scale.to(torch.bfloat16)}
     if packed:
@@ -57,15 +59,18 @@ def ct_quantize(weight: torch.Tensor, bits: int, strategy: str, group_size: int,
         tensors["weight"] = codes.to(torch.int8)
         if not symmetric:
             tensors["weight_zero_point"] = zero.to(torch.int8)
+    if g_idx is not None:
+        tensors["weight_g_idx"] = g_idx.to(torch.int32)
     return CompressedTensors(tensors, dequantized)
 
 
 def quantization_config(bits: int, strategy: str, group_size: int, symmetric: bool, packed: bool = True,
-                        ignore: list[str] | None = None, float_weights: bool = False) -> dict:
+                        ignore: list[str] | None = None, float_weights: bool = False, actorder: str | None = None
+                        ) -> dict:
     """config.json's quantization_config as llm-compressor writes it for W4A16 / W8A16 (one group)."""
     weights = {"num_bits": bits, "type": "float" if float_weights else "int", "symmetric": symmetric,
                "strategy": strategy, "group_size": group_size if strategy == "group" else None,
-               "dynamic": False, "actorder": None, "observer": "minmax"}
+               "dynamic": False, "actorder": actorder, "observer": "minmax"}
     return {"quant_method": "compressed-tensors", "quantization_status": "compressed",
             "format": "float-quantized" if float_weights else ("pack-quantized" if packed else "int-quantized"),
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,

@@ -125,7 +125,6 @@ def test_info_fields_come_from_the_linear_config_group():
     (lambda c: c.update(format="marlin-24"), "format 'marlin-24'"),
     (lambda c: c["config_groups"]["group_0"]["weights"].update(strategy="tensor"), "weight strategy 'tensor'"),
     (lambda c: c["config_groups"]["group_0"]["weights"].update(num_bits=3), "num_bits 3"),
-    (lambda c: c["config_groups"]["group_0"]["weights"].update(actorder="group"), "actorder \"group\""),
     (lambda c: c.update(kv_cache_scheme={"num_bits": 8, "type": "float"}), "kv_cache_scheme"),
     (lambda c: c["config_groups"].update(group_1=c["config_groups"]["group_0"]), "2 config_groups"),
 ])
@@ -154,3 +153,34 @@ def test_a_weight_shape_contradicting_the_packed_weight_fails():
     written.tensors["weight_shape"] = torch.tensor([16, 120])
     with pytest.raises(QuantizationError, match=r"weight_shape \[\[16, 120\]\] contradicts the packed weight"):
         loaded_layer(ct_method(quantization_config(4, "group", 32, True)), [written], [16], 128)
+
+
+def act_order_g_idx(in_features: int, group_size: int, seed: int) -> torch.Tensor:
+    """Each input's group under act-order: groups of `group_size` over a random order of the inputs."""
+    order = torch.randperm(in_features, generator=torch.Generator().manual_seed(seed))
+    g_idx = torch.empty(in_features, dtype=torch.int32)
+    g_idx[order] = (torch.arange(in_features) // group_size).to(torch.int32)
+    return g_idx
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, True)])
+def test_act_order_g_idx_groups_inputs_out_of_order(bits, symmetric):
+    in_features, output_sizes = 128, [32, 16]
+    g_idx = act_order_g_idx(in_features, 32, seed=bits + symmetric)
+    written = [ct_quantize(torch.randn(size, in_features), bits, "group", 32, symmetric, g_idx=g_idx)
+               for size in output_sizes]
+    method = ct_method(quantization_config(bits, "group", 32, symmetric, actorder="group"))
+    layer = loaded_layer(method, written, output_sizes, in_features)
+    x = torch.randn(4, in_features)
+    assert torch.allclose(layer(x), F.linear(x, torch.cat([t.dequantized for t in written])), atol=1e-4)
+
+
+def test_act_order_needs_one_shared_g_idx():
+    method = ct_method(quantization_config(4, "group", 32, True, actorder="group"))
+    parts = [ct_quantize(torch.randn(16, 64), 4, "group", 32, True, g_idx=act_order_g_idx(64, 32, seed))
+             for seed in (1, 2)]
+    with pytest.raises(QuantizationError, match="the same for modules fused into one layer"):
+        loaded_layer(method, parts, [16, 16], 64)
+    missing = ct_quantize(torch.randn(16, 64), 4, "group", 32, True)  # no weight_g_idx written
+    with pytest.raises(QuantizationError, match="needs one weight_g_idx per module"):
+        loaded_layer(method, [missing], [16], 64)
