@@ -34,10 +34,11 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag(("--revision",), "revision", str, "Hub revision: commit sha, branch or refs/pr/N"),
     Flag(("--dtype",), "dtype", str, "Weights and compute dtype (default: the backend's)", DTYPES),
     Flag(("--quantize",), "quantize", str, "Weight quantization: eetq (int8 per output channel, quantized at "
-         "load from a float checkpoint); gptq (a GPTQ checkpoint in the Hugging Face layout); fp8 (e4m3: "
-         "pre-quantized checkpoints, or quantized at load per output channel); bitsandbytes-nf4 (4-bit NF4 "
-         "at load, blocks of 64). Pre-quantized checkpoints are detected from config.json without the flag; "
-         "TGI's other names are refused at start", TGI_QUANTIZE_METHODS),
+         "load from a float checkpoint); gptq, awq (AutoAWQ GEMM int4) and compressed-tensors (llm-compressor "
+         "pack-quantized / int-quantized) checkpoints, read as written; fp8 (e4m3: pre-quantized checkpoints, "
+         "or quantized at load per output channel); bitsandbytes-nf4 (4-bit NF4 at load, blocks of 64). "
+         "Pre-quantized checkpoints are detected from config.json without the flag; TGI's other names are "
+         "refused at start", TGI_QUANTIZE_METHODS),
     Flag(("--backend",), "backend", str, "Backend plugin to run on, or auto for the best usable one"),
     Flag(("--hostname",), "hostname", str, "Address to listen on"),
     Flag(("-p", "--port"), "port", int, "Port to listen on"),

@@ -12,7 +12,7 @@ DTYPES = ("float16", "bfloat16", "float32")
 # TGI's --quantize names (its `Quantization` enum), and those tgserve implements so far.
 TGI_QUANTIZE_METHODS = ("awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes",
                         "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8")
-QUANTIZE_METHODS = ("bitsandbytes-nf4", "eetq", "fp8", "gptq")
+QUANTIZE_METHODS = ("awq", "bitsandbytes-nf4", "compressed-tensors", "eetq", "fp8", "gptq")
 ROPE_SCALINGS = ("linear", "dynamic")  # what TGI's --rope-scaling accepts
 
 

@@ -90,8 +90,9 @@ def resolve_quantization(flag: str | None, raw_config: dict) -> QuantizationConf
     if section is None:
         bits, group_size = AT_LOAD_LAYOUTS.get(method, (None, None))
         return QuantizationConfig(method=method, is_prequantized=False, bits=bits, group_size=group_size)
-    return QuantizationConfig(method=method, is_prequantized=True, bits=_bits(section),
-                              group_size=_group_size(section), checkpoint_config=section)
+    layout = _weight_layout(section)
+    return QuantizationConfig(method=method, is_prequantized=True, bits=_bits(layout),
+                              group_size=_group_size(layout), checkpoint_config=section)
 
 
 def _bits(section: dict) -> int | None:
@@ -106,3 +107,22 @@ def _group_size(section: dict) -> int | None:
     if size is None and section.get("weight_block_size"):  # fp8 blocks [out, in]: inputs per scale
         return int(section["weight_block_size"][1])
     return None if size is None else int(size)
+
+
+def linear_weight_args(section: dict) -> dict | None:
+    """compressed-tensors' `weights` arguments (num_bits, strategy, group_size, symmetric, type, ...)
+    of the config group that targets Linear layers (or the only group); None where there are no groups."""
+    groups = list((section.get("config_groups") or {}).values())
+    linear = [group for group in groups if "Linear" in (group.get("targets") or [])]
+    chosen = linear or groups[:1]
+    return None if not chosen else (chosen[0].get("weights") or {})
+
+
+def _weight_layout(section: dict) -> dict:
+    """`section` with compressed-tensors' per-group bits and group size lifted to the top level
+    (channel strategy: group size -1), so the start-up log and /info name them as for GPTQ / AWQ."""
+    weights = linear_weight_args(section)
+    if weights is None:
+        return section
+    size = -1 if weights.get("strategy") == "channel" else weights.get("group_size")
+    return {**section, "bits": weights.get("num_bits"), "group_size": size}

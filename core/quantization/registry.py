@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from tgserve.core.layers.linear import LinearMethod
+from tgserve.core.quantization.awq import AwqLinearMethod
+from tgserve.core.quantization.compressed_tensors import CompressedTensorsLinearMethod
 from tgserve.core.quantization.eetq import EetqLinearMethod
 from tgserve.core.quantization.fp8 import Fp8LinearMethod
 from tgserve.core.quantization.gptq import GptqLinearMethod
@@ -13,6 +15,8 @@ from tgserve.core.quantization.quant_config import QuantizationConfig
 from tgserve.core.quantization.weight_only import WeightOnlyKernel
 
 FORMATS: dict[str, type[QuantizedLinearMethod]] = {
+    "awq": AwqLinearMethod,
+    "compressed-tensors": CompressedTensorsLinearMethod,
     "bitsandbytes-nf4": Nf4LinearMethod,
     "eetq": EetqLinearMethod,
     "fp8": Fp8LinearMethod,
