@@ -5,12 +5,14 @@ import torch
 
 from tgserve.core.layers.linear import LinearMethod
 from tgserve.core.quantization.eetq import EetqLinearMethod
+from tgserve.core.quantization.gguf import GgufLinearMethod
 from tgserve.core.quantization.method import QuantizedLinearMethod
 from tgserve.core.quantization.quant_config import QuantizationConfig
 from tgserve.core.quantization.weight_only import WeightOnlyKernel
 
 FORMATS: dict[str, type[QuantizedLinearMethod]] = {
     "eetq": EetqLinearMethod,
+    "gguf": GgufLinearMethod,
 }
 
 
