@@ -108,7 +108,9 @@ class GgufCheckpoint:
         fused = {name for parts in _FUSED for name in parts}
         groups = [group for group in groups if group[0].split(".")[-2] not in fused]
         for block in range(self.raw_config["num_hidden_layers"]):
-            groups += [tuple(f"blk.{block}.{part}.weight" for part in parts) for parts in _FUSED]
+            for parts in _FUSED:
+                names = tuple(name for part in parts if (name := f"blk.{block}.{part}.weight") in self.tensors)
+                groups += [names] if names else []
         return groups
 
     def _is_linear(self, name: str) -> bool:
@@ -130,7 +132,7 @@ class GgufCheckpoint:
         eos = [self._field(f"tokenizer.ggml.{key}_token_id", None) for key in ("eos", "eot")]
         config = {
             "model_type": ARCHITECTURES[self.architecture],
-            "vocab_size": int(arch("vocab_size", len(self._field("tokenizer.ggml.tokens")))),
+            "vocab_size": int(arch("vocab_size", None) or len(self._field("tokenizer.ggml.tokens"))),
             "hidden_size": hidden,
             "intermediate_size": int(arch("feed_forward_length")),
             "num_hidden_layers": int(arch("block_count")),

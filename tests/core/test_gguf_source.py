@@ -197,3 +197,15 @@ def test_model_id_names_the_file_or_a_folder_holding_one(tmp_path):
     tiny(tmp_path / "one" / "other.gguf")
     with pytest.raises(ModelNotFound, match=r"holds several .gguf files \(model.gguf, other.gguf\): pass one"):
         resolve_model(str(path.parent))
+
+
+def test_float_file_is_a_float_checkpoint_and_rope_scaling_comes_from_the_metadata(tmp_path):
+    metadata = {**model_metadata("llama", 32, 2, 2, 64, 1, 64), "llama.rope.scaling.type": "linear",
+                "llama.rope.scaling.factor": 2.0}
+    raw = GgufCheckpoint(write_gguf(tmp_path / "f.gguf", "llama", metadata, {
+        "token_embd.weight": (np.ones((64, 32)), "F16"), "blk.0.attn_q.weight": (np.ones((32, 32)), "F32")})).raw_config
+    assert "quantization_config" not in raw  # so --quantize may quantize it at load, as any float checkpoint
+    assert resolve_quantization("eetq", raw).method == "eetq"
+    assert ModelConfig.from_dict(raw).rope_scaling == {"rope_type": "linear", "factor": 2.0,
+                                                       "original_max_position_embeddings": 2048}
+    assert ModelConfig.from_dict(raw).max_context_tokens == 4096
