@@ -1,6 +1,7 @@
 """Small GGUF files written in the tests with the `gguf` package's own writer and quantizers (test helper)."""
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import gguf
@@ -50,7 +51,7 @@ def write_gguf(path: Path, architecture: str, metadata: dict, tensors: dict[str,
             writer.add_tensor(name, weights.astype(np.float32 if kind == "F32" else np.float16))
         elif kind in K_QUANT_SCALE_BYTES:
             qtype = gguf.GGMLQuantizationType[kind]
-            writer.add_tensor(name, random_k_quant(weights.shape, kind, abs(hash(name)) % 2**32), raw_dtype=qtype)
+            writer.add_tensor(name, random_k_quant(weights.shape, kind, zlib.crc32(name.encode())), raw_dtype=qtype)
         else:
             qtype = gguf.GGMLQuantizationType[kind]
             writer.add_tensor(name, gguf.quants.quantize(weights.astype(np.float32), qtype), raw_dtype=qtype)
