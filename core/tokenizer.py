@@ -9,8 +9,12 @@ from transformers import AutoTokenizer
 class Tokenizer:
     """Encode, decode and chat templates for one checkpoint."""
 
-    def __init__(self, model_dir: Path, eos_token_ids: tuple[int, ...] = (), trust_remote_code: bool = False):
-        self.hf = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    def __init__(self, model_dir: Path, eos_token_ids: tuple[int, ...] = (), trust_remote_code: bool = False,
+                 gguf_file: str | None = None):
+        """gguf_file: a GGUF file's name in `model_dir` whose metadata holds the tokenizer (transformers
+        builds it); None: the directory's tokenizer files."""
+        self.hf = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code,
+                                                **({"gguf_file": gguf_file} if gguf_file else {}))
         eos = set(eos_token_ids)
         if self.hf.eos_token_id is not None:
             eos.add(self.hf.eos_token_id)

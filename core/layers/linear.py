@@ -95,6 +95,11 @@ class LinearMethod:
         """The format in words, for load errors ("unquantized", "gptq 4-bit, group size 128")."""
         return self.name
 
+    def describe_loaded(self) -> str | None:
+        """One line for the start-up log once the model is loaded (which weights went to which kernel),
+        or None for nothing to say. Called once per process, on the model-wide method."""
+        return None
+
 
 class Linear(nn.Module):
     """y = x W^T + b, W in the method's format, loaded from one or several fused checkpoint tensors.

@@ -14,7 +14,8 @@ from tgserve.core.config import ConfigError
 # quant_method spellings in checkpoints -> tgserve's (TGI's) method name
 _CHECKPOINT_METHODS = {"gptq": "gptq", "awq": "awq", "fp8": "fp8", "fbgemm_fp8": "fp8",
                        "compressed-tensors": "compressed-tensors", "compressed_tensors": "compressed-tensors",
-                       "exl2": "exl2", "marlin": "marlin", "bitsandbytes": "bitsandbytes"}
+                       "exl2": "exl2", "marlin": "marlin", "bitsandbytes": "bitsandbytes",
+                       "gguf": "gguf"}  # a GGUF file's quantized tensors (core/gguf_source.py writes this one)
 # Methods that only read pre-quantized checkpoints: the flag on a float checkpoint is TGI's load error.
 PREQUANTIZED_ONLY = ("gptq", "awq", "compressed-tensors")
 # (bits, group size) of the methods that quantize a float checkpoint at load.
@@ -77,6 +78,9 @@ def resolve_quantization(flag: str | None, raw_config: dict) -> QuantizationConf
     """
     section = checkpoint_quantization(raw_config)
     detected = None if section is None else section["quant_method"]
+    if flag is not None and detected == "gguf":
+        raise QuantizationError(f"`--quantize {flag}` does not apply to a GGUF model, whose tensors are already "
+                                f"quantized ({section.get('file_type') or 'gguf'}); drop the flag")
     if flag is not None and detected is not None and flag != detected:
         raise QuantizationError(f"`--quantize {flag}` contradicts the checkpoint, which is quantized with "
                                 f"{detected} (its config.json quantization_config); drop the flag or pass "

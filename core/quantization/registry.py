@@ -8,6 +8,7 @@ from tgserve.core.quantization.awq import AwqLinearMethod
 from tgserve.core.quantization.compressed_tensors import CompressedTensorsLinearMethod
 from tgserve.core.quantization.eetq import EetqLinearMethod
 from tgserve.core.quantization.fp8 import Fp8LinearMethod
+from tgserve.core.quantization.gguf import GgufLinearMethod
 from tgserve.core.quantization.gptq import GptqLinearMethod
 from tgserve.core.quantization.method import QuantizedLinearMethod
 from tgserve.core.quantization.nf4 import Nf4LinearMethod
@@ -20,6 +21,7 @@ FORMATS: dict[str, type[QuantizedLinearMethod]] = {
     "bitsandbytes-nf4": Nf4LinearMethod,
     "eetq": EetqLinearMethod,
     "fp8": Fp8LinearMethod,
+    "gguf": GgufLinearMethod,
     "gptq": GptqLinearMethod,
 }
 
