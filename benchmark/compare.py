@@ -32,7 +32,9 @@ def tgserve_result(report: dict) -> dict:
     one = rows[1]
     metrics = {"decode_ms_per_token": one["decode"]["avg_ms"], "ttft_ms": one["prefill"]["p50_ms"],
                "output_tokens_per_s": {str(b): row["output_tokens_per_s"]["avg"] for b, row in rows.items() if b != 1}}
-    return {"engine": "tgserve", "version": report["meta"].get("tgserve", ""), "is_available": True,
+    quantization = report["meta"].get("quantization")
+    engine = f"tgserve ({quantization['method']})" if quantization else "tgserve"
+    return {"engine": engine, "version": report["meta"].get("tgserve", ""), "is_available": True,
             "metrics": metrics, "settings": {"threads": report["meta"]["torch_threads"],
                                               "backend": report["meta"]["backend"]}, "notes": []}
 
@@ -109,17 +111,30 @@ def _run_round(config: EngineBenchConfig, peers: list[str], venvs_dir: Path, tim
     report = run_engine_bench(config)
     gc.collect()  # the engine is dropped before the peers load their copies of the model
     results = [tgserve_result(report)]
+    weight_bits = quantized_bits(report["meta"].get("quantization"))
     args = registry.runner_args(Path(report["meta"]["model_dir"]), report["meta"]["dtype"], config.sequence_length,
                                 config.decode_length, [b for b in config.batch_sizes if b != 1], config.runs,
-                                config.warmups, threads or torch.get_num_threads(), config.seed)
+                                config.warmups, threads or torch.get_num_threads(), config.seed, weight_bits)
     on_cpu = report["meta"]["device"] == "cpu"
     for name in peers:
         spec = registry.PEERS[name]
         if spec.is_cpu_only and not on_cpu:
             results.append(registry.unavailable(spec, f"a CPU engine; tgserve ran on {report['meta']['device']}"))
             continue
-        results.append(registry.run_peer(spec, venvs_dir, args, timeout_s))
+        result = registry.run_peer(spec, venvs_dir, args, timeout_s)
+        if weight_bits and not spec.runs_quantized and result.get("is_available"):
+            result.setdefault("notes", []).append(f"float weights ({report['meta']['dtype']}): it has no "
+                                                  f"{weight_bits}-bit weight-only mode here")
+        if weight_bits and spec.runs_quantized and result.get("is_available"):
+            result["engine"] += f" ({result.get('settings', {}).get('gguf_type', '?')})"
+        results.append(result)
     return {"tgserve_report": report, "roofline": report["roofline"], "results": results}
+
+
+def quantized_bits(quantization: dict | None) -> int:
+    """8 or 4 for tgserve's int8 / int4-or-narrower weight-only runs (the peers' Q8_0 / Q4_0), else 0."""
+    bits = (quantization or {}).get("bits")
+    return 0 if not bits else 8 if bits > 4 else 4
 
 
 def merge_rounds(rounds: list[list[dict]]) -> list[dict]:

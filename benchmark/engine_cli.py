@@ -28,6 +28,8 @@ def _add_workload_flags(parser: argparse.ArgumentParser, batch_sizes: str, runs:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="default: the backend's default")
     parser.add_argument("--backend", default="auto", help="backend plugin (default: auto)")
+    parser.add_argument("--quantize", default=None,
+                        help="tgserve's --quantize (e.g. eetq); default: the checkpoint's own quantization, else float")
     parser.add_argument("--batch-size", type=_int_list, default=_int_list(batch_sizes),
                         help=f"comma-separated batch sizes (default: {batch_sizes})")
     parser.add_argument("--sequence-length", type=int, default=128, help="prompt tokens per sequence (default: 128)")
@@ -77,7 +79,8 @@ def _bench_config(args: argparse.Namespace):
 
     return EngineBenchConfig(model_id=args.model_id, dtype=args.dtype, batch_sizes=args.batch_size,
                              sequence_length=args.sequence_length, decode_length=args.decode_length,
-                             runs=args.runs, warmups=args.warmups, backend=args.backend, seed=args.seed,
+                             runs=args.runs, warmups=args.warmups, backend=args.backend, quantize=args.quantize,
+                             seed=args.seed,
                              bandwidth_probe_bytes=args.bandwidth_probe_mb << 20)
 
 
