@@ -14,7 +14,7 @@ import os
 import platform
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tgserve.benchmark import roofline
@@ -152,7 +152,8 @@ def add_roofline(report: dict, engine, model_dir: Path, bandwidth_probe_bytes: i
     context = report["meta"]["sequence_length"] + report["meta"]["decode_length"] / 2  # mean cached tokens
     weights = roofline.weight_bytes(roofline.safetensors_numels(model_dir), itemsize, model.tie_word_embeddings)
     if report["meta"].get("quantization"):  # packed weights: the layers' measured bytes, not the checkpoint's
-        weights = report["meta"]["weight_bytes"]["total_bytes"]
+        resident = report["meta"]["weight_bytes"]["total_bytes"]  # the embedding table is gathered, not streamed
+        weights = replace(weights, resident_weight_bytes=resident, decode_weight_bytes=resident - weights.embedding_bytes)
     kv_per_token = KVCache.bytes_per_block(model.num_hidden_layers, 1, model.num_key_value_heads, model.head_dim,
                                            getattr(torch, engine.model_info.model_dtype))
     row_bytes = model.hidden_size * itemsize
