@@ -86,12 +86,14 @@ def format_compare_table(results: list[dict], roofline: dict | None, sequence_le
 
 
 def run_compare(config: EngineBenchConfig, peers: list[str], venvs_dir: Path, timeout_s: float,
-                threads: int | None = None, rounds: int = 1) -> dict:
+                threads: int | None = None, rounds: int = 1, peer_model_dir: Path | None = None) -> dict:
     """`rounds` x (tgserve in this process, then each peer); returns {"tgserve_report", "roofline",
-    "results", "rounds"}: each result holds the median of its metrics over the rounds."""
+    "results", "rounds"}: each result holds the median of its metrics over the rounds. `peer_model_dir`:
+    the float checkpoint the peers convert when tgserve runs a pre-quantized one (GPTQ / AWQ int4 beside
+    llama.cpp's Q4_0 of the same float model); default: tgserve's own checkpoint."""
     if rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {rounds}")
-    runs = [_run_round(config, peers, venvs_dir, timeout_s, threads) for _ in range(rounds)]
+    runs = [_run_round(config, peers, venvs_dir, timeout_s, threads, peer_model_dir) for _ in range(rounds)]
     roofline = dict(runs[-1]["roofline"]) if runs[-1]["roofline"] else None
     if roofline:
         roofline["batch1_floor_ms"] = statistics.median(r["roofline"]["batch1_floor_ms"] for r in runs)
@@ -103,7 +105,7 @@ def run_compare(config: EngineBenchConfig, peers: list[str], venvs_dir: Path, ti
 
 
 def _run_round(config: EngineBenchConfig, peers: list[str], venvs_dir: Path, timeout_s: float,
-               threads: int | None) -> dict:
+               threads: int | None, peer_model_dir: Path | None = None) -> dict:
     """tgserve (in this process), then each peer, once."""
     import torch
 
@@ -112,7 +114,7 @@ def _run_round(config: EngineBenchConfig, peers: list[str], venvs_dir: Path, tim
     gc.collect()  # the engine is dropped before the peers load their copies of the model
     results = [tgserve_result(report)]
     weight_bits = quantized_bits(report["meta"].get("quantization"))
-    args = registry.runner_args(Path(report["meta"]["model_dir"]), report["meta"]["dtype"], config.sequence_length,
+    args = registry.runner_args(peer_model_dir or Path(report["meta"]["model_dir"]), report["meta"]["dtype"], config.sequence_length,
                                 config.decode_length, [b for b in config.batch_sizes if b != 1], config.runs,
                                 config.warmups, threads or torch.get_num_threads(), config.seed, weight_bits)
     on_cpu = report["meta"]["device"] == "cpu"

@@ -52,6 +52,9 @@ def add_engine_parsers(benchmark_commands: argparse._SubParsersAction) -> None:
     _add_workload_flags(compare, "8,16", 3)
     compare.add_argument("--peers", default="transformers,llamacpp,vllm", help="default: transformers,llamacpp,vllm")
     compare.add_argument("--peers-dir", default=None, help=VENVS_DIR_HELP)
+    compare.add_argument("--peer-model-id", default=None,
+                         help="float checkpoint folder the peers convert (default: --model-id); for a pre-quantized "
+                              "tgserve checkpoint, e.g. GPTQ int4 beside llama.cpp Q4_0 of its float source")
     compare.add_argument("--peer-timeout-s", type=float, default=1800, help="per peer (default: 1800)")
     compare.add_argument("--rounds", type=int, default=1,
                          help="repeat tgserve and the peers this many times, interleaved; cells are medians (default: 1)")
@@ -125,7 +128,8 @@ def run_compare_command(args: argparse.Namespace) -> int:
         if args.bandwidth_probe_mb <= 0:
             raise ValueError("compare reports the roofline: --bandwidth-probe-mb must be > 0")
         outcome = run_compare(_bench_config(args), peers, _venvs_dir(args.peers_dir), args.peer_timeout_s,
-                              rounds=args.rounds)
+                              rounds=args.rounds,
+                              peer_model_dir=Path(args.peer_model_id).resolve() if args.peer_model_id else None)
     except _run_errors() as error:
         return _error(error)
     batch_sizes = [b for b in sorted(args.batch_size) if b != 1]
