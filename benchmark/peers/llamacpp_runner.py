@@ -8,6 +8,8 @@ gguf_convert.py), and cached in VENV/gguf/. With `--weight-bits 8` / `4` (tgserv
 weights) that file is then quantized to Q8_0 / Q4_0 by llama.cpp's own `llama_model_quantize` (what
 the `llama-quantize` tool calls, with its defaults for the other tensors), cached beside it. Batches use one llama.cpp sequence per prompt in one `llama_decode` per step,
 as llama-server does; the sampler is llama.cpp's greedy one. Prints one `TGSERVE_PEER_RESULT` line.
+TGSERVE_LLAMACPP_NO_REPACK=1 loads without llama.cpp's extra (AMX / repacked) buffer types: a prebuilt
+libllama here died with "Illegal instruction" in its AMX Q8_0 path on a Sapphire Rapids VM.
 """
 from __future__ import annotations
 
@@ -78,7 +80,10 @@ def ensure_quantized(llama_cpp, source: Path, bits: int) -> Path:
 def open_context(llama_cpp, gguf: Path, max_batch: int, args):
     """Model and context sized for `max_batch` sequences of the workload, on `args.threads` threads."""
     llama_cpp.llama_backend_init()
-    model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
+    model_params = llama_cpp.llama_model_default_params()
+    if os.environ.get("TGSERVE_LLAMACPP_NO_REPACK"):
+        model_params.use_extra_bufts = False
+    model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), model_params)
     if not model:
         raise Unavailable(f"llama.cpp could not load {gguf}")
     params = llama_cpp.llama_context_default_params()
@@ -145,7 +150,8 @@ def main() -> int:
     generate = make_generate(llama_cpp, ctx, max_batch * args.sequence_length)
     metrics = protocol.measure(generate, vocab_size, args)
     settings = {"threads": args.threads, "gguf": str(gguf), "gguf_type": QUANTIZED_TYPES[args.weight_bits][0] if args.weight_bits else OUTTYPES[args.dtype],
-                "gguf_bytes": gguf.stat().st_size, "api": "llama_decode, one sequence per prompt, greedy sampler"}
+                "gguf_bytes": gguf.stat().st_size,
+                "extra_buffer_types": not os.environ.get("TGSERVE_LLAMACPP_NO_REPACK"), "api": "llama_decode, one sequence per prompt, greedy sampler"}
     protocol.emit(ENGINE, llama_cpp.__version__, metrics, settings, notes)
     return 0
 
