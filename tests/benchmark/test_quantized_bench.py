@@ -116,3 +116,15 @@ def test_layer_benchmark_prints_every_method(capsys, tmp_path, monkeypatch):
     dense_bytes = next(r["weight_bytes"] for r in rows if r["method"].startswith("dense"))
     assert next(r["weight_bytes"] for r in rows if r["method"] == "cpu-int4") <= 0.30 * dense_bytes
     assert "| [256 -> 128] | cpu-int8 | 8 |" in capsys.readouterr().out
+
+
+def test_weight_bytes_count_each_storage_once():
+    """A tied head (the embedding's storage seen twice) or a view costs its bytes once."""
+    import torch
+
+    from tgserve.benchmark.weight_bytes import reachable_tensors, tensor_bytes
+
+    table = torch.zeros(10, 4, dtype=torch.bfloat16)
+    prepared = (table, {"head": table[2:]}, None, 3)
+    assert tensor_bytes(reachable_tensors(prepared)) == 10 * 4 * 2
+    assert tensor_bytes([table, torch.zeros(3, dtype=torch.int8)]) == 83
