@@ -32,7 +32,9 @@ def tgserve_result(report: dict) -> dict:
     one = rows[1]
     metrics = {"decode_ms_per_token": one["decode"]["avg_ms"], "ttft_ms": one["prefill"]["p50_ms"],
                "output_tokens_per_s": {str(b): row["output_tokens_per_s"]["avg"] for b, row in rows.items() if b != 1}}
-    return {"engine": "tgserve", "version": report["meta"].get("tgserve", ""), "is_available": True,
+    quantization = report["meta"].get("quantization")
+    engine = f"tgserve ({quantization['method']})" if quantization else "tgserve"
+    return {"engine": engine, "version": report["meta"].get("tgserve", ""), "is_available": True,
             "metrics": metrics, "settings": {"threads": report["meta"]["torch_threads"],
                                               "backend": report["meta"]["backend"]}, "notes": []}
 
@@ -84,12 +86,14 @@ def format_compare_table(results: list[dict], roofline: dict | None, sequence_le
 
 
 def run_compare(config: EngineBenchConfig, peers: list[str], venvs_dir: Path, timeout_s: float,
-                threads: int | None = None, rounds: int = 1) -> dict:
+                threads: int | None = None, rounds: int = 1, peer_model_dir: Path | None = None) -> dict:
     """`rounds` x (tgserve in this process, then each peer); returns {"tgserve_report", "roofline",
-    "results", "rounds"}: each result holds the median of its metrics over the rounds."""
+    "results", "rounds"}: each result holds the median of its metrics over the rounds. `peer_model_dir`:
+    the float checkpoint the peers convert when tgserve runs a pre-quantized one (GPTQ / AWQ int4 beside
+    llama.cpp's Q4_0 of the same float model); default: tgserve's own checkpoint."""
     if rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {rounds}")
-    runs = [_run_round(config, peers, venvs_dir, timeout_s, threads) for _ in range(rounds)]
+    runs = [_run_round(config, peers, venvs_dir, timeout_s, threads, peer_model_dir) for _ in range(rounds)]
     roofline = dict(runs[-1]["roofline"]) if runs[-1]["roofline"] else None
     if roofline:
         roofline["batch1_floor_ms"] = statistics.median(r["roofline"]["batch1_floor_ms"] for r in runs)
@@ -101,7 +105,7 @@ def run_compare(config: EngineBenchConfig, peers: list[str], venvs_dir: Path, ti
 
 
 def _run_round(config: EngineBenchConfig, peers: list[str], venvs_dir: Path, timeout_s: float,
-               threads: int | None) -> dict:
+               threads: int | None, peer_model_dir: Path | None = None) -> dict:
     """tgserve (in this process), then each peer, once."""
     import torch
 
@@ -109,17 +113,30 @@ def _run_round(config: EngineBenchConfig, peers: list[str], venvs_dir: Path, tim
     report = run_engine_bench(config)
     gc.collect()  # the engine is dropped before the peers load their copies of the model
     results = [tgserve_result(report)]
-    args = registry.runner_args(Path(report["meta"]["model_dir"]), report["meta"]["dtype"], config.sequence_length,
+    weight_bits = quantized_bits(report["meta"].get("quantization"))
+    args = registry.runner_args(peer_model_dir or Path(report["meta"]["model_dir"]), report["meta"]["dtype"], config.sequence_length,
                                 config.decode_length, [b for b in config.batch_sizes if b != 1], config.runs,
-                                config.warmups, threads or torch.get_num_threads(), config.seed)
+                                config.warmups, threads or torch.get_num_threads(), config.seed, weight_bits)
     on_cpu = report["meta"]["device"] == "cpu"
     for name in peers:
         spec = registry.PEERS[name]
         if spec.is_cpu_only and not on_cpu:
             results.append(registry.unavailable(spec, f"a CPU engine; tgserve ran on {report['meta']['device']}"))
             continue
-        results.append(registry.run_peer(spec, venvs_dir, args, timeout_s))
+        result = registry.run_peer(spec, venvs_dir, args, timeout_s)
+        if weight_bits and not spec.runs_quantized and result.get("is_available"):
+            result.setdefault("notes", []).append(f"float weights ({report['meta']['dtype']}): it has no "
+                                                  f"{weight_bits}-bit weight-only mode here")
+        if weight_bits and spec.runs_quantized and result.get("is_available"):
+            result["engine"] += f" ({result.get('settings', {}).get('gguf_type', '?')})"
+        results.append(result)
     return {"tgserve_report": report, "roofline": report["roofline"], "results": results}
+
+
+def quantized_bits(quantization: dict | None) -> int:
+    """8 or 4 for tgserve's int8 / int4-or-narrower weight-only runs (the peers' Q8_0 / Q4_0), else 0."""
+    bits = (quantization or {}).get("bits")
+    return 0 if not bits else 8 if bits > 4 else 4
 
 
 def merge_rounds(rounds: list[list[dict]]) -> list[dict]:

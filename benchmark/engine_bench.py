@@ -14,11 +14,12 @@ import os
 import platform
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tgserve.benchmark import roofline
 from tgserve.benchmark.engine_report import latency_stats, throughput
+from tgserve.benchmark.weight_bytes import model_weight_bytes
 from tgserve.core.request import ErrorEvent, GenerationRequest, SamplingParams, StoppingParams
 from tgserve.core.step_stats import StepStats
 
@@ -37,6 +38,7 @@ class EngineBenchConfig:
     runs: int  # measured runs per batch size
     warmups: int  # unmeasured runs per batch size, before the measured ones
     backend: str = "auto"
+    quantize: str | None = None  # --quantize (TGI's method name); None: the checkpoint's own, or float
     seed: int = 0  # prompt token ids are drawn from this
     bandwidth_probe_bytes: int = 512 << 20  # 0 skips the roofline (no bandwidth probe)
 
@@ -56,7 +58,7 @@ def server_config(config: EngineBenchConfig):
     max_batch = max(config.batch_sizes)
     total = config.sequence_length + config.decode_length
     per_sequence = -(-total // PER_SEQUENCE_TOKEN_ROUNDING) * PER_SEQUENCE_TOKEN_ROUNDING
-    return ServerConfig(model_id=config.model_id, dtype=config.dtype, backend=config.backend,
+    return ServerConfig(model_id=config.model_id, dtype=config.dtype, backend=config.backend, quantize=config.quantize,
                         max_batch_size=max_batch, max_concurrent_requests=max_batch,
                         max_input_tokens=config.sequence_length, max_total_tokens=total,
                         max_batch_prefill_tokens=max_batch * config.sequence_length,
@@ -149,6 +151,9 @@ def add_roofline(report: dict, engine, model_dir: Path, bandwidth_probe_bytes: i
     bandwidth = probe["read_bytes_per_s"]
     context = report["meta"]["sequence_length"] + report["meta"]["decode_length"] / 2  # mean cached tokens
     weights = roofline.weight_bytes(roofline.safetensors_numels(model_dir), itemsize, model.tie_word_embeddings)
+    if report["meta"].get("quantization"):  # packed weights: the layers' measured bytes, not the checkpoint's
+        resident = report["meta"]["weight_bytes"]["total_bytes"]  # the embedding table is gathered, not streamed
+        weights = replace(weights, resident_weight_bytes=resident, decode_weight_bytes=resident - weights.embedding_bytes)
     kv_per_token = KVCache.bytes_per_block(model.num_hidden_layers, 1, model.num_key_value_heads, model.head_dim,
                                            getattr(torch, engine.model_info.model_dtype))
     row_bytes = model.hidden_size * itemsize
@@ -181,7 +186,8 @@ def _meta(engine, device_name: str, model_dir: Path, config: EngineBenchConfig) 
             "device_name": device_name, "cpu_model": cpu_model(), "cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d %H:%M"), "model_id": engine.model_info.model_id,
             "model_dir": str(model_dir), "dtype": engine.model_info.model_dtype, "backend": engine.model_info.backend,
-            "device": str(engine.runner.device), "sequence_length": config.sequence_length,
+            "device": str(engine.runner.device), "quantization": engine.model_info.quantization,
+            "weight_bytes": model_weight_bytes(engine.runner.model), "sequence_length": config.sequence_length,
             "decode_length": config.decode_length, "runs": config.runs, "warmups": config.warmups}
 
 

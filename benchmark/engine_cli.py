@@ -28,6 +28,8 @@ def _add_workload_flags(parser: argparse.ArgumentParser, batch_sizes: str, runs:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="default: the backend's default")
     parser.add_argument("--backend", default="auto", help="backend plugin (default: auto)")
+    parser.add_argument("--quantize", default=None,
+                        help="tgserve's --quantize (e.g. eetq); default: the checkpoint's own quantization, else float")
     parser.add_argument("--batch-size", type=_int_list, default=_int_list(batch_sizes),
                         help=f"comma-separated batch sizes (default: {batch_sizes})")
     parser.add_argument("--sequence-length", type=int, default=128, help="prompt tokens per sequence (default: 128)")
@@ -50,6 +52,9 @@ def add_engine_parsers(benchmark_commands: argparse._SubParsersAction) -> None:
     _add_workload_flags(compare, "8,16", 3)
     compare.add_argument("--peers", default="transformers,llamacpp,vllm", help="default: transformers,llamacpp,vllm")
     compare.add_argument("--peers-dir", default=None, help=VENVS_DIR_HELP)
+    compare.add_argument("--peer-model-id", default=None,
+                         help="float checkpoint folder the peers convert (default: --model-id); for a pre-quantized "
+                              "tgserve checkpoint, e.g. GPTQ int4 beside llama.cpp Q4_0 of its float source")
     compare.add_argument("--peer-timeout-s", type=float, default=1800, help="per peer (default: 1800)")
     compare.add_argument("--rounds", type=int, default=1,
                          help="repeat tgserve and the peers this many times, interleaved; cells are medians (default: 1)")
@@ -77,7 +82,8 @@ def _bench_config(args: argparse.Namespace):
 
     return EngineBenchConfig(model_id=args.model_id, dtype=args.dtype, batch_sizes=args.batch_size,
                              sequence_length=args.sequence_length, decode_length=args.decode_length,
-                             runs=args.runs, warmups=args.warmups, backend=args.backend, seed=args.seed,
+                             runs=args.runs, warmups=args.warmups, backend=args.backend, quantize=args.quantize,
+                             seed=args.seed,
                              bandwidth_probe_bytes=args.bandwidth_probe_mb << 20)
 
 
@@ -122,7 +128,8 @@ def run_compare_command(args: argparse.Namespace) -> int:
         if args.bandwidth_probe_mb <= 0:
             raise ValueError("compare reports the roofline: --bandwidth-probe-mb must be > 0")
         outcome = run_compare(_bench_config(args), peers, _venvs_dir(args.peers_dir), args.peer_timeout_s,
-                              rounds=args.rounds)
+                              rounds=args.rounds,
+                              peer_model_dir=Path(args.peer_model_id).resolve() if args.peer_model_id else None)
     except _run_errors() as error:
         return _error(error)
     batch_sizes = [b for b in sorted(args.batch_size) if b != 1]

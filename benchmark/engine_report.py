@@ -76,6 +76,7 @@ def format_engine_report(report: dict) -> str:
              f"{meta['torch_threads']} threads) | sequence length {meta['sequence_length']} | decode length "
              f"{meta['decode_length']} | runs {meta['runs']} (+{meta['warmups']} warm-up)",
              *([busy_warning(meta)] if busy_warning(meta) else []),
+             *([_weights_line(meta)] if meta.get("weight_bytes") else []),
              _table(["Step", "Batch Size", "Average", "Lowest", "Highest", "p50", "p90", "p99"], _latency_rows(results)),
              _table(["Step", "Batch Size", "Average", "Lowest", "Highest"], _throughput_rows(results))]
     line = report.get("roofline")
@@ -91,6 +92,12 @@ def format_engine_report(report: dict) -> str:
         if any(r["decode"]["fraction_of_floor"] > 1.05 for r in results):
             parts.append("NOTE: a decode step beat the floor: the bandwidth probe under-read this device or the run was noisy")
     return "\n\n".join(parts)
+
+
+def _weights_line(meta: dict) -> str:
+    quantization = (meta.get("quantization") or {}).get("description") or "not quantized"
+    return (f"Weights resident: {meta['weight_bytes']['total_bytes'] / 1e6:.1f} MB, of which linear layers "
+            f"{meta['weight_bytes']['linear_bytes'] / 1e6:.1f} MB ({quantization})")
 
 
 def write_report(path: str | Path, report: dict) -> None:

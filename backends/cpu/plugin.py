@@ -15,8 +15,10 @@ import torch
 from tgserve.backends.cpu import host
 from tgserve.backends.cpu.kernels import ISA_ENV, CpuIsaError, CpuKernels, detect_kernels
 from tgserve.backends.cpu.linear import make_onednn_linear_method
+from tgserve.backends.cpu.weight_only import make_weight_only_kernels
 from tgserve.core.layers.linear import LinearMethod
 from tgserve.core.quantization.registry import make_quantized_method
+from tgserve.core.quantization.weight_only import ReferenceKernel
 from tgserve.core.backend_status import BackendStatus
 from tgserve.core.hookspecs import hookimpl
 from tgserve.core.warmup_policy import WarmupPolicy
@@ -125,7 +127,8 @@ SLOW_BF16_MESSAGE = "bfloat16 runs through a slower path on this CPU (%s: %s); u
 @hookimpl
 def tgserve_make_linear_method(quantize, dtype, device, quantization):
     """oneDNN-packed weights for unquantized bf16/fp32 where this CPU runs them (the core's reference
-    method, `F.linear`, elsewhere); a quantized format keeps them for the layers it leaves float.
+    method, `F.linear`, elsewhere); a quantized format keeps them for the layers it leaves float and
+    gets the packed int8 / int4 kernels that run correctly here for `dtype` (weight_only.py).
     bf16 without a fast path here logs one line saying so."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
@@ -136,7 +139,9 @@ def tgserve_make_linear_method(quantize, dtype, device, quantization):
     dense = make_onednn_linear_method(dtype) if kernels.allows_onednn(dtype) else None
     if quantization is None:
         return dense
-    return make_quantized_method(quantization, dtype, dense=dense or LinearMethod())
+    weight_kernels = make_weight_only_kernels(dtype) if isinstance(dtype, torch.dtype) else ()
+    log.info("weight-only kernels for %s: %s", dtype, ", ".join(k.name for k in (*weight_kernels, ReferenceKernel())))
+    return make_quantized_method(quantization, dtype, dense=dense or LinearMethod(), kernels=weight_kernels)
 
 
 @hookimpl

@@ -2,10 +2,14 @@
 
 Run with the venv `tgserve benchmark peers setup --peers llamacpp` made:
   VENV/bin/python benchmark/peers/llamacpp_runner.py --model-dir DIR --dtype bfloat16
-The checkpoint is converted once to GGUF at the run dtype (bf16 / f16 / f32, never quantized) by the
+The checkpoint is converted once to GGUF at the run dtype (bf16 / f16 / f32) by the
 `convert_hf_to_gguf.py` unpacked from the same llama-cpp-python sdist into VENV/llama.cpp/ (through
-gguf_convert.py), and cached in VENV/gguf/. Batches use one llama.cpp sequence per prompt in one `llama_decode` per step,
+gguf_convert.py), and cached in VENV/gguf/. With `--weight-bits 8` / `4` (tgserve ran int8 / int4
+weights) that file is then quantized to Q8_0 / Q4_0 by llama.cpp's own `llama_model_quantize` (what
+the `llama-quantize` tool calls, with its defaults for the other tensors), cached beside it. Batches use one llama.cpp sequence per prompt in one `llama_decode` per step,
 as llama-server does; the sampler is llama.cpp's greedy one. Prints one `TGSERVE_PEER_RESULT` line.
+TGSERVE_LLAMACPP_NO_REPACK=1 loads without llama.cpp's extra (AMX / repacked) buffer types: a prebuilt
+libllama here died with "Illegal instruction" in its AMX Q8_0 path on a Sapphire Rapids VM.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from gguf_convert import NOTE_MARK
 
 ENGINE = "llama.cpp"
 OUTTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+QUANTIZED_TYPES = {8: ("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"), 4: ("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0")}
 CONTEXT_ROUNDING = 256  # KV cells per sequence are rounded up to this
 
 
@@ -54,10 +59,31 @@ def ensure_gguf(model_dir: Path, dtype: str) -> tuple[Path, list[str]]:
     return out, notes
 
 
+def ensure_quantized(llama_cpp, source: Path, bits: int) -> Path:
+    """`source` (a float GGUF) quantized to Q8_0 (bits 8) or Q4_0 (bits 4) by llama.cpp; cached beside it."""
+    gguf_type, ftype_name = QUANTIZED_TYPES[bits]
+    out = source.with_name(f"{source.stem}-{gguf_type}.gguf")
+    if out.exists():
+        return out
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype_name)
+    params.nthread = len(os.sched_getaffinity(0))
+    partial = out.with_suffix(".partial")
+    print(f"quantizing {source} to {gguf_type}", file=sys.stderr, flush=True)
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params) != 0:
+        partial.unlink(missing_ok=True)
+        raise Unavailable(f"llama_model_quantize could not write {gguf_type} from {source}")
+    partial.rename(out)
+    return out
+
+
 def open_context(llama_cpp, gguf: Path, max_batch: int, args):
     """Model and context sized for `max_batch` sequences of the workload, on `args.threads` threads."""
     llama_cpp.llama_backend_init()
-    model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
+    model_params = llama_cpp.llama_model_default_params()
+    if os.environ.get("TGSERVE_LLAMACPP_NO_REPACK"):
+        model_params.use_extra_bufts = False
+    model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), model_params)
     if not model:
         raise Unavailable(f"llama.cpp could not load {gguf}")
     params = llama_cpp.llama_context_default_params()
@@ -114,6 +140,8 @@ def main() -> int:
         return 1
     try:
         gguf, notes = ensure_gguf(Path(args.model_dir), args.dtype)
+        if args.weight_bits:
+            gguf = ensure_quantized(llama_cpp, gguf, args.weight_bits)
         max_batch = max([1, *args.batch_sizes])
         model, ctx, vocab_size = open_context(llama_cpp, gguf, max_batch, args)
     except Unavailable as error:
@@ -121,8 +149,9 @@ def main() -> int:
         return 1
     generate = make_generate(llama_cpp, ctx, max_batch * args.sequence_length)
     metrics = protocol.measure(generate, vocab_size, args)
-    settings = {"threads": args.threads, "gguf": str(gguf), "gguf_type": OUTTYPES[args.dtype],
-                "gguf_bytes": gguf.stat().st_size, "api": "llama_decode, one sequence per prompt, greedy sampler"}
+    settings = {"threads": args.threads, "gguf": str(gguf), "gguf_type": QUANTIZED_TYPES[args.weight_bits][0] if args.weight_bits else OUTTYPES[args.dtype],
+                "gguf_bytes": gguf.stat().st_size,
+                "extra_buffer_types": not os.environ.get("TGSERVE_LLAMACPP_NO_REPACK"), "api": "llama_decode, one sequence per prompt, greedy sampler"}
     protocol.emit(ENGINE, llama_cpp.__version__, metrics, settings, notes)
     return 0
 

@@ -36,6 +36,9 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     parser.add_argument("--warmups", type=int, default=1, help="unmeasured calls per batch size first")
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: the usable cores)")
     parser.add_argument("--seed", type=int, default=0, help="prompt token ids are drawn from this")
+    parser.add_argument("--weight-bits", type=int, default=0, choices=(0, 4, 8),
+                        help="tgserve ran quantized weights of this many bits: a peer that can runs its own "
+                             "format of that width (llama.cpp Q8_0 / Q4_0); 0: float weights at --dtype")
     args = parser.parse_args(argv)
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
     if args.decode_length < 2:

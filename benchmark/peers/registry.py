@@ -25,11 +25,12 @@ class PeerSpec:
     runner: str  # script beside this module
     needs_venv: bool  # False: runs with tgserve's own python (its dependencies suffice)
     is_cpu_only: bool  # meaningful only where tgserve runs on the CPU
+    runs_quantized: bool = False  # honours --weight-bits (else it runs float weights beside quantized tgserve)
 
 
 PEERS = {
     "transformers": PeerSpec("transformers", "transformers", "transformers_runner.py", False, False),
-    "llamacpp": PeerSpec("llamacpp", "llama.cpp", "llamacpp_runner.py", True, True),
+    "llamacpp": PeerSpec("llamacpp", "llama.cpp", "llamacpp_runner.py", True, True, runs_quantized=True),
     "vllm": PeerSpec("vllm", "vLLM-CPU", "vllm_runner.py", True, True),
 }
 
@@ -56,11 +57,12 @@ def unavailable(spec: PeerSpec, reason: str) -> dict:
 
 
 def runner_args(model_dir: Path, dtype: str, sequence_length: int, decode_length: int, batch_sizes: list[int],
-                runs: int, warmups: int, threads: int | None, seed: int) -> list[str]:
-    """The workload as runner arguments, identical for every peer."""
+                runs: int, warmups: int, threads: int | None, seed: int, weight_bits: int = 0) -> list[str]:
+    """The workload as runner arguments, identical for every peer; `weight_bits` 8 / 4 when tgserve ran
+    quantized weights (0: float)."""
     args = ["--model-dir", str(model_dir), "--dtype", dtype, "--sequence-length", str(sequence_length),
             "--decode-length", str(decode_length), "--batch-sizes", ",".join(map(str, batch_sizes)),
-            "--runs", str(runs), "--warmups", str(warmups), "--seed", str(seed)]
+            "--runs", str(runs), "--warmups", str(warmups), "--seed", str(seed), "--weight-bits", str(weight_bits)]
     return args + (["--threads", str(threads)] if threads else [])
 
 
