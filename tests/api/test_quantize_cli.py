@@ -67,15 +67,25 @@ def _source_of(name: str, demo_model_dir: Path, salient_model_dir: Path) -> Path
     return salient_model_dir if name == "awq-salient" else demo_model_dir
 
 
+class _QuantizedDirs:
+    """RUNS' output folders, each quantized on first use (so `-k` runs quantize only what they test)."""
+
+    def __init__(self, root: Path, demo_model_dir: Path, salient_model_dir: Path) -> None:
+        self.root, self.demo_model_dir, self.salient_model_dir = root, demo_model_dir, salient_model_dir
+
+    def __getitem__(self, name: str) -> Path:
+        out = self.root / name
+        if not out.exists():
+            method, flags, *_rest = RUNS[name]
+            source = _source_of(name, self.demo_model_dir, self.salient_model_dir)
+            assert _quantize(source, out, method, flags) == 0
+        return out
+
+
 @pytest.fixture(scope="module")
 def quantized_dirs(demo_model_dir: Path, salient_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-                   ) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("quantized")
-    dirs = {}
-    for name, (method, flags, *_rest) in RUNS.items():
-        assert _quantize(_source_of(name, demo_model_dir, salient_model_dir), root / name, method, flags) == 0
-        dirs[name] = root / name
-    return dirs
+                   ) -> _QuantizedDirs:
+    return _QuantizedDirs(tmp_path_factory.mktemp("quantized"), demo_model_dir, salient_model_dir)
 
 
 # ---------------------------------------------------------------- independent dequantizers
