@@ -1,16 +1,20 @@
 """Write a quantized checkpoint with a third-party tool, as the cross-check for tgserve's loaders (issue 12).
 
-    python -P benchmark/third_party_quantize.py llmcompressor-gptq MODEL_DIR OUT_DIR [--group-size 32]
+    python -P benchmark/third_party_quantize.py TOOL MODEL_DIR OUT_DIR [--group-size 32]
 
 (-P: this folder holds a `datasets.py` that would shadow the `datasets` package.) The script imports
-nothing of tgserve, so any environment with llm-compressor runs it.
-
-`llmcompressor-gptq`: llm-compressor's GPTQModifier, W4A16 int4 symmetric with groups, saved as
-compressed-tensors `pack-quantized` (what llm-compressor ships for W4A16). Calibration: tgserve's
-builtin prose (checkpoints/data/calibration_corpus.txt). llm-compressor 0.14 pins transformers <= 5.17,
-so it runs in its own environment (a venv with llmcompressor installed); the
-checkpoint it writes is then served by tgserve in the project's environment. GPTQModel and AutoAWQ do
-not install here (no CPU wheels / CUDA builds; see the quantcli report in issue 12).
+nothing of tgserve; each tool runs in an environment of its own (their pins disagree with the
+project's), and the checkpoint it writes is then served by tgserve in the project's environment.
+Calibration: tgserve's builtin prose (checkpoints/data/calibration_corpus.txt). Tools, as run here on
+the demo checkpoint (CPU, torch 2.13+cpu), each in a venv that also sees the project's packages:
+  llmcompressor-gptq  `pip install llmcompressor` (0.14; it brings transformers 5.17): GPTQModifier
+      W4A16, int4 symmetric groups, saved as compressed-tensors `pack-quantized`.
+  gptqmodel-gptq  `pip install --no-deps gptqmodel Defuser Device-SMI LogBar PyPcre TokeNicer
+      threadpoolctl torchao` (7.7; with its dependencies it would replace torch by a CUDA build):
+      GPTQ v1 layout, desc_act, sym. Needs GPTQMODEL_CPU_WORKERS=2 on a 2-core host (its default
+      thread pool otherwise refuses to start); compiles a CPU packing extension on first use.
+  autoawq  `pip install autoawq` (0.2.9, deprecated upstream): AWQ GEMM. Its clip search asserts
+      output features divisible by 64 (the demo's 352 are not), so this runs it with apply_clip=False.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import sys
 from pathlib import Path
 
 CALIBRATION = Path(__file__).resolve().parent.parent / "checkpoints" / "data" / "calibration_corpus.txt"
-TOOLS = ("llmcompressor-gptq",)
+TOOLS = ("llmcompressor-gptq", "gptqmodel-gptq", "autoawq")
 
 
 def write_llmcompressor_gptq(model_dir: Path, out_dir: Path, group_size: int, seq_tokens: int = 256) -> Path:
@@ -50,6 +54,43 @@ def write_llmcompressor_gptq(model_dir: Path, out_dir: Path, group_size: int, se
     return out_dir
 
 
+def _paragraphs() -> list[str]:
+    return [p for p in CALIBRATION.read_text().split("\n\n") if len(p) > 200]
+
+
+def write_gptqmodel_gptq(model_dir: Path, out_dir: Path, group_size: int) -> Path:
+    """Quantize model_dir with GPTQModel (int4, symmetric, act-order, group_size) into out_dir."""
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    model = GPTQModel.load(str(model_dir), QuantizeConfig(bits=4, group_size=group_size, desc_act=True, sym=True),
+                           device="cpu")
+    model.quantize(_paragraphs(), batch_size=1)
+    model.save(str(out_dir))
+    return out_dir
+
+
+def write_autoawq(model_dir: Path, out_dir: Path, group_size: int) -> Path:
+    """Quantize model_dir with AutoAWQ (GEMM, 4-bit, zero point, group_size) into out_dir."""
+    from awq import AutoAWQForCausalLM
+    from transformers import AutoTokenizer
+
+    model = AutoAWQForCausalLM.from_pretrained(str(model_dir))
+    paragraphs = _paragraphs()
+    model.quantize(AutoTokenizer.from_pretrained(str(model_dir)),
+                   quant_config={"zero_point": True, "q_group_size": group_size, "w_bit": 4, "version": "GEMM"},
+                   calib_data=paragraphs, max_calib_samples=len(paragraphs), max_calib_seq_len=256,
+                   apply_clip=False)
+    model.save_quantized(str(out_dir))
+    for path in model_dir.iterdir():  # AutoAWQ saves no tokenizer
+        if path.is_file() and path.suffix != ".safetensors" and not (out_dir / path.name).exists():
+            shutil.copy2(path, out_dir / path.name)
+    return out_dir
+
+
+WRITERS = {"llmcompressor-gptq": write_llmcompressor_gptq, "gptqmodel-gptq": write_gptqmodel_gptq,
+           "autoawq": write_autoawq}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tool", choices=TOOLS)
@@ -57,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--group-size", type=int, default=32)
     args = parser.parse_args(argv)
-    print(write_llmcompressor_gptq(args.model_dir, args.out_dir, args.group_size))
+    print(WRITERS[args.tool](args.model_dir, args.out_dir, args.group_size))
     return 0
 
 
