@@ -63,7 +63,8 @@ def check_layout(config: dict, spec: QuantSpec) -> None:
         raise QuantizeRefused(f"awq stores 4-bit weights only (--bits 4), not {spec.bits}")
     if spec.method == "awq" and (spec.is_act_order or spec.is_sym):
         raise QuantizeRefused("--act-order and --sym are GPTQ options; AWQ GEMM is asymmetric, without act-order")
-    if spec.group_size != -1 and spec.group_size <= 0 or spec.method == "awq" and spec.group_size == -1:
+    is_per_row = spec.group_size == -1
+    if (spec.group_size <= 0 and not is_per_row) or (spec.method == "awq" and is_per_row):
         raise QuantizeRefused(f"--group-size {spec.group_size} is not valid for {spec.method} "
                               f"(a positive size{', or -1 for one group per output' if spec.method == 'gptq' else ''})")
     per_word = 32 // spec.bits
