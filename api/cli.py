@@ -1,4 +1,4 @@
-"""The `tgserve` command: `serve` (TGI's launcher flags), `backends`, `demo-model`, `benchmark`.
+"""The `tgserve` command: `serve` (TGI's launcher flags), `backends`, `demo-model`, `benchmark`, `quantize`.
 
 The environment is read here, in `main`, and nowhere at import time.
 """
@@ -12,6 +12,7 @@ from typing import Sequence
 from tgserve.api.cli_flags import add_serve_flags, config_from_args
 from tgserve.api.logging_setup import configure_logging
 from tgserve.benchmark.cli import add_benchmark_parser
+from tgserve.checkpoints.quantize.cli import add_quantize_parser
 from tgserve.core.config import ConfigError
 
 
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="training / init seed (default: 0)")
     demo.set_defaults(handler=_demo_model)
     add_benchmark_parser(commands)
+    add_quantize_parser(commands)
     return parser
 
 

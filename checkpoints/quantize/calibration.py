@@ -1,0 +1,66 @@
+"""The calibration text of `tgserve quantize`: the user's own file (best: text like what they will serve)
+or `builtin`, English prose shipped in checkpoints/data/calibration_corpus.txt (not the text the
+quality benchmarks evaluate on), tokenized with the checkpoint's tokenizer into equal windows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from tgserve.checkpoints.quantize.source import QuantizeRefused
+
+BUILTIN = "builtin"
+BUILTIN_PATH = Path(__file__).resolve().parent.parent / "data" / "calibration_corpus.txt"
+# Fewer tokens than this and the Hessians / activation statistics of even a small model's layers
+# (hundreds of input features) are dominated by a handful of sentences.
+MIN_CALIBRATION_TOKENS = 512
+
+
+@dataclass(slots=True, frozen=True)
+class CalibrationSet:
+    """The calibration token windows."""
+
+    input_ids: torch.Tensor  # int64 [num_samples, seq_tokens]
+    num_text_tokens: int  # tokens in the whole text (windows past max samples, and the tail, are dropped)
+    source: str  # the file name, or "builtin"
+
+
+def read_calibration_text(spec: str) -> tuple[str, str]:
+    """(text, source name) for `--calibration` FILE or `builtin`."""
+    path = BUILTIN_PATH if spec == BUILTIN else Path(spec)
+    if not path.is_file():
+        raise QuantizeRefused(f"calibration file {spec} does not exist (give a text file, or `builtin`)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise QuantizeRefused(f"calibration file {spec} is not UTF-8 text ({error.reason})") from None
+    return text, BUILTIN if spec == BUILTIN else str(path)
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    """The checkpoint's fast tokenizer (tokenizer.json); SentencePiece-only checkpoints through transformers."""
+    if (model_dir / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir)).backend_tokenizer
+
+
+def calibration_windows(spec: str, model_dir: Path, *, seq_tokens: int, max_samples: int) -> CalibrationSet:
+    """Tokenize the calibration text into at most max_samples windows of seq_tokens tokens.
+
+    A text shorter than one window becomes one window of all its tokens. Raises QuantizeRefused
+    when the text has fewer than MIN_CALIBRATION_TOKENS tokens.
+    """
+    text, source = read_calibration_text(spec)
+    ids = load_tokenizer(model_dir).encode(text, add_special_tokens=False).ids
+    if len(ids) < MIN_CALIBRATION_TOKENS:
+        raise QuantizeRefused(f"the calibration text ({source}) has {len(ids)} tokens; tgserve quantize needs at "
+                              f"least {MIN_CALIBRATION_TOKENS} (give more text, or `--calibration builtin`)")
+    window = min(seq_tokens, len(ids))
+    num_samples = min(max_samples, len(ids) // window)
+    windows = torch.tensor(ids[:num_samples * window], dtype=torch.long).reshape(num_samples, window)
+    return CalibrationSet(input_ids=windows, num_text_tokens=len(ids), source=source)
