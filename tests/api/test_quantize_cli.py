@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,6 +20,9 @@ from transformers import AutoModelForCausalLM
 import tgserve.checkpoints.quantize.cli as quantize_cli
 import tgserve.checkpoints.quantize.writer as quantize_writer
 from tgserve.api.cli import main
+
+from .conftest import TEST_SERVER_FLAGS, server_factory
+from .quantized_oracle import assert_serves_like_transformers
 
 CORPUS = Path(quantize_cli.__file__).resolve().parent.parent / "data" / "calibration_corpus.txt"
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -325,3 +329,21 @@ def test_interrupted_write_leaves_no_output(demo_model_dir, tmp_path, monkeypatc
     with pytest.raises(OSError, match="simulated"):
         _quantize(demo_model_dir, tmp_path / "out", "gptq", ["--group-size", "32"])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["gptq-actorder", "awq"])
+def test_written_checkpoint_serves_like_its_dequantized_weights(name, demo_model_dir, quantized_dirs, hf_tokenizer,
+                                                                tmp_path_factory):
+    """The round trip: what `tgserve quantize` wrote, served by `tgserve serve` (the method detected from
+    config.json), answers as transformers does in float32 on the weights this file's own dequantizer
+    reads from it (greedy ids, logprobs), and /info names the method, bits and group size."""
+    method, _flags, bits, group_size, _sym = RUNS[name]
+    quantized = quantized_dirs[name]
+    reference = tmp_path_factory.mktemp("dequantized") / name
+    _load_dequantized(demo_model_dir, quantized, name).save_pretrained(str(reference))
+    with server_factory(tmp_path_factory, *TEST_SERVER_FLAGS) as start:
+        server = start(quantized, "--dtype", "float32")
+        assert_serves_like_transformers(server.url, reference, demo_model_dir, hf_tokenizer)
+        info = httpx.get(f"{server.url}/info", timeout=10).json()["quantization"]
+    assert (info["method"], info["bits"], info["group_size"], info["is_prequantized"]) == (method, bits, group_size,
+                                                                                           True)
