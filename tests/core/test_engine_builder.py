@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tgserve.benchmark.weight_bytes import reachable_tensors
 from tgserve.core.config import ConfigError, ServerConfig
 from tgserve.core.layers.linear import Linear
 
@@ -16,20 +17,8 @@ def test_quantize_reaches_the_linear_method_hook(demo_model_dir):
         linears = [m for m in engine.runner.model.modules() if isinstance(m, Linear)]
     assert linears and {layer.method.name for layer in linears} == {"eetq"}
     for layer in linears:  # the largest tensor each layer keeps is 8-bit: no float copy of the weight
-        largest = max(_tensors(layer.prepared), key=torch.Tensor.numel)
+        largest = max(reachable_tensors(layer.prepared), key=torch.Tensor.numel)
         assert largest.dtype in (torch.int8, torch.uint8) and largest.numel() >= sum(layer.output_sizes)
-
-
-def _tensors(value) -> list[torch.Tensor]:
-    """Every tensor reachable from a prepared layer (tuples, lists, dicts, slots dataclasses)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
-    if isinstance(value, dict):
-        return _tensors(list(value.values()))
-    slots = getattr(type(value), "__slots__", ())
-    return _tensors([getattr(value, name) for name in slots if hasattr(value, name)])
 
 
 def test_methods_not_implemented_fail_at_configuration():
