@@ -42,7 +42,7 @@ def test_weight_width_told_to_the_peers(quantization, bits):
     assert compare.quantized_bits(quantization) == bits
 
 
-def test_quantized_run_passes_the_width_and_labels_the_columns(monkeypatch):
+def test_quantized_run_passes_the_width_and_labels_the_columns(monkeypatch, tmp_path):
     """tgserve int8: the llama.cpp runner gets --weight-bits 8 (and --peer-model-id's float checkpoint) and
     its column names its GGUF type; a peer without a quantized mode gets a note that it ran float weights."""
     report = {"meta": {"model_dir": "/m", "dtype": "bfloat16", "device": "cpu", "torch_threads": 2, "backend": "cpu",
@@ -61,13 +61,13 @@ def test_quantized_run_passes_the_width_and_labels_the_columns(monkeypatch):
     monkeypatch.setattr(registry, "run_peer", fake_run_peer)
     config = SimpleNamespace(batch_sizes=(1,), sequence_length=4, decode_length=2, runs=1, warmups=0, seed=0)
     monkeypatch.setattr(compare, "replace", lambda config, **changes: config)
-    outcome = compare._run_round(config, ["transformers", "llamacpp"], Path("/venvs"), 10, threads=2,
-                                 peer_model_dir=Path("/float-source"))
+    outcome = compare._run_round(config, ["transformers", "llamacpp"], tmp_path / "venvs", 10, threads=2,
+                                 peer_model_dir=tmp_path / "float-source")
     engines = [r["engine"] for r in outcome["results"]]
     assert engines == ["tgserve (eetq)", "transformers", "llama.cpp (q8_0)"]
     for name in ("transformers", "llamacpp"):
         assert seen[name][seen[name].index("--weight-bits") + 1] == "8"
-        assert seen[name][seen[name].index("--model-dir") + 1] == "/float-source"  # --peer-model-id
+        assert seen[name][seen[name].index("--model-dir") + 1] == str(tmp_path / "float-source")  # --peer-model-id
     assert any("float weights" in note for note in outcome["results"][1]["notes"])
     assert not outcome["results"][2].get("notes")
 
