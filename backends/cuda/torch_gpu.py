@@ -2,15 +2,28 @@
 
 A CUDA build and a ROCm (HIP) build of torch answer the same calls (HIP devices keep the "cuda"
 device type, RCCL serves under the "nccl" name), so cuda and rocm differ only in detection and
-hints; they re-export these implementations as their own hooks.
+hints; they re-export these implementations as their own hooks. Triton (the `cuda` / `rocm` extra)
+runs on both, so the weight-only kernels of `triton_weight_only.py` serve both as well.
 """
 from __future__ import annotations
+
+import importlib
+import logging
 
 import torch
 
 from tgserve.core.backend_status import BackendStatus
 from tgserve.core.hookspecs import hookimpl
+from tgserve.core.layers.linear import LinearMethod
+from tgserve.core.quantization.registry import make_quantized_method
+from tgserve.core.quantization.weight_only import WeightOnlyKernel
 from tgserve.core.step_inputs import StepInputs
+
+log = logging.getLogger(__name__)
+
+TRITON_KERNELS_MODULE = "tgserve.backends.cuda.triton_weight_only"
+NO_TRITON_MESSAGE = ("triton does not import (%s): quantized layers run the reference kernel (dequantize and "
+                     "matmul per step); pip install tgserve[cuda] (or tgserve[rocm]) for the Triton kernels")
 
 
 def gpu_status(name: str, priority: int, install_hint: str, vendor: str, label: str = "") -> BackendStatus:
@@ -61,3 +74,30 @@ def tgserve_synchronize(device):
 def tgserve_make_step_inputs(capacity, block_size, constraints, device):
     """The core's step inputs staged in pinned host memory: the per-field copies to the GPU run async."""
     return StepInputs(capacity, block_size, device, constraints, is_pinned=True)
+
+
+def import_triton_kernels():
+    """The Triton kernels' module; raises ImportError where triton is missing or broken (tests replace
+    this to simulate that)."""
+    return importlib.import_module(TRITON_KERNELS_MODULE)
+
+
+def triton_kernels() -> tuple[WeightOnlyKernel, ...]:
+    """The Triton weight-only kernels, or none (the reference serves) with one log line saying why."""
+    try:
+        module = import_triton_kernels()
+    except ImportError as error:
+        log.warning(NO_TRITON_MESSAGE, error)
+        return ()
+    return module.make_triton_kernels()
+
+
+@hookimpl
+def tgserve_make_linear_method(quantize, dtype, device, quantization):
+    """A quantized format's method with the Triton int8 / int4 kernels tried before the reference;
+    None for unquantized weights (the core's `F.linear` method, cuBLAS / hipBLASLt, is what we want)."""
+    if quantization is None:
+        return None
+    kernels = triton_kernels()
+    log.info("weight-only kernels for %s: %s", dtype, ", ".join(k.name for k in kernels) or "reference only")
+    return make_quantized_method(quantization, dtype, dense=LinearMethod(), kernels=kernels)

@@ -1,7 +1,8 @@
 """The rocm backend: AMD Instinct / Radeon GPUs through a ROCm (HIP) build of torch.
 
 A HIP build of torch answers through the `torch.cuda` API, so the device, memory and sync hooks are
-the cuda backend's shared ones; what differs is detection, the hint and, later, the kernels.
+the cuda backend's shared ones, and so are the Triton weight-only kernels for quantized layers (Triton
+runs on ROCm); what differs is detection, the hint and, later, attention kernels.
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 
 from tgserve.backends.cuda.torch_gpu import (gpu_status, tgserve_get_default_dtype, tgserve_get_device,
                                              tgserve_get_dist_backend, tgserve_get_free_memory_bytes,
-                                             tgserve_make_step_inputs, tgserve_synchronize)
+                                             tgserve_make_linear_method, tgserve_make_step_inputs,
+                                             tgserve_synchronize)
 from tgserve.core.backend_status import BackendStatus
 from tgserve.core.hookspecs import hookimpl
 
@@ -18,7 +20,7 @@ PRIORITY = 100
 INSTALL_HINT = "pip install tgserve[rocm] with a ROCm build of torch"
 __all__ = ["tgserve_get_backend_status", "tgserve_get_device", "tgserve_get_default_dtype",
            "tgserve_get_free_memory_bytes", "tgserve_get_dist_backend", "tgserve_synchronize",
-           "tgserve_make_step_inputs"]
+           "tgserve_make_step_inputs", "tgserve_make_linear_method"]
 
 
 @hookimpl
