@@ -2,7 +2,8 @@
 
 One kernel, y[M, N] = x[M, K] @ W^T with W[n, k] = (q[n, k] - zeros[n, g]) * scales[n, g], g = k // group,
 run on two packings chosen once per layer in `prepare`:
-  - int4 (`TritonInt4Kernel`, codes of 2, 3 or 4 bits): eight 4-bit codes per int32 along K, [ceil(K/8), N];
+  - int4 (`TritonInt4Kernel`, codes of 2, 3 or 4 bits): eight 4-bit codes per int32 along N, [K, ceil(N/8)],
+    so a tile's words load once, coalesced, and are repeated 8x along N in registers before unpacking;
   - int8 (`TritonInt8Kernel`): one code per byte, uint8 [K, N] (eetq, GPTQ / compressed-tensors int8,
     GGUF Q8_0).
 Codes stay packed on the device; each program dequantizes one [BLOCK_K, BLOCK_N] tile in registers
@@ -42,6 +43,7 @@ def _affine_matmul_kernel(x_ptr, codes_ptr, scales_ptr, zeros_ptr, out_ptr, M, N
 
     Only builtins (no `tl.cdiv` / `tl.zeros`, which are @jit functions): the interpreter then runs it
     even where triton was imported before TRITON_INTERPRET was set."""
+    tl.static_assert(CODES_PER_WORD == 1 or CODES_PER_WORD == 8)  # three doublings below
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -62,13 +64,17 @@ def _affine_matmul_kernel(x_ptr, codes_ptr, scales_ptr, zeros_ptr, out_ptr, M, N
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=is_row[:, None] & is_k[None, :],
                     other=0.0)
         tile_mask = is_k[:, None] & is_col[None, :]
-        # CODES_PER_WORD consecutive k share a word: rows repeat, the repeats hit the cache.
-        words = tl.load(codes_ptr + (offs_k // CODES_PER_WORD)[:, None] * N + offs_n[None, :], mask=tile_mask,
-                        other=0)
-        if CODES_PER_WORD > 1:
-            codes = (words >> ((offs_k % CODES_PER_WORD) * BITS)[:, None]) & ((1 << BITS) - 1)
-        else:
-            codes = words
+        if CODES_PER_WORD == 1:
+            codes = tl.load(codes_ptr + offs_k[:, None] * N + offs_n[None, :], mask=tile_mask, other=0)
+        else:  # [BLOCK_K, BLOCK_N / 8] words, each repeated 8 times along N in registers, then unpacked
+            num_words_n = (N + CODES_PER_WORD - 1) // CODES_PER_WORD
+            offs_w = pid_n * (BLOCK_N // CODES_PER_WORD) + tl.arange(0, BLOCK_N // CODES_PER_WORD)
+            words = tl.load(codes_ptr + offs_k[:, None] * num_words_n + offs_w[None, :],
+                            mask=is_k[:, None] & (offs_w < num_words_n)[None, :], other=0)
+            words = tl.reshape(tl.join(words, words), (BLOCK_K, BLOCK_N // 4))
+            words = tl.reshape(tl.join(words, words), (BLOCK_K, BLOCK_N // 2))
+            words = tl.reshape(tl.join(words, words), (BLOCK_K, BLOCK_N))
+            codes = (words >> ((offs_n % CODES_PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
         if IS_GROUP_ALIGNED:  # the whole tile lies in one group: one row of scales and zeros
             group_offs = (k_tile * BLOCK_K) // GROUP_SIZE * N + offs_n[None, :]
             group_mask = is_col[None, :]
@@ -109,7 +115,7 @@ class LaunchConfig:
 class PackedWeight:
     """What `apply` reads: one layer's weight in the kernel's packing, on the weight's device."""
 
-    codes: torch.Tensor  # int32 [ceil(K / 8), N] (8 codes per word, code k at bits 4 * (k % 8)) or uint8 [K, N]
+    codes: torch.Tensor  # int32 [K, ceil(N / 8)] (output n at bits 4 * (n % 8) of word n // 8) or uint8 [K, N]
     scales: torch.Tensor  # fp16 or fp32 [num_groups, N]
     zeros: torch.Tensor  # same dtype as scales, [num_groups, N], in code units
     bits: int  # bits per code in `codes` (4 for the int4 packing whatever the format's bits, 8 for int8)
@@ -122,16 +128,18 @@ class PackedWeight:
 
 
 def pick_config(num_rows: int, out_features: int, in_features: int, group_size: int, element_bytes: int,
-                num_sms: int) -> LaunchConfig:
-    """Fixed tiles by row count: decode (<= 32 rows) splits K until ~2 programs per multiprocessor,
-    keeping >= 4 K tiles per split; larger batches and prefill tile M. `tl.dot` needs every block >= 16;
-    float32 activations halve the prefill tile to stay within 64 KiB of shared memory (ROCm's LDS)."""
+                num_sms: int, max_stages: int = 3) -> LaunchConfig:
+    """Fixed tiles by row count. Decode (<= 32 rows) is a read of the weight: 16- or 32-row tiles, and K
+    split until ~2 programs per multiprocessor (keeping >= 4 K tiles per split). Larger batches and
+    prefill tile M like a dense GEMM; float32 activations halve the prefill rows. Every block is >= 16
+    (`tl.dot`'s minimum); per pipeline stage a bf16 / fp16 tile takes <= 24 KiB of shared memory, so
+    `max_stages` 2 fits ROCm's 64 KiB LDS."""
     if num_rows <= 32:
-        block_m, block_n, block_k, num_warps, num_stages = (16 if num_rows <= 16 else 32), 128, 128, 4, 3
+        block_m, block_n, block_k, num_warps = (16 if num_rows <= 16 else 32), 128, 128, 4
     elif num_rows <= 64:
-        block_m, block_n, block_k, num_warps, num_stages = 64, 128, 64, 4, 3
+        block_m, block_n, block_k, num_warps = 64, 128, 64, 4
     else:
-        block_m, block_n, block_k, num_warps, num_stages = (128 if element_bytes <= 2 else 64), 128, 32, 8, 3
+        block_m, block_n, block_k, num_warps = (128, 128, 64, 8) if element_bytes <= 2 else (64, 128, 32, 8)
     if group_size < block_k and group_size % 16 == 0:  # keep each K tile inside one group (GGUF's 32)
         block_k = group_size
     split_k = 1
@@ -139,7 +147,7 @@ def pick_config(num_rows: int, out_features: int, in_features: int, group_size: 
         num_tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(out_features, block_n)
         num_k_tiles = triton.cdiv(in_features, block_k)
         split_k = max(1, min(triton.cdiv(2 * num_sms, num_tiles), num_k_tiles // 4, 16))
-    return LaunchConfig(block_m, block_n, block_k, split_k, num_warps, num_stages)
+    return LaunchConfig(block_m, block_n, block_k, split_k, num_warps, min(3, max_stages))
 
 
 @functools.cache
@@ -150,6 +158,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _max_stages() -> int:
+    """Software-pipeline depth: 2 on ROCm (its stream pipeliner's default; 64 KiB of LDS), else 3."""
+    return 2 if torch.version.hip else 3
+
+
 def affine_matmul(x: torch.Tensor, weight: PackedWeight, config: LaunchConfig | None = None) -> torch.Tensor:
     """x [M, K] (contiguous rows, already permuted) @ W^T -> [M, N] in x's dtype, no bias."""
     num_rows = x.shape[0]
@@ -157,7 +170,7 @@ def affine_matmul(x: torch.Tensor, weight: PackedWeight, config: LaunchConfig | 
         return x.new_empty(0, weight.out_features)
     if config is None:
         config = pick_config(num_rows, weight.out_features, weight.in_features, weight.group_size,
-                             x.element_size(), _num_sms(x.device))
+                             x.element_size(), _num_sms(x.device), _max_stages())
     if config.split_k == 1:
         out = torch.empty(num_rows, weight.out_features, dtype=x.dtype, device=x.device)
     else:
@@ -189,14 +202,14 @@ def _group_tensors(weight: AffineQuantizedWeight) -> tuple[torch.Tensor, torch.T
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [N, K] (< 16) -> int32 [ceil(K / 8), N]: code k in word k // 8 at bits 4 * (k % 8)."""
+    """uint8 codes [N, K] (< 16) -> int32 [K, ceil(N / 8)]: output n's code in word n // 8 at bits 4 * (n % 8)."""
     out_features, in_features = q.shape
-    padded = torch.nn.functional.pad(q, (0, -in_features % INT4_CODES_PER_WORD)).to(torch.int64)
-    nibbles = padded.view(out_features, -1, INT4_CODES_PER_WORD)
+    padded = torch.nn.functional.pad(q.t(), (0, -out_features % INT4_CODES_PER_WORD)).to(torch.int64)
+    nibbles = padded.reshape(in_features, -1, INT4_CODES_PER_WORD)
     shifts = torch.arange(0, 4 * INT4_CODES_PER_WORD, 4, device=q.device)
     words = (nibbles << shifts).sum(-1)  # < 2**32
     words = torch.where(words >= 2**31, words - 2**32, words)  # the same 32 bits as a signed int32
-    return words.to(torch.int32).t().contiguous()
+    return words.to(torch.int32).contiguous()
 
 
 class TritonWeightOnlyKernel(WeightOnlyKernel):

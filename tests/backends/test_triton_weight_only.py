@@ -96,17 +96,18 @@ def test_kernel_matches_reference(interpreted, dtype, bits, group_size, num_rows
     assert_close_to_reference(kernel.apply(prepared, x), weight, x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bits, group_size, in_features", [(4, -1, 200), (4, 64, 200), (8, 64, 200), (4, 32, 100)])
-def test_ragged_inputs_and_groups(interpreted, bits, group_size, in_features):
-    """K not a multiple of the K tile (or of 8 codes per word), a shorter last group, a prefill-sized
-    tile (100 rows: 128-row blocks, masked) and a leading batch dim."""
-    weight = random_weight(OUT_FEATURES, in_features, bits, group_size, torch.float32, half_exact=True)
+def test_ragged_inputs_and_groups(interpreted, bits, group_size, in_features, dtype):
+    """K not a multiple of the K tile, N (76) not of 8 codes per word, a shorter last group, a
+    prefill-sized tile (100 rows in 128-row bf16 / 64-row fp32 blocks, masked) and a leading batch dim."""
+    weight = random_weight(76, in_features, bits, group_size, dtype, half_exact=True)
     kernel = kernel_for(interpreted, bits)
-    prepared = kernel.prepare(weight, torch.float32)
+    prepared = kernel.prepare(weight, dtype)
     assert prepared.scales.dtype == prepared.zeros.dtype == torch.float16  # exact in fp16: half the bytes
     generator = torch.Generator().manual_seed(2)
     for x_shape in [(100,), (2, 3)]:
-        x = torch.randn(*x_shape, in_features, generator=generator)
+        x = torch.randn(*x_shape, in_features, generator=generator).to(dtype)
         assert_close_to_reference(kernel.apply(prepared, x), weight, x)
 
 
@@ -122,13 +123,13 @@ def test_every_split_of_k_sums_to_the_same_result(interpreted, split_k, bits):
 
 
 def test_pack_int4_layout(interpreted):
-    """Word k // 8 of column n holds code k at bits 4 * (k % 8); a ragged K pads with zero codes."""
-    q = torch.randint(0, 16, (5, 19), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    """Row k, word n // 8 holds output n's code at bits 4 * (n % 8); a ragged N pads with zero codes."""
+    q = torch.randint(0, 16, (19, 5), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
     words = interpreted.pack_int4(q)
-    assert words.dtype == torch.int32 and words.shape == (3, 5)
-    for k in range(24):
-        codes = (words[k // 8].to(torch.int64) >> (4 * (k % 8))) & 0xF
-        assert torch.equal(codes, q[:, k].to(torch.int64) if k < 19 else torch.zeros(5, dtype=torch.int64))
+    assert words.dtype == torch.int32 and words.shape == (5, 3)
+    for n in range(24):
+        codes = (words[:, n // 8].to(torch.int64) >> (4 * (n % 8))) & 0xF
+        assert torch.equal(codes, q[n].to(torch.int64) if n < 19 else torch.zeros(5, dtype=torch.int64))
 
 
 def test_kernels_decline_what_they_cannot_take(interpreted):
@@ -146,6 +147,7 @@ def test_configs_tile_rows_and_split_k_for_decode(interpreted):
     prefill = pick(4096, 18944, 3584, 128, 2, 132)
     assert (prefill.block_m, prefill.block_n, prefill.split_k) == (128, 128, 1)
     assert pick(4096, 18944, 3584, 128, 4, 132).block_m == 64  # fp32 tiles take twice the shared memory
+    assert pick(4096, 18944, 3584, 128, 2, 304, max_stages=2).num_stages == 2  # ROCm's LDS
     assert pick(1, 3584, 3584, 32, 2, 132).block_k == 32  # a GGUF group of 32: one group per K tile
     assert all(min(c.block_m, c.block_n, c.block_k) >= 16 for c in (decode, prefill))  # tl.dot's minimum
 
