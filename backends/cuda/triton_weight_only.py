@@ -38,7 +38,7 @@ def _affine_matmul_kernel(x_ptr, codes_ptr, scales_ptr, zeros_ptr, out_ptr, M, N
                           GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           SPLIT_K: tl.constexpr, IS_GROUP_ALIGNED: tl.constexpr, IS_FP32: tl.constexpr,
-                          IS_DOT_UPCAST: tl.constexpr):
+                          IS_BF16_IN_FP32: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] output tile over this program's share (axis 1) of K's tiles.
 
     Only builtins (no `tl.cdiv` / `tl.zeros`, which are @jit functions): the interpreter then runs it
@@ -83,11 +83,12 @@ def _affine_matmul_kernel(x_ptr, codes_ptr, scales_ptr, zeros_ptr, out_ptr, M, N
             group_mask = tile_mask
         scales = tl.load(scales_ptr + group_offs, mask=group_mask, other=0.0).to(tl.float32)
         zeros = tl.load(zeros_ptr + group_offs, mask=group_mask, other=0.0).to(tl.float32)
-        w = ((codes.to(tl.float32) - zeros) * scales).to(x_ptr.dtype.element_ty)
-        if IS_DOT_UPCAST:  # the same bf16 values as fp32: their products and the fp32 sum are unchanged
+        w = (codes.to(tl.float32) - zeros) * scales
+        if IS_BF16_IN_FP32:  # the interpreter's stand-in for a bf16 dot (see `_is_interpreted`)
             a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        if IS_FP32 or IS_DOT_UPCAST:
+        else:
+            w = w.to(x_ptr.dtype.element_ty)
+        if IS_FP32 or IS_BF16_IN_FP32:
             acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, w, acc)
@@ -163,15 +164,20 @@ def _max_stages() -> int:
     return 2 if torch.version.hip else 3
 
 
+def launch_config(x: torch.Tensor, weight: PackedWeight) -> LaunchConfig:
+    """The config `affine_matmul` runs x [M, K] @ `weight` with on x's device."""
+    return pick_config(x.shape[0], weight.out_features, weight.in_features, weight.group_size, x.element_size(),
+                       _num_sms(x.device), _max_stages())
+
+
 def affine_matmul(x: torch.Tensor, weight: PackedWeight, config: LaunchConfig | None = None) -> torch.Tensor:
     """x [M, K] (contiguous rows, already permuted) @ W^T -> [M, N] in x's dtype, no bias."""
     num_rows = x.shape[0]
     if num_rows == 0:
         return x.new_empty(0, weight.out_features)
-    if config is None:
-        config = pick_config(num_rows, weight.out_features, weight.in_features, weight.group_size,
-                             x.element_size(), _num_sms(x.device), _max_stages())
-    if config.split_k == 1:
+    config = config or launch_config(x, weight)
+    is_bf16_in_fp32 = _is_interpreted(x) and x.dtype == torch.bfloat16
+    if config.split_k == 1 and not is_bf16_in_fp32:
         out = torch.empty(num_rows, weight.out_features, dtype=x.dtype, device=x.device)
     else:
         out = torch.zeros(num_rows, weight.out_features, dtype=torch.float32, device=x.device)
@@ -181,14 +187,16 @@ def affine_matmul(x: torch.Tensor, weight: PackedWeight, config: LaunchConfig | 
         x.stride(0), out.stride(0), GROUP_SIZE=weight.group_size, BITS=weight.bits,
         CODES_PER_WORD=weight.codes_per_word, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, SPLIT_K=config.split_k, IS_GROUP_ALIGNED=weight.group_size % config.block_k == 0,
-        IS_FP32=x.dtype == torch.float32, IS_DOT_UPCAST=_is_interpreted(x) and x.dtype == torch.bfloat16,
+        IS_FP32=x.dtype == torch.float32, IS_BF16_IN_FP32=is_bf16_in_fp32,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _is_interpreted(x: torch.Tensor) -> bool:
-    """CPU tensors reach a Triton kernel only under TRITON_INTERPRET=1, whose `tl.dot` (numpy matmul)
-    multiplies bf16 operands as their uint16 bit patterns (triton 3.9): bf16 dots go as fp32 there."""
+    """CPU tensors reach a Triton kernel only under TRITON_INTERPRET=1. Its `tl.dot` (numpy matmul)
+    multiplies bf16 operands as their uint16 bit patterns, and its fp32 -> bf16 casts truncate where GPUs
+    round to nearest even (triton 3.9). So there a bf16 run keeps the dequantized tile in fp32 and writes
+    fp32 output that torch rounds: the tile's rounding to bf16 is the one GPU step CPU tests do not replay."""
     return x.device.type == "cpu"
 
 

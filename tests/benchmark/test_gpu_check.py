@@ -7,6 +7,7 @@ comparison, the random checkpoint writer, step time limits and the budget) are c
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -44,8 +45,9 @@ def test_cpu_run_of_the_script_passes_every_step(demo_model_dir, tmp_path):
     steps = {step["name"]: step for step in summary["steps"]}
     assert list(steps) == [name for name, _ in STEPS]
     assert summary["passed"] and summary["meta"]["backend"] == "cpu" and summary["meta"]["is_small"]
+    has_triton = importlib.util.find_spec("triton") is not None
     assert {name for name, step in steps.items() if step["status"] == "passed"} == {
-        "backends", "parity-demo", "serve-demo", "bench-qwen2-7b"}
+        "backends", "parity-demo", "serve-demo", "bench-qwen2-7b", *(["quant-kernels"] if has_triton else [])}
     assert steps["parity-smollm2"]["status"] == "skipped" and "--smollm2-dir" in steps["parity-smollm2"]["headline"]
     assert "cpu" in steps["backends"]["listing"] and steps["backends"]["machine"]["torch"] == torch.__version__
 
@@ -66,6 +68,17 @@ def test_cpu_run_of_the_script_passes_every_step(demo_model_dir, tmp_path):
     report = json.loads((out / "engine_bench.json").read_text())
     assert report["meta"]["shape"] == "tiny-qwen2" and report["meta"]["dtype"] == "bfloat16"
     assert "bench-qwen2-7b | passed" in done.stdout and "gpu check PASSED" in done.stdout
+
+    kernels = steps["quant-kernels"]
+    if not has_triton:
+        assert kernels["status"] == "skipped" and "triton" in kernels["headline"]
+    else:  # the tiny Qwen2's four fused linears x 2 row counts x (bf16, int8, int4), under Triton's interpreter
+        assert len(kernels["rows"]) == 4 * 2 * 3 and set(kernels["layer_totals_ms"]) == {"1", "2"}
+        assert {row["linear"] for row in kernels["rows"]} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+        quantized = [row for row in kernels["rows"] if row["kernel"] != "bf16"]
+        assert all(row["max_rel_error"] <= 2e-2 and row["ms"] > 0 and row["config"]["block_m"] == 16
+                   for row in quantized)
+        assert "| qkv_proj | 64 -> 128 | 1 | int4 |" in kernels["table"] and "b2 per layer bf16" in kernels["headline"]
     assert sorted(path.name for path in out.iterdir()) == ["engine_bench.json", "gpu_check.json", "steps.log"]
 
 
