@@ -177,3 +177,25 @@ def test_without_triton_the_reference_serves_with_one_log_line(plugin, monkeypat
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1 and "triton does not import" in warnings[0].getMessage()
     assert "pip install tgserve[cuda]" in warnings[0].getMessage()
+
+
+def test_eetq_engine_on_the_triton_int8_kernel_matches_the_reference(interpreted, demo_model_dir, monkeypatch):
+    """`--quantize eetq` through the engine with every linear on the (interpreted) Triton int8 kernel:
+    the cpu backend is handed the Triton kernels in place of its own, so a real model runs them."""
+    from tgserve.backends.cpu import plugin as cpu_plugin
+    from tgserve.core.layers.linear import Linear
+
+    from ..core.engine_harness import request, run_all, running_engine
+
+    prompts = [[1, 2, 3, 4], list(range(5, 30))]
+    answers = {}
+    for name, kernels in (("reference", ()), ("triton", interpreted.make_triton_kernels())):
+        monkeypatch.setattr(cpu_plugin, "make_weight_only_kernels", lambda dtype, kernels=kernels: kernels)
+        with running_engine(demo_model_dir, quantize="eetq", dtype="float32") as engine:
+            linears = [m for m in engine.runner.model.modules() if isinstance(m, Linear)]
+            answers[name] = run_all(engine, [request(prompt, max_new_tokens=6) for prompt in prompts])
+        assert linears and {layer.prepared[0].name for layer in linears} == {"reference" if name == "reference"
+                                                                             else "triton-int8"}
+    for got, expected in zip(answers["triton"], answers["reference"]):
+        assert got.ids == expected.ids
+        assert [e.logprob for e in got.events] == pytest.approx([e.logprob for e in expected.events], abs=1e-4)
