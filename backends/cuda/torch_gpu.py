@@ -82,22 +82,26 @@ def import_triton_kernels():
     return importlib.import_module(TRITON_KERNELS_MODULE)
 
 
-def triton_kernels() -> tuple[WeightOnlyKernel, ...]:
-    """The Triton weight-only kernels, or none (the reference serves) with one log line saying why."""
+def triton_kernels(dtype: torch.dtype, device: torch.device) -> tuple[WeightOnlyKernel, ...]:
+    """The Triton weight-only kernels that run right here, or none (the reference serves) with one log
+    line saying why."""
     try:
         module = import_triton_kernels()
     except ImportError as error:
         log.warning(NO_TRITON_MESSAGE, error)
         return ()
-    return module.make_triton_kernels()
+    return module.usable_kernels(dtype, device)
 
 
 @hookimpl
 def tgserve_make_linear_method(quantize, dtype, device, quantization):
-    """A quantized format's method with the Triton int8 / int4 kernels tried before the reference;
-    None for unquantized weights (the core's `F.linear` method, cuBLAS / hipBLASLt, is what we want)."""
+    """A quantized format's method with the Triton int8 / int4 kernels (those that pass a start-up check
+    on `device`) tried before the reference; None for unquantized weights (the core's `F.linear` method,
+    cuBLAS / hipBLASLt, is what we want)."""
     if quantization is None:
         return None
-    kernels = triton_kernels()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kernels = triton_kernels(dtype, torch.device(device))
     log.info("weight-only kernels for %s: %s", dtype, ", ".join(k.name for k in kernels) or "reference only")
     return make_quantized_method(quantization, dtype, dense=LinearMethod(), kernels=kernels)

@@ -156,12 +156,39 @@ QUANTIZED = QuantizationConfig(method="gptq", is_prequantized=True, bits=4, grou
 
 
 @pytest.mark.parametrize("plugin", [cuda_plugin, rocm_plugin], ids=["cuda", "rocm"])
-def test_gpu_hooks_offer_the_triton_kernels(plugin):
-    method = plugin.tgserve_make_linear_method(quantize="gptq", dtype=torch.bfloat16, device=torch.device("cpu"),
+def test_gpu_hooks_offer_the_triton_kernels(plugin, interpreted, monkeypatch):
+    """Both kernels pass the start-up check (here on the interpreter) and are offered before the reference."""
+    monkeypatch.setattr(torch_gpu, "import_triton_kernels", lambda: interpreted)
+    method = plugin.tgserve_make_linear_method(quantize="gptq", dtype="bfloat16", device=torch.device("cpu"),
                                                quantization=QUANTIZED)
     assert [kernel.name for kernel in method.kernels] == ["triton-int8", "triton-int4"]
+    assert method.dtype == torch.bfloat16 and method.quantization is QUANTIZED
     assert plugin.tgserve_make_linear_method(quantize=None, dtype=torch.bfloat16, device=torch.device("cpu"),
                                              quantization=None) is None  # the core's F.linear method answers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_start_up_check_passes_every_kernel(interpreted, dtype):
+    assert [kernel.name for kernel in interpreted.usable_kernels(dtype, torch.device("cpu"))] == [
+        "triton-int8", "triton-int4"]
+    assert interpreted.usable_kernels(torch.float64, torch.device("cpu")) == ()
+
+
+@pytest.mark.parametrize("failure", ["raises", "wrong"])
+def test_a_kernel_that_fails_its_start_up_check_is_not_offered(interpreted, monkeypatch, caplog, failure):
+    """A Triton that cannot compile the kernel here, or a kernel off by 5%: the reference serves instead."""
+    matmul = interpreted.affine_matmul
+
+    def broken(x, weight, config=None):
+        if failure == "raises":
+            raise RuntimeError("PassManager::run failed")
+        return matmul(x, weight, config) * 1.05
+
+    monkeypatch.setattr(interpreted, "affine_matmul", broken)
+    with caplog.at_level(logging.WARNING, logger=interpreted.__name__):
+        assert interpreted.usable_kernels(torch.float32, torch.device("cpu")) == ()
+    assert len(caplog.records) == 2 and all("kernel not used" in record.getMessage() for record in caplog.records)
+    assert ("PassManager::run failed" if failure == "raises" else "differ from the reference") in caplog.text
 
 
 @pytest.mark.parametrize("plugin", [cuda_plugin, rocm_plugin], ids=["cuda", "rocm"])
