@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from tgserve.backends.cuda import kernel_check
 from tgserve.core.backend_status import BackendStatus
 from tgserve.core.hookspecs import hookimpl
 from tgserve.core.layers.linear import LinearMethod
@@ -90,7 +91,7 @@ def triton_kernels(dtype: torch.dtype, device: torch.device) -> tuple[WeightOnly
     except ImportError as error:
         log.warning(NO_TRITON_MESSAGE, error)
         return ()
-    return module.usable_kernels(dtype, device)
+    return kernel_check.usable_kernels(module.make_triton_kernels(), dtype, device)
 
 
 @hookimpl

@@ -14,29 +14,24 @@ activations use `input_precision="ieee"` (no TF32), so float32 runs keep the ref
 
 Block sizes are fixed per row count (no autotuning, so the first step compiles each shape once and
 runs the same code every time): decode rows get a 16- or 32-row tile and split K over extra programs
-(fp32 atomic adds) until the GPU's multiprocessors are busy; prefill gets 128x128 tiles. Imported
-only by `torch_gpu.triton_kernels`, never by the core; tests run it on CPU under TRITON_INTERPRET=1.
+(fp32 atomic adds) until the GPU's multiprocessors are busy; prefill gets 128x128 tiles. Imported by
+the GPU backends' hook (`torch_gpu.triton_kernels`, which offers only the kernels `kernel_check` passes)
+and the gpu-check benchmark, never by the core; tests run it on CPU under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from tgserve.core.quantization.weight_only import AffineQuantizedWeight, ReferenceKernel, WeightOnlyKernel
-
-log = logging.getLogger(__name__)
+from tgserve.core.quantization.weight_only import AffineQuantizedWeight, WeightOnlyKernel
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INT4_CODES_PER_WORD = 8  # 4-bit codes per int32 word
 INTERPRETER_NUM_SMS = 4  # stands in for the multiprocessor count on a CPU (TRITON_INTERPRET=1)
-PROBE_ROWS = (1, 80)  # the start-up check's calls: decode (K split) and prefill-sized (M tiled, masked)
-PROBE_TOLERANCE = 2e-2  # of the output's largest value, bf16 / fp16 runs (8 or 11 mantissa bits)
-PROBE_FP32_TOLERANCE = 1e-4  # float32: summation order only
 
 
 @triton.jit
@@ -276,55 +271,6 @@ class TritonInt8Kernel(TritonWeightOnlyKernel):
 
 
 def make_triton_kernels() -> tuple[WeightOnlyKernel, ...]:
-    """Every Triton kernel, in the order a GPU backend asks them before the reference."""
+    """Every Triton kernel, in the order a GPU backend asks them before the reference (those that pass
+    `kernel_check.usable_kernels` on the device)."""
     return TritonInt8Kernel(), TritonInt4Kernel()
-
-
-def usable_kernels(dtype: torch.dtype, device: torch.device) -> tuple[WeightOnlyKernel, ...]:
-    """The kernels that compile, run and answer right for `dtype` on `device` (probed once, at start-up:
-    a Triton or driver that cannot build them costs speed, never the server); a logged line per refusal."""
-    if dtype not in DTYPES:
-        log.info("no Triton weight-only kernel for %s runs (only %s)", dtype, ", ".join(map(str, DTYPES)))
-        return ()
-    usable = []
-    for kernel in make_triton_kernels():
-        try:
-            is_right = matches_reference(kernel, dtype, device)
-        except Exception as error:  # noqa: BLE001 - any compile / launch failure means "not here"
-            log.warning("%s kernel not used: it failed on %s (%s): %r", kernel.name, device, dtype, error)
-            continue
-        if is_right:
-            usable.append(kernel)
-        else:
-            log.warning("%s kernel not used: its answers differ from the reference on %s (%s)", kernel.name,
-                        device, dtype)
-    return tuple(usable)
-
-
-def matches_reference(kernel: TritonWeightOnlyKernel, dtype: torch.dtype, device: torch.device) -> bool:
-    """A small weight (asymmetric zeros, an input permutation, a bias, N and K off the block sizes) through
-    `kernel` and the reference at PROBE_ROWS rows. False when the kernel declines it."""
-    generator = torch.Generator().manual_seed(0)
-    bits = kernel.max_bits
-    out_features, in_features, group_size = 88, 192, (192 if bits == 8 else 64)
-    num_groups = in_features // group_size
-    q = torch.randint(0, 2**bits, (out_features, in_features), generator=generator, dtype=torch.uint8)
-    scales = torch.rand(out_features, num_groups, generator=generator) / 50 + 1e-3
-    zeros = torch.randint(0, 2**bits, (out_features, num_groups), generator=generator).float()
-    input_perm, bias = torch.randperm(in_features, generator=generator), torch.randn(out_features, generator=generator)
-    weight = AffineQuantizedWeight(q=q.to(device), scales=scales.to(device), zeros=zeros.to(device), bits=bits,
-                                   group_size=group_size, input_perm=input_perm.to(device),
-                                   bias=bias.to(device=device, dtype=dtype))
-    prepared = kernel.prepare(weight, dtype)
-    if prepared is None:
-        return False
-    reference = ReferenceKernel().prepare(weight, dtype)
-    tolerance = PROBE_FP32_TOLERANCE if dtype == torch.float32 else PROBE_TOLERANCE
-    for num_rows in PROBE_ROWS:
-        x = torch.randn(num_rows, in_features, generator=generator).to(device=device, dtype=dtype)
-        with torch.no_grad():
-            y = kernel.apply(prepared, x).float()
-            expected = ReferenceKernel().apply(reference, x).float()
-        if y.shape != expected.shape or not bool((y - expected).abs().max() <= tolerance * expected.abs().max()):
-            return False
-    return True

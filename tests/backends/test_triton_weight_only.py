@@ -4,8 +4,8 @@ Triton runs kernels on CPU tensors only in its interpreter, chosen when `@triton
 function (triton.knobs.runtime.interpret reads TRITON_INTERPRET then; triton 3.0-3.2 read the variable
 there too). So `interpreted` loads a private copy of backends/cuda/triton_weight_only.py with
 TRITON_INTERPRET=1 set for this module's tests: whatever else this session imported stays as it was.
-The cuda / rocm hook (which kernels a quantized method gets, and its fallback) is checked on the real
-module without running a kernel.
+The cuda / rocm hook (which kernels a quantized method gets after their start-up check, and the
+fallback without triton) is checked with that interpreted copy standing in for the real module.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (the cuda / rocm / dev extras)")
 
+from tgserve.backends.cuda import kernel_check  # noqa: E402
 from tgserve.backends.cuda import plugin as cuda_plugin  # noqa: E402
 from tgserve.backends.cuda import torch_gpu  # noqa: E402
 from tgserve.backends.rocm import plugin as rocm_plugin  # noqa: E402
@@ -169,14 +170,16 @@ def test_gpu_hooks_offer_the_triton_kernels(plugin, interpreted, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_start_up_check_passes_every_kernel(interpreted, dtype):
-    assert [kernel.name for kernel in interpreted.usable_kernels(dtype, torch.device("cpu"))] == [
-        "triton-int8", "triton-int4"]
-    assert interpreted.usable_kernels(torch.float64, torch.device("cpu")) == ()
+    usable = kernel_check.usable_kernels(interpreted.make_triton_kernels(), dtype, torch.device("cpu"))
+    assert [kernel.name for kernel in usable] == ["triton-int8", "triton-int4"]
 
 
-@pytest.mark.parametrize("failure", ["raises", "wrong"])
-def test_a_kernel_that_fails_its_start_up_check_is_not_offered(interpreted, monkeypatch, caplog, failure):
-    """A Triton that cannot compile the kernel here, or a kernel off by 5%: the reference serves instead."""
+@pytest.mark.parametrize("failure, reason", [("raises", "it failed: RuntimeError('PassManager::run failed')"),
+                                             ("wrong", "its answers differ from the reference's by"),
+                                             ("declines", "takes neither 8-bit nor 4-bit codes")])
+def test_a_kernel_that_fails_its_start_up_check_is_not_offered(interpreted, monkeypatch, caplog, failure, reason):
+    """A Triton that cannot compile the kernel here, a kernel off by 5%, or a dtype it does not take: the
+    reference serves instead, and one line per kernel says why."""
     matmul = interpreted.affine_matmul
 
     def broken(x, weight, config=None):
@@ -185,10 +188,12 @@ def test_a_kernel_that_fails_its_start_up_check_is_not_offered(interpreted, monk
         return matmul(x, weight, config) * 1.05
 
     monkeypatch.setattr(interpreted, "affine_matmul", broken)
-    with caplog.at_level(logging.WARNING, logger=interpreted.__name__):
-        assert interpreted.usable_kernels(torch.float32, torch.device("cpu")) == ()
-    assert len(caplog.records) == 2 and all("kernel not used" in record.getMessage() for record in caplog.records)
-    assert ("PassManager::run failed" if failure == "raises" else "differ from the reference") in caplog.text
+    dtype = torch.float64 if failure == "declines" else torch.float32
+    with caplog.at_level(logging.WARNING, logger=kernel_check.__name__):
+        assert kernel_check.usable_kernels(interpreted.make_triton_kernels(), dtype, torch.device("cpu")) == ()
+    assert [record.getMessage().split(" kernel not used")[0] for record in caplog.records] == [
+        "triton-int8", "triton-int4"]
+    assert all(reason in record.getMessage() for record in caplog.records)
 
 
 @pytest.mark.parametrize("plugin", [cuda_plugin, rocm_plugin], ids=["cuda", "rocm"])
