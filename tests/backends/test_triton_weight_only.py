@@ -23,6 +23,7 @@ pytest.importorskip("triton", reason="the Triton kernels need the triton package
 from tgserve.backends.cuda import kernel_check  # noqa: E402
 from tgserve.backends.cuda import plugin as cuda_plugin  # noqa: E402
 from tgserve.backends.cuda import torch_gpu  # noqa: E402
+from tgserve.backends.cuda import triton_weight_only  # noqa: E402  (compiled for real GPUs below, not run)
 from tgserve.backends.rocm import plugin as rocm_plugin  # noqa: E402
 from tgserve.core.quantization.quant_config import QuantizationConfig  # noqa: E402
 from tgserve.core.quantization.weight_only import AffineQuantizedWeight, ReferenceKernel  # noqa: E402
@@ -151,6 +152,43 @@ def test_configs_tile_rows_and_split_k_for_decode(interpreted):
     assert pick(4096, 18944, 3584, 128, 2, 304, max_stages=2).num_stages == 2  # ROCm's LDS
     assert pick(1, 3584, 3584, 32, 2, 132).block_k == 32  # a GGUF group of 32: one group per K tile
     assert all(min(c.block_m, c.block_n, c.block_k) >= 16 for c in (decode, prefill))  # tl.dot's minimum
+
+
+# Ahead-of-time compiles for GPUs this machine lacks: (triton target, pipeline stages the backend uses,
+# shared memory per block). Triton's wheel carries ptxas and the AMD linker, so no GPU or toolkit is needed.
+AOT_TARGETS = {"sm_90": (("cuda", 90, 32), 3, 227 << 10), "gfx942": (("hip", "gfx942", 64), 2, 64 << 10)}
+# (activation dtype, bits, rows, group size): the configs that take the most shared memory (int4 decode,
+# fp32 decode), per-channel prefill, and a group that does not divide the K tile (scales per row).
+AOT_CASES = [("bf16", 4, 32, 128), ("bf16", 8, 4096, 3584), ("fp32", 8, 32, 128), ("fp16", 4, 17, 200)]
+TRITON_VERSION = tuple(int(part) for part in triton_weight_only.triton.__version__.split(".")[:2])
+
+
+@pytest.mark.skipif(TRITON_VERSION < (3, 9), reason="the ahead-of-time compile API used here is triton 3.9's")
+@pytest.mark.parametrize("target_name", list(AOT_TARGETS))
+@pytest.mark.parametrize("dtype, bits, num_rows, group_size", AOT_CASES)
+def test_kernel_compiles_for_h200_and_mi300_within_shared_memory(target_name, dtype, bits, num_rows, group_size,
+                                                                   tmp_path, monkeypatch):
+    """What the interpreter cannot show: the kernel lowers to PTX / cubin and to gfx942 code, and each
+    config's shared memory fits the device (Qwen2-7B's 3584 x 3584 at this row count)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    target, max_stages, shared_bytes = AOT_TARGETS[target_name]
+    element_bytes = 4 if dtype == "fp32" else 2
+    config = triton_weight_only.pick_config(num_rows, 3584, 3584, group_size, element_bytes, 132, max_stages)
+    out_type = "*fp32" if config.split_k > 1 else f"*{dtype}"
+    constexprs = dict(GROUP_SIZE=group_size, BITS=bits, CODES_PER_WORD=1 if bits == 8 else 8, BLOCK_M=config.block_m,
+                      BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+                      IS_GROUP_ALIGNED=group_size % config.block_k == 0, IS_DOT_FP32=dtype == "fp32",
+                      IS_BF16_IN_FP32=False)
+    signature = {"x_ptr": f"*{dtype}", "codes_ptr": "*u8" if bits == 8 else "*i32", "scales_ptr": "*fp16",
+                 "zeros_ptr": "*fp16", "out_ptr": out_type, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                 "stride_om": "i32", **{name: "constexpr" for name in constexprs}}
+    source = ASTSource(fn=triton_weight_only._affine_matmul_kernel, signature=signature, constexprs=constexprs)
+    compiled = triton_weight_only.triton.compile(source, target=GPUTarget(*target),
+                                                 options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    assert 0 < compiled.metadata.shared <= shared_bytes
 
 
 QUANTIZED = QuantizationConfig(method="gptq", is_prequantized=True, bits=4, group_size=128)
