@@ -236,6 +236,10 @@ def step_quant_kernels(config: GpuCheckConfig) -> dict:
     device = _device_type(config)
     if device == "cpu":  # CPU tensors run only in Triton's interpreter, chosen when the kernel module loads
         os.environ["TRITON_INTERPRET"] = "1"
+        from tgserve.backends.cuda.triton_weight_only import interpreter_problem
+
+        if interpreter_problem():
+            return {"status": "skipped", "headline": interpreter_problem()}
     shape, dims = ("tiny-qwen2", TINY_QWEN2) if config.is_small else ("qwen2-7b", SHAPES["qwen2-7b"])
     sizes = KERNELS_SMALL if config.is_small else dict(num_rows=KERNEL_ROWS)
     rows = bench.run_kernel_bench(bench.KernelBenchConfig(linears=bench.decoder_linears(dims), device=device,

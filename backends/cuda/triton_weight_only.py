@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy
 import torch
 import triton
 import triton.language as tl
@@ -200,6 +201,19 @@ def _is_interpreted(x: torch.Tensor) -> bool:
     round to nearest even (triton 3.9). So there a bf16 run keeps the dequantized tile in fp32 and writes
     fp32 output that torch rounds: the tile's rounding to bf16 is the one GPU step CPU tests do not replay."""
     return x.device.type == "cpu"
+
+
+def interpreter_problem() -> str | None:
+    """Why this triton's CPU interpreter cannot run the kernel here, or None. Before 3.9 it turns a run-time
+    loop bound into an int with int() of a 1-element array, an error from numpy 2.4 on (3.6 seen failing,
+    3.9 passing)."""
+    triton_version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    numpy_version = tuple(int(part) for part in numpy.__version__.split(".")[:2])
+    if triton_version < (3, 9) and numpy_version >= (2, 4):
+        return (f"triton {triton.__version__}'s CPU interpreter cannot take a run-time loop bound under numpy "
+                f"{numpy.__version__}: running the kernels on a CPU (TRITON_INTERPRET=1) needs triton >= 3.9 or "
+                f"numpy < 2.4")
+    return None
 
 
 def _group_tensors(weight: AffineQuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ from tgserve.backends.rocm import plugin as rocm_plugin  # noqa: E402
 from tgserve.core.quantization.quant_config import QuantizationConfig  # noqa: E402
 from tgserve.core.quantization.weight_only import AffineQuantizedWeight, ReferenceKernel  # noqa: E402
 
+TRITON_VERSION = tuple(int(part) for part in triton_weight_only.triton.__version__.split(".")[:2])
 BF16_TOLERANCE = 2e-2  # of the output's largest value: bf16 rounds x, the dequantized tile and y
 FP32_TOLERANCE = 1e-5
 OUT_FEATURES = 80  # not a multiple of any block_n: the last output tile is masked
@@ -36,6 +37,9 @@ OUT_FEATURES = 80  # not a multiple of any block_n: the last output tile is mask
 @pytest.fixture(scope="module")
 def interpreted():
     """triton_weight_only as its own module object, its kernels built for Triton's interpreter."""
+    problem = triton_weight_only.interpreter_problem()
+    if problem:
+        pytest.skip(problem)
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     name = "_interpreted_triton_weight_only"
@@ -160,7 +164,6 @@ AOT_TARGETS = {"sm_90": (("cuda", 90, 32), 3, 227 << 10), "gfx942": (("hip", "gf
 # (activation dtype, bits, rows, group size): the configs that take the most shared memory (int4 decode,
 # fp32 decode), per-channel prefill, and a group that does not divide the K tile (scales per row).
 AOT_CASES = [("bf16", 4, 32, 128), ("bf16", 8, 4096, 3584), ("fp32", 8, 32, 128), ("fp16", 4, 17, 200)]
-TRITON_VERSION = tuple(int(part) for part in triton_weight_only.triton.__version__.split(".")[:2])
 
 
 @pytest.mark.skipif(TRITON_VERSION < (3, 9), reason="the ahead-of-time compile API used here is triton 3.9's")
