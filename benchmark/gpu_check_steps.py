@@ -238,8 +238,9 @@ def step_quant_kernels(config: GpuCheckConfig) -> dict:
         os.environ["TRITON_INTERPRET"] = "1"
         from tgserve.backends.cuda.triton_weight_only import interpreter_problem
 
-        if interpreter_problem():
-            return {"status": "skipped", "headline": interpreter_problem()}
+        problem = interpreter_problem()
+        if problem:
+            return {"status": "skipped", "headline": problem}
     shape, dims = ("tiny-qwen2", TINY_QWEN2) if config.is_small else ("qwen2-7b", SHAPES["qwen2-7b"])
     sizes = KERNELS_SMALL if config.is_small else dict(num_rows=KERNEL_ROWS)
     rows = bench.run_kernel_bench(bench.KernelBenchConfig(linears=bench.decoder_linears(dims), device=device,

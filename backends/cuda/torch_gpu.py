@@ -84,8 +84,8 @@ def import_triton_kernels():
 
 
 def triton_kernels(dtype: torch.dtype, device: torch.device) -> tuple[WeightOnlyKernel, ...]:
-    """The Triton weight-only kernels that run right here, or none (the reference serves) with one log
-    line saying why."""
+    """The Triton weight-only kernels that pass their start-up check here (`kernel_check`), each one left
+    out logged with why; none, with one log line, where triton does not import (the reference serves)."""
     try:
         module = import_triton_kernels()
     except ImportError as error:
