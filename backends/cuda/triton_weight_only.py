@@ -32,6 +32,7 @@ from tgserve.core.quantization.weight_only import AffineQuantizedWeight, WeightO
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INT4_CODES_PER_WORD = 8  # 4-bit codes per int32 word
+MAX_OFFSET = 2**31 - 1  # the kernel indexes with int32: a weight, and a call's x and y, stay below this
 INTERPRETER_NUM_SMS = 4  # stands in for the multiprocessor count on a CPU (TRITON_INTERPRET=1)
 
 
@@ -178,6 +179,10 @@ def affine_matmul(x: torch.Tensor, weight: PackedWeight, config: LaunchConfig | 
     num_rows = x.shape[0]
     if num_rows == 0:
         return x.new_empty(0, weight.out_features)
+    max_rows = MAX_OFFSET // max(weight.in_features, weight.out_features)
+    if num_rows > max_rows:  # a prefill too long for int32 offsets: in row chunks
+        return torch.cat([affine_matmul(x[start:start + max_rows], weight, config)
+                          for start in range(0, num_rows, max_rows)])
     config = config or launch_config(x, weight)
     is_bf16_in_fp32 = _is_interpreted(x) and x.dtype == torch.bfloat16
     if config.split_k == 1 and not is_bf16_in_fp32:
@@ -247,7 +252,8 @@ class TritonWeightOnlyKernel(WeightOnlyKernel):
         raise NotImplementedError
 
     def prepare(self, weight: AffineQuantizedWeight, dtype: torch.dtype) -> object | None:
-        if not self.min_bits <= weight.bits <= self.max_bits or dtype not in DTYPES:
+        if (not self.min_bits <= weight.bits <= self.max_bits or dtype not in DTYPES
+                or weight.in_features * weight.out_features > MAX_OFFSET):
             return None
         codes, bits, codes_per_word = self.pack(weight.q)
         scales, zeros = _group_tensors(weight)

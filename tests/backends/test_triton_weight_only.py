@@ -128,6 +128,24 @@ def test_every_split_of_k_sums_to_the_same_result(interpreted, split_k, bits):
     assert_close_to_reference(interpreted.affine_matmul(x, prepared, config), weight, x)
 
 
+def test_int32_offsets_limit_weights_and_chunk_long_calls(interpreted, monkeypatch):
+    """Past int32 offsets a weight goes to the reference; a call's rows run in chunks that stay below them."""
+    monkeypatch.setattr(interpreted, "MAX_OFFSET", 80 * 64)
+    kernel = interpreted.TritonInt4Kernel()
+    assert kernel.prepare(random_weight(80, 256, 4, 32, torch.float32), torch.float32) is None
+    launched_rows, launch_config = [], interpreted.launch_config
+
+    def recording_launch_config(x, packed):
+        launched_rows.append(x.shape[0])
+        return launch_config(x, packed)
+
+    monkeypatch.setattr(interpreted, "launch_config", recording_launch_config)
+    weight = random_weight(80, 64, 4, 32, torch.float32)
+    x = torch.randn(150, 64, generator=torch.Generator().manual_seed(5))
+    assert_close_to_reference(kernel.apply(kernel.prepare(weight, torch.float32), x), weight, x)
+    assert launched_rows == [64, 64, 22]  # 64 rows x 80 outputs = MAX_OFFSET
+
+
 def test_pack_int4_layout(interpreted):
     """Row k, word n // 8 holds output n's code at bits 4 * (n % 8); a ragged N pads with zero codes."""
     q = torch.randint(0, 16, (19, 5), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
