@@ -233,11 +233,11 @@ def _group_tensors(weight: AffineQuantizedWeight) -> tuple[torch.Tensor, torch.T
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """uint8 codes [N, K] (< 16) -> int32 [K, ceil(N / 8)]: output n's code in word n // 8 at bits 4 * (n % 8)."""
     out_features, in_features = q.shape
-    padded = torch.nn.functional.pad(q.t(), (0, -out_features % INT4_CODES_PER_WORD)).to(torch.int64)
-    nibbles = padded.reshape(in_features, -1, INT4_CODES_PER_WORD)
-    shifts = torch.arange(0, 4 * INT4_CODES_PER_WORD, 4, device=q.device)
-    words = (nibbles << shifts).sum(-1)  # < 2**32
-    words = torch.where(words >= 2**31, words - 2**32, words)  # the same 32 bits as a signed int32
+    padded = torch.nn.functional.pad(q.t(), (0, -out_features % INT4_CODES_PER_WORD))  # uint8 [K, N rounded up]
+    words = torch.zeros(in_features, padded.shape[1] // INT4_CODES_PER_WORD, dtype=torch.int64, device=q.device)
+    for position in range(INT4_CODES_PER_WORD):  # one position at a time: no [K, N] int64 copy at load
+        words |= padded[:, position::INT4_CODES_PER_WORD].to(torch.int64) << (4 * position)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # < 2**32: the same 32 bits as a signed int32
     return words.to(torch.int32).contiguous()
 
 
