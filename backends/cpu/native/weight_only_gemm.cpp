@@ -6,10 +6,10 @@
 // serves 16 outputs:
 //   int8   codes   uint8 [N / 16, K, 16]            codes[b, k, r] = q[16 b + r, k]
 //   int4   codes   uint8 [N / 16, ceil(K / 2), 16]  low nibble: q[16 b + r, 2 j], high: q[16 b + r, 2 j + 1]
-//   scales, shifts float [N / 16, num_groups, 16]   W = q * scale + shift (shift = -zero * scale): one FMA
+//   scales, shifts float [N / 16, num_groups, 16]   W = q * scale + shift (shift = -zero * scale)
 // Each 16-wide block of dequantized weights is reused for every row of x (up to MAX_ROWS at a time), so
 // a decode batch reads the weight once per step, not once per sequence. Vectors are GCC vector
-// extensions: -march picks AVX-512 (one zmm per block) or AVX2 (two ymm), a plain build stays scalar.
+// extensions: -march picks AVX-512 (one zmm per block) or AVX2 (two halves of one ymm), a plain build stays scalar.
 // Threads: torch's own pool (at::parallel_for) over blocks of output rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -26,15 +27,19 @@
 namespace {
 
 constexpr int64_t BLOCK_N = 16;
+// Outputs per vector: a block is one zmm on AVX-512; on AVX2 (and the plain build) two halves of 8 run one
+// after the other (a 16-float vector on AVX2 would be a ymm pair, and spill).
 #if defined(__AVX512F__)
-constexpr int MAX_ROWS = 8;  // 8 zmm accumulators + weights, scales, shifts: well within 32 registers
+constexpr int LANES = 16;
+constexpr int MAX_ROWS = 8;  // 8 accumulators + 8 group partials + weights, scales, shifts: of 32 zmm
 #else
-constexpr int MAX_ROWS = 4;  // a 16-float vector is two ymm on AVX2: 8 accumulators of 16 registers
+constexpr int LANES = 8;
+constexpr int MAX_ROWS = 4;  // of 16 ymm
 #endif
 
-typedef float vfloat __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-typedef uint8_t vbyte __attribute__((vector_size(16)));
+typedef float vfloat __attribute__((vector_size(LANES * 4)));
+typedef int32_t vint __attribute__((vector_size(LANES * 4)));
+typedef uint8_t vbyte __attribute__((vector_size(LANES)));
 
 inline vfloat load_floats(const float* p) {
   vfloat v;
@@ -42,59 +47,102 @@ inline vfloat load_floats(const float* p) {
   return v;
 }
 
-inline vbyte load_bytes(const uint8_t* p) {
+// LANES codes (one byte each) at p -> floats; the low and high nibbles of LANES bytes -> two vectors.
+// Intrinsics where the ISA has them: GCC's generic uint8 -> int32 convertvector goes through scalar
+// byte extracts (measured 5x slower), and its nibble ops on an 8-byte vector through general registers.
+#if defined(__AVX512F__)
+inline vfloat widen(__m128i bytes) { return (vfloat)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)); }
+inline __m128i load_lane_bytes(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+#elif defined(__AVX2__)
+inline vfloat widen(__m128i bytes) { return (vfloat)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
+inline __m128i load_lane_bytes(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
+#endif
+
+inline vfloat load_codes(const uint8_t* p) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  return widen(load_lane_bytes(p));
+#else
   vbyte v;
   std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// 16 unsigned bytes -> 16 floats. Intrinsics where the ISA has them: GCC's own convertvector of
-// uint8 -> int32 goes through scalar byte extracts (measured 5x slower than the nibble path).
-inline vfloat to_floats(vbyte codes) {
-#if defined(__AVX512F__)
-  return (vfloat)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32((__m128i)codes));
-#elif defined(__AVX2__)
-  const __m256 low = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32((__m128i)codes));
-  const __m256 high = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128((__m128i)codes, 8)));
-  vfloat out;
-  std::memcpy(&out, &low, sizeof(low));
-  std::memcpy(reinterpret_cast<char*>(&out) + sizeof(low), &high, sizeof(high));
-  return out;
-#else
-  return __builtin_convertvector(__builtin_convertvector(codes, vint), vfloat);
+  return __builtin_convertvector(__builtin_convertvector(v, vint), vfloat);
 #endif
 }
 
-// ROWS rows of x (row stride ldx) times one block of 16 output features; y row stride ldy.
+inline void load_nibbles(const uint8_t* p, vfloat& low, vfloat& high) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const __m128i bytes = load_lane_bytes(p);
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  low = widen(_mm_and_si128(bytes, mask));
+  high = widen(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+#else
+  vbyte v;
+  std::memcpy(&v, p, sizeof(v));
+  low = __builtin_convertvector(__builtin_convertvector(v & 0x0F, vint), vfloat);
+  high = __builtin_convertvector(__builtin_convertvector(v >> 4, vint), vfloat);
+#endif
+}
+
+// ROWS rows of x (row stride ldx) times LANES output features of a block (codes, scales, shifts with
+// the block's stride of 16); y row stride ldy.
+// Per group: part = sum_k x[k] * q[k] over the codes as they are, then acc += part * scale + xsum * shift
+// (sum_k x[k] * (q[k] * scale + shift) factored), so the inner loop is one convert and ROWS FMAs per k.
+// A single row has little to overlap: its k's go round-robin into CHAINS independent accumulators,
+// since one chain would wait out the FMA latency (4 cycles) on every k.
 template <int BITS, int ROWS>
 void block_rows(const float* x, int64_t ldx, const uint8_t* codes, const float* scales, const float* shifts,
-                int64_t K, int64_t group_size, const float* bias, float* y, int64_t ldy, int64_t num_valid) {
+                const float* xsums, int64_t num_groups, int64_t K, int64_t group_size, const float* bias, float* y,
+                int64_t ldy, int64_t num_valid) {
+  constexpr int CHAINS = ROWS == 1 ? 4 : (ROWS == 2 ? 2 : 1);
   vfloat acc[ROWS];
-  for (int m = 0; m < ROWS; ++m) acc[m] = vfloat{} ;
-  const int64_t num_groups = (K + group_size - 1) / group_size;
+  for (int m = 0; m < ROWS; ++m) acc[m] = vfloat{};
   for (int64_t g = 0; g < num_groups; ++g) {
-    const vfloat scale = load_floats(scales + g * BLOCK_N);
-    const vfloat shift = load_floats(shifts + g * BLOCK_N);
+    vfloat part[ROWS][CHAINS];
+    for (int m = 0; m < ROWS; ++m)
+      for (int c = 0; c < CHAINS; ++c) part[m][c] = vfloat{};
     const int64_t k_begin = g * group_size;
     const int64_t k_end = std::min(k_begin + group_size, K);
+    int64_t k = k_begin;
     if constexpr (BITS == 8) {
-      for (int64_t k = k_begin; k < k_end; ++k) {
-        const vfloat w = to_floats(load_bytes(codes + k * BLOCK_N)) * scale + shift;
-        for (int m = 0; m < ROWS; ++m) acc[m] += x[m * ldx + k] * w;
+      for (; k + CHAINS <= k_end; k += CHAINS) {
+        for (int c = 0; c < CHAINS; ++c) {
+          const vfloat w = load_codes(codes + (k + c) * BLOCK_N);
+          for (int m = 0; m < ROWS; ++m) part[m][c] += x[m * ldx + k + c] * w;
+        }
+      }
+      for (; k < k_end; ++k) {
+        const vfloat w = load_codes(codes + k * BLOCK_N);
+        for (int m = 0; m < ROWS; ++m) part[m][0] += x[m * ldx + k] * w;
       }
     } else {
       // Groups start at even k (even group sizes, or one group per row), so pairs never straddle them.
-      int64_t k = k_begin;
+      constexpr int PAIRS = CHAINS >= 2 ? CHAINS / 2 : 1;
+      for (; k + 2 * PAIRS <= k_end; k += 2 * PAIRS) {
+        for (int p = 0; p < PAIRS; ++p) {
+          vfloat w0, w1;
+          load_nibbles(codes + (k / 2 + p) * BLOCK_N, w0, w1);
+          for (int m = 0; m < ROWS; ++m) {
+            part[m][(2 * p) % CHAINS] += x[m * ldx + k + 2 * p] * w0;
+            part[m][(2 * p + 1) % CHAINS] += x[m * ldx + k + 2 * p + 1] * w1;
+          }
+        }
+      }
       for (; k + 1 < k_end; k += 2) {
-        const vbyte packed = load_bytes(codes + (k / 2) * BLOCK_N);
-        const vfloat w0 = to_floats(packed & 0x0F) * scale + shift;
-        const vfloat w1 = to_floats(packed >> 4) * scale + shift;
-        for (int m = 0; m < ROWS; ++m) acc[m] += x[m * ldx + k] * w0 + x[m * ldx + k + 1] * w1;
+        vfloat w0, w1;
+        load_nibbles(codes + (k / 2) * BLOCK_N, w0, w1);
+        for (int m = 0; m < ROWS; ++m) part[m][0] += x[m * ldx + k] * w0 + x[m * ldx + k + 1] * w1;
       }
       if (k < k_end) {  // an odd K: the last code's partner nibble is padding
-        const vfloat w0 = to_floats(load_bytes(codes + (k / 2) * BLOCK_N) & 0x0F) * scale + shift;
-        for (int m = 0; m < ROWS; ++m) acc[m] += x[m * ldx + k] * w0;
+        vfloat w0, unused;
+        load_nibbles(codes + (k / 2) * BLOCK_N, w0, unused);
+        for (int m = 0; m < ROWS; ++m) part[m][0] += x[m * ldx + k] * w0;
       }
+    }
+    const vfloat scale = load_floats(scales + g * BLOCK_N);
+    const vfloat shift = load_floats(shifts + g * BLOCK_N);
+    for (int m = 0; m < ROWS; ++m) {
+      vfloat sum = part[m][0];
+      for (int c = 1; c < CHAINS; ++c) sum += part[m][c];
+      acc[m] += sum * scale + xsums[m * num_groups + g] * shift;
     }
   }
   for (int m = 0; m < ROWS; ++m) {
@@ -104,26 +152,26 @@ void block_rows(const float* x, int64_t ldx, const uint8_t* codes, const float* 
 
 template <int BITS>
 void block_all_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const float* scales,
-                    const float* shifts, int64_t group_size, const float* bias, float* y, int64_t N,
-                    int64_t num_valid) {
+                    const float* shifts, const float* xsums, int64_t num_groups, int64_t group_size,
+                    const float* bias, float* y, int64_t N, int64_t num_valid) {
   int64_t m = 0;
-  for (; m + MAX_ROWS <= M; m += MAX_ROWS)
-    block_rows<BITS, MAX_ROWS>(x + m * K, K, codes, scales, shifts, K, group_size, bias, y + m * N, N, num_valid);
+#define TGSERVE_BLOCK_ROWS(R)                                                                                \
+  block_rows<BITS, R>(x + m * K, K, codes, scales, shifts, xsums + m * num_groups, num_groups, K, group_size, \
+                      bias, y + m * N, N, num_valid)
+  for (; m + MAX_ROWS <= M; m += MAX_ROWS) TGSERVE_BLOCK_ROWS(MAX_ROWS);
   switch (M - m) {
-#define TGSERVE_ROWS_CASE(R) \
-  case R: block_rows<BITS, R>(x + m * K, K, codes, scales, shifts, K, group_size, bias, y + m * N, N, num_valid); break;
-    TGSERVE_ROWS_CASE(1)
-    TGSERVE_ROWS_CASE(2)
-    TGSERVE_ROWS_CASE(3)
+    case 1: TGSERVE_BLOCK_ROWS(1); break;
+    case 2: TGSERVE_BLOCK_ROWS(2); break;
+    case 3: TGSERVE_BLOCK_ROWS(3); break;
 #if defined(__AVX512F__)
-    TGSERVE_ROWS_CASE(4)
-    TGSERVE_ROWS_CASE(5)
-    TGSERVE_ROWS_CASE(6)
-    TGSERVE_ROWS_CASE(7)
+    case 4: TGSERVE_BLOCK_ROWS(4); break;
+    case 5: TGSERVE_BLOCK_ROWS(5); break;
+    case 6: TGSERVE_BLOCK_ROWS(6); break;
+    case 7: TGSERVE_BLOCK_ROWS(7); break;
 #endif
-#undef TGSERVE_ROWS_CASE
     default: break;
   }
+#undef TGSERVE_BLOCK_ROWS
 }
 
 void check_packed(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& shifts, int64_t bits) {
@@ -149,6 +197,11 @@ at::Tensor packed_gemm(const at::Tensor& x, const at::Tensor& codes, const at::T
   const float* shift_data = shifts.data_ptr<float>();
   const float* bias_data = bias ? bias->data_ptr<float>() : nullptr;
   float* y_data = y.data_ptr<float>();
+  // Per row and group, the sum of x over the group's inputs: the shift's (zero point's) share.
+  std::vector<float> xsums(M * num_groups, 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xsums[m * num_groups + k / group_size] += x_data[m * K + k];
+  const float* xsum_data = xsums.data();
   // Enough blocks per task that the pool's hand-off (a few microseconds) stays small against the work.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K));
   at::parallel_for(0, num_blocks, grain, [&](int64_t begin, int64_t end) {
@@ -158,12 +211,17 @@ at::Tensor packed_gemm(const at::Tensor& x, const at::Tensor& codes, const at::T
       const float* block_bias = bias_data ? bias_data + n : nullptr;
       const float* block_scales = scale_data + b * num_groups * BLOCK_N;
       const float* block_shifts = shift_data + b * num_groups * BLOCK_N;
-      if (bits == 8)
-        block_all_rows<8>(x_data, M, K, code_data + b * block_bytes, block_scales, block_shifts, group_size,
-                          block_bias, y_data + n, N, num_valid);
-      else
-        block_all_rows<4>(x_data, M, K, code_data + b * block_bytes, block_scales, block_shifts, group_size,
-                          block_bias, y_data + n, N, num_valid);
+      for (int64_t h = 0; h * LANES < num_valid; ++h) {
+        const int64_t lanes = std::min<int64_t>(LANES, num_valid - h * LANES);
+        const uint8_t* lane_codes = code_data + b * block_bytes + h * LANES;
+        const float* lane_bias = block_bias ? block_bias + h * LANES : nullptr;
+        if (bits == 8)
+          block_all_rows<8>(x_data, M, K, lane_codes, block_scales + h * LANES, block_shifts + h * LANES,
+                            xsum_data, num_groups, group_size, lane_bias, y_data + n + h * LANES, N, lanes);
+        else
+          block_all_rows<4>(x_data, M, K, lane_codes, block_scales + h * LANES, block_shifts + h * LANES,
+                            xsum_data, num_groups, group_size, lane_bias, y_data + n + h * LANES, N, lanes);
+      }
     }
   });
   return y;
