@@ -112,10 +112,13 @@ def test_layer_benchmark_prints_every_method(capsys, tmp_path, monkeypatch):
     assert quantized_layers.main(["--runs", "1", "--warmups", "0", "--result-file", str(path)]) == 0
     rows = json.loads(path.read_text())["rows"]
     methods = {row["method"] for row in rows}
-    assert {"cpu-int8", "cpu-int4"} <= methods and len(methods) == 3
+    assert {"cpu-int8", "cpu-int4", "cpu-native-int8", "cpu-native-int4 g128", "cpu-native-int4 g32"} <= methods
+    assert len(methods) == 6  # and the dense linear, the ratios' reference
     dense_bytes = next(r["weight_bytes"] for r in rows if r["method"].startswith("dense"))
-    assert next(r["weight_bytes"] for r in rows if r["method"] == "cpu-int4") <= 0.30 * dense_bytes
-    assert "| [256 -> 128] | cpu-int8 | 8 |" in capsys.readouterr().out
+    for int4 in ("cpu-int4", "cpu-native-int4 g128"):
+        assert next(r["weight_bytes"] for r in rows if r["method"] == int4) <= 0.30 * dense_bytes
+    assert all(row["vs_dense"] == 1.0 for row in rows if row["method"].startswith("dense"))
+    assert "| [256 -> 128] | cpu-native-int8 | 8 |" in capsys.readouterr().out
 
 
 def test_weight_bytes_count_each_storage_once():
