@@ -1,6 +1,6 @@
 """Per-layer speed of the cpu backend's weight-only kernels beside its dense (oneDNN-packed) linear.
 
-  python -m tgserve.benchmark.quantized_layers [--dtype bfloat16] [--batch-sizes 1,8] [--threads 2] [--result-file F]
+  tgserve benchmark layers [--dtype bfloat16] [--batch-sizes 1,8] [--threads 2] [--result-file F]
 
 Random weights of Qwen2-0.5B's linear shapes (fused qkv, o_proj, k/v alone, one of gate/up, fused
 gate_up, down, lm_head), each layer prepared once by every weight-only kernel the cpu backend has here
@@ -25,6 +25,7 @@ from tgserve.backends.cpu.linear import make_onednn_linear_method
 from tgserve.backends.cpu.native_weight_only import NativeInt4Kernel, NativeInt8Kernel, make_native_kernels
 from tgserve.backends.cpu.weight_only import CpuInt4Kernel, CpuInt8Kernel, is_usable
 from tgserve.benchmark.engine_bench import cpu_model
+from tgserve.benchmark.layers_cli import add_layer_arguments
 from tgserve.benchmark.weight_bytes import reachable_tensors, tensor_bytes
 from tgserve.core.layers.linear import LinearMethod
 from tgserve.core.quantization.eetq import quantize_per_channel
@@ -112,14 +113,12 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16")
-    parser.add_argument("--batch-sizes", default="1,8")
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--warmups", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --runs calls per method")
-    parser.add_argument("--threads", type=int, default=None, help="default: torch's")
-    parser.add_argument("--result-file", default=None)
-    args = parser.parse_args(argv)
+    add_layer_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure, print the table, write the JSON (`tgserve benchmark layers` and `main`)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

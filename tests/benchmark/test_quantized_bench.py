@@ -131,3 +131,16 @@ def test_weight_bytes_count_each_storage_once():
     prepared = (table, {"head": table[2:]}, None, 3)
     assert tensor_bytes(reachable_tensors(prepared)) == 10 * 4 * 2
     assert tensor_bytes([table, torch.zeros(3, dtype=torch.int8)]) == 83
+
+
+def test_layer_benchmark_is_a_tgserve_benchmark_subcommand():
+    import argparse
+
+    from tgserve.benchmark import layers_cli
+    from tgserve.benchmark.cli import add_benchmark_parser
+
+    parser = argparse.ArgumentParser()
+    add_benchmark_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["benchmark", "layers", "--threads", "2", "--batch-sizes", "1,8", "--dtype", "float32"])
+    assert args.handler is layers_cli.run_layers_command
+    assert (args.threads, args.batch_sizes, args.dtype, args.rounds) == (2, "1,8", "float32", 5)
