@@ -27,7 +27,11 @@ LIBRARY_NAME = "tgserve_weight_only"
 OPS_NAMESPACE = "tgserve_cpu"  # TORCH_LIBRARY(tgserve_cpu, ...) in the source
 # -march: the host's own ISA, or the portable AVX2 path (TGSERVE_CPU_ISA=avx2) CI uses on any CPU.
 MARCH = {"native": "native", "avx2": "haswell"}
-CFLAGS = ("-O3", "-ffp-contract=fast", "-Wno-psabi")  # fp-contract: C++20 mode would turn FMA contraction off
+# fp-contract: C++20 mode would turn FMA contraction off. -fopenmp: at::parallel_for is an inline template
+# that runs serially unless compiled with OpenMP; linked so, the library shares torch's libgomp (the
+# soname torch already loaded), so it runs on torch's own pool and thread count.
+CFLAGS = ("-O3", "-ffp-contract=fast", "-Wno-psabi", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 
 class NativeBuildError(RuntimeError):
@@ -36,7 +40,7 @@ class NativeBuildError(RuntimeError):
 
 def cache_key(isa: str) -> str:
     """Hex digest naming one build: source, torch, flags, and the CPU (model and instruction flags)."""
-    parts = (SOURCE.read_bytes(), torch.__version__.encode(), repr((MARCH[isa], CFLAGS)).encode(),
+    parts = (SOURCE.read_bytes(), torch.__version__.encode(), repr((MARCH[isa], CFLAGS, LDFLAGS)).encode(),
              _cpu_model().encode(), " ".join(sorted(host.cpu_flags())).encode())
     digest = hashlib.sha256()
     for part in parts:
@@ -62,6 +66,7 @@ def load_ops(cache_root: Path, isa: str = "native"):
 
             start = time.monotonic()
             load(LIBRARY_NAME, [str(SOURCE)], extra_cflags=[f"-march={MARCH[isa]}", *CFLAGS],
+                 extra_ldflags=list(LDFLAGS),
                  build_directory=str(build_dir), is_python_module=False, verbose=False)
             build_s = time.monotonic() - start
     except NativeBuildError:
