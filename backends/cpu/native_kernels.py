@@ -41,7 +41,7 @@ class NativeBuildError(RuntimeError):
 def cache_key(isa: str) -> str:
     """Hex digest naming one build: source, torch, flags, and the CPU (model and instruction flags)."""
     parts = (SOURCE.read_bytes(), torch.__version__.encode(), repr((MARCH[isa], CFLAGS, LDFLAGS)).encode(),
-             _cpu_model().encode(), " ".join(sorted(host.cpu_flags())).encode())
+             host.cpu_model_name().encode(), " ".join(sorted(host.cpu_flags())).encode())
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part + b"\0")
@@ -114,15 +114,3 @@ class _exclusive:
 
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
