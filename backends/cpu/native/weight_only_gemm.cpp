@@ -227,31 +227,43 @@ at::Tensor packed_gemm(const at::Tensor& x, const at::Tensor& codes, const at::T
   return y;
 }
 
-// Dequantized rows [block_begin * 16, block_end * 16) of W as float [rows, K] (never the whole weight).
-at::Tensor dequantize_blocks(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& shifts,
-                             int64_t bits, int64_t group_size, int64_t K, int64_t block_begin, int64_t block_end) {
+// W^T for output rows [block_begin * 16, block_end * 16) as float [K, rows] (a tile, never the whole weight):
+// row k holds input k's weights of those outputs, LANES at a time in vector stores, for x @ W^T as one GEMM.
+at::Tensor dequantize_transposed(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& shifts,
+                                 int64_t bits, int64_t group_size, int64_t K, int64_t block_begin, int64_t block_end) {
   const int64_t num_groups = scales.size(1);
   const int64_t block_bytes = codes.size(1) * BLOCK_N;
-  auto w = at::empty({(block_end - block_begin) * BLOCK_N, K}, scales.options());
-  float* w_data = w.data_ptr<float>();
+  const int64_t rows = (block_end - block_begin) * BLOCK_N;
+  auto wt = at::empty({K, rows}, scales.options());
+  float* wt_data = wt.data_ptr<float>();
   const uint8_t* code_data = codes.data_ptr<uint8_t>();
   const float* scale_data = scales.data_ptr<float>();
   const float* shift_data = shifts.data_ptr<float>();
   at::parallel_for(block_begin, block_end, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const uint8_t* block = code_data + b * block_bytes;
-      float* out = w_data + (b - block_begin) * BLOCK_N * K;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t g = (k / group_size) * BLOCK_N + b * num_groups * BLOCK_N;
-        for (int64_t r = 0; r < BLOCK_N; ++r) {
-          const int code = bits == 8 ? block[k * BLOCK_N + r]
-                                     : (block[(k / 2) * BLOCK_N + r] >> ((k & 1) * 4)) & 0x0F;
-          out[r * K + k] = code * scale_data[g + r] + shift_data[g + r];
+      for (int64_t h = 0; h < BLOCK_N / LANES; ++h) {
+        const uint8_t* block = code_data + b * block_bytes + h * LANES;
+        float* out = wt_data + (b - block_begin) * BLOCK_N + h * LANES;
+        for (int64_t g = 0; g < num_groups; ++g) {
+          const vfloat scale = load_floats(scale_data + (b * num_groups + g) * BLOCK_N + h * LANES);
+          const vfloat shift = load_floats(shift_data + (b * num_groups + g) * BLOCK_N + h * LANES);
+          for (int64_t k = g * group_size; k < std::min((g + 1) * group_size, K); ++k) {
+            vfloat w;
+            if (bits == 8) {
+              w = load_codes(block + k * BLOCK_N);
+            } else {
+              vfloat low, high;
+              load_nibbles(block + (k / 2) * BLOCK_N, low, high);
+              w = (k & 1) ? high : low;
+            }
+            w = w * scale + shift;
+            std::memcpy(out + k * rows, &w, sizeof(w));
+          }
         }
       }
     }
   });
-  return w;
+  return wt;
 }
 
 constexpr int64_t TILE_BLOCKS = 32;  // 512 output rows dequantized per GEMM call (a prefill)
@@ -277,11 +289,10 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& codes, cons
   for (int64_t b = 0; b < codes.size(0); b += TILE_BLOCKS) {
     const int64_t b_end = std::min(b + TILE_BLOCKS, codes.size(0));
     const int64_t n = b * BLOCK_N, n_end = std::min(b_end * BLOCK_N, N);
-    auto w = dequantize_blocks(codes, scales, shifts, bits, group_size, K, b, b_end)
-                 .narrow(0, 0, n_end - n).to(x.scalar_type());
-    c10::optional<at::Tensor> tile_bias;
-    if (bias) tile_bias = bias->narrow(0, n, n_end - n).to(x.scalar_type());
-    y.narrow(1, n, n_end - n).copy_(at::linear(xc, w, tile_bias));
+    auto wt = dequantize_transposed(codes, scales, shifts, bits, group_size, K, b, b_end)
+                  .narrow(1, 0, n_end - n).to(x.scalar_type());
+    y.narrow(1, n, n_end - n).copy_(bias ? at::addmm(bias->narrow(0, n, n_end - n).to(x.scalar_type()), xc, wt)
+                                         : at::mm(xc, wt));
   }
   return y;
 }
@@ -291,11 +302,11 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& codes, cons
 TORCH_LIBRARY(tgserve_cpu, m) {
   m.def("weight_only_linear(Tensor x, Tensor codes, Tensor scales, Tensor shifts, Tensor? bias, int bits, "
         "int group_size, int out_features, int max_packed_rows) -> Tensor");
-  m.def("dequantize_blocks(Tensor codes, Tensor scales, Tensor shifts, int bits, int group_size, int in_features, "
-        "int block_begin, int block_end) -> Tensor");
+  m.def("dequantize_transposed(Tensor codes, Tensor scales, Tensor shifts, int bits, int group_size, "
+        "int in_features, int block_begin, int block_end) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tgserve_cpu, CPU, m) {
   m.impl("weight_only_linear", &weight_only_linear);
-  m.impl("dequantize_blocks", &dequantize_blocks);
+  m.impl("dequantize_transposed", &dequantize_transposed);
 }
