@@ -14,10 +14,9 @@ import torch
 
 from tgserve.backends.cpu import native_kernels, plugin
 from tgserve.backends.cpu.native_kernels import NativeBuildError
-from tgserve.backends.cpu.native_weight_only import (MAX_PACKED_ROWS, NativeInt4Kernel, NativeInt8Kernel,
-                                                     make_native_kernels)
+from tgserve.backends.cpu.native_weight_only import MAX_PACKED_ROWS, NativeInt4Kernel, NativeInt8Kernel
 from tgserve.core.quantization.quant_config import QuantizationConfig
-from tgserve.core.quantization.weight_only import AffineQuantizedWeight, ReferenceKernel, prepare_with
+from tgserve.core.quantization.weight_only import AffineQuantizedWeight, prepare_with
 
 from .test_cpu_quantized_kernels import assert_matches_reference
 
