@@ -11,6 +11,7 @@ import importlib.util
 import sys
 
 from tgserve.benchmark.engine_cli import add_engine_parsers
+from tgserve.benchmark.layers_cli import add_layers_parser
 from tgserve.benchmark.quality_cli import add_quality_parser
 from tgserve.benchmark.startup_cli import add_startup_parser
 
@@ -26,6 +27,7 @@ def add_benchmark_parser(commands: argparse._SubParsersAction) -> argparse.Argum
     add_startup_parser(benchmark_commands)  # startup (startup_cli.py)
     add_gpu_check_parser(benchmark_commands)
     add_quality_parser(benchmark_commands)  # quality (quality_cli.py)
+    add_layers_parser(benchmark_commands)  # layers (layers_cli.py)
     return benchmark
 
 

@@ -26,6 +26,19 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (x86 `model name`), else platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def best_isa(flags: set[str]) -> str:
     """The most capable matmul instruction set among `flags`, e.g. "avx512_bf16"; "" if unknown."""
     return next((flag for flag in _ISA_FLAGS if flag in flags), "")

@@ -2,19 +2,23 @@
 
 Runs the core's torch model code; its own contributions are thread settings, a memory budget that
 leaves the machine responsive, oneDNN-packed linear layers, and the dtype this CPU runs fastest.
-`TGSERVE_CPU_ISA` (auto | avx2) is read once, by `cpu_kernels`, on the first hook call.
+`TGSERVE_CPU_ISA` (auto | avx2) is read once, by `cpu_kernels`, on the first hook call;
+`TGSERVE_CPU_NATIVE_KERNELS` (1 | 0) and `XDG_CACHE_HOME` once, by `native_ops`, at the first quantized load.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
+from pathlib import Path
 
 import torch
 
 from tgserve.backends.cpu import host
 from tgserve.backends.cpu.kernels import ISA_ENV, CpuIsaError, CpuKernels, detect_kernels
 from tgserve.backends.cpu.linear import make_onednn_linear_method
+from tgserve.backends.cpu.native_kernels import NativeBuildError, load_ops
+from tgserve.backends.cpu.native_weight_only import make_native_kernels
 from tgserve.backends.cpu.weight_only import make_weight_only_kernels
 from tgserve.core.layers.linear import LinearMethod
 from tgserve.core.quantization.registry import make_quantized_method
@@ -49,6 +53,29 @@ def cpu_kernels() -> CpuKernels:
     Raises CpuIsaError for a value it cannot honour; the status hook turns that into a reason.
     """
     return detect_kernels(os.environ.get(ISA_ENV, "auto"))
+
+
+NATIVE_ENV = "TGSERVE_CPU_NATIVE_KERNELS"  # "0" turns the native weight-only kernels off
+
+
+@functools.cache
+def native_ops():
+    """torch.ops.tgserve_cpu (native/weight_only_gemm.cpp, built at first use and cached), or None.
+
+    Called at the first quantized model load, never in a step. None when NATIVE_ENV=0 or the build
+    fails; either way one log line says so, and the torch-op kernels serve instead."""
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        log.info("native weight-only kernels off (%s=0): torch ops serve quantized layers", NATIVE_ENV)
+        return None
+    cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tgserve" / "kernels"
+    isa = "avx2" if cpu_kernels().is_forced_portable else "native"
+    try:
+        ops, build_dir, build_s = load_ops(cache_root, isa)
+    except NativeBuildError as error:
+        log.warning("native weight-only kernels unavailable, torch ops serve quantized layers instead: %s", error)
+        return None
+    log.info("native weight-only kernels (%s ISA) loaded from %s in %.1f s", isa, build_dir, build_s)
+    return ops
 
 
 @hookimpl
@@ -128,7 +155,8 @@ SLOW_BF16_MESSAGE = "bfloat16 runs through a slower path on this CPU (%s: %s); u
 def tgserve_make_linear_method(quantize, dtype, device, quantization):
     """oneDNN-packed weights for unquantized bf16/fp32 where this CPU runs them (the core's reference
     method, `F.linear`, elsewhere); a quantized format keeps them for the layers it leaves float and
-    gets the packed int8 / int4 kernels that run correctly here for `dtype` (weight_only.py).
+    gets the packed int8 / int4 kernels that run correctly here for `dtype`: the native ones first
+    (native_weight_only.py), then torch's ops (weight_only.py).
     bf16 without a fast path here logs one line saying so."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
@@ -139,7 +167,9 @@ def tgserve_make_linear_method(quantize, dtype, device, quantization):
     dense = make_onednn_linear_method(dtype) if kernels.allows_onednn(dtype) else None
     if quantization is None:
         return dense
-    weight_kernels = make_weight_only_kernels(dtype) if isinstance(dtype, torch.dtype) else ()
+    weight_kernels = ()
+    if isinstance(dtype, torch.dtype):
+        weight_kernels = make_native_kernels(dtype, native_ops()) + make_weight_only_kernels(dtype)
     log.info("weight-only kernels for %s: %s", dtype, ", ".join(k.name for k in (*weight_kernels, ReferenceKernel())))
     return make_quantized_method(quantization, dtype, dense=dense or LinearMethod(), kernels=weight_kernels)
 

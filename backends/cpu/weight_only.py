@@ -137,7 +137,7 @@ def is_usable(kernel_name: str, dtype: torch.dtype) -> bool:
 
 def matches_reference(kernel: WeightOnlyKernel, dtype: torch.dtype, bits: int) -> bool:
     """A small random weight (asymmetric zeros, a bias, an input permutation) through `kernel` and the
-    reference, at a decode-sized and a prefill-sized batch. False when the kernel declines it too."""
+    reference, at one row, a decode batch and a prefill-sized batch. False when the kernel declines it too."""
     generator = torch.Generator().manual_seed(0)
     out_features, in_features = 48, 64
     group_size = in_features if bits == 8 else 32
@@ -153,7 +153,7 @@ def matches_reference(kernel: WeightOnlyKernel, dtype: torch.dtype, bits: int) -
         return False
     reference = ReferenceKernel().prepare(weight, dtype)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # of the output's largest value; bf16 has 8 bits
-    for num_rows in (1, 2 * max(INT8_MAX_PACKED_ROWS.values())):
+    for num_rows in (1, 8, 2 * max(INT8_MAX_PACKED_ROWS.values())):
         x = torch.randn(num_rows, in_features, generator=generator).to(dtype)
         with torch.no_grad():
             y = kernel.apply(prepared, x).float()

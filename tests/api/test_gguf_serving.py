@@ -85,6 +85,7 @@ def test_info_and_log_name_the_gguf_quantization(server, gguf_path):
     log = server.log()
     assert "(llama) on cpu as float32, weights quantized with gguf 4-bit, group size 32" in log
     assert "GGUF tensors: Q4_1 x210 linear, int4 " in log and "; Q8_0 x1 embedding, dequantized to float32; " in log
+    assert "Q4_1 x210 linear, int4 cpu-native-int4 kernel" in log  # the cpu backend's native GEMM takes them
 
 
 def test_quantize_flag_with_a_gguf_model_is_a_one_line_error(run_cli, gguf_path):

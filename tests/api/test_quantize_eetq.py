@@ -30,6 +30,8 @@ def test_eetq_greedy_ids_equal_transformers_on_the_dequantized_checkpoint(server
     reference_dir = dequantized_copy(model_dir, tmp_path_factory.mktemp("eetq") / "dequantized", int8_round_trip)
     assert_serves_like_transformers(server.url, reference_dir, model_dir, hf_tokenizer)
     assert "weights quantized with eetq 8-bit, per output channel (quantized at load)" in server.log()
+    # The cpu backend's native int8 GEMM is offered first, and takes every per-channel int8 weight.
+    assert "weight-only kernels for torch.float32: cpu-native-int8, " in server.log()
 
 
 def test_info_names_the_quantization(server):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -179,19 +180,35 @@ def test_portable_avx2_path_offers_the_kernels():
     assert line is not None, proc.stderr[-2000:]
     answer = json.loads(line[len("RESULT "):])
     assert answer["isa"] == "avx2" and answer["capability"] in ("AVX2", "DEFAULT")
-    assert answer["float32"] == ["cpu-int8"]
-    assert answer["bfloat16"] == ["cpu-int8", "cpu-int4"]
+    torch_ops = {dtype: [name for name in answer[dtype] if not name.startswith("cpu-native")]
+                 for dtype in ("float32", "bfloat16")}
+    assert torch_ops["float32"] == ["cpu-int8"]
+    assert torch_ops["bfloat16"] == ["cpu-int8", "cpu-int4"]
+    if shutil.which("c++"):  # the native kernels' AVX2 build (-march=haswell) passes its probe too, and comes first
+        for dtype in ("float32", "bfloat16"):
+            assert answer[dtype][:2] == ["cpu-native-int8", "cpu-native-int4"]
 
 
-def test_eetq_engine_runs_on_the_int8_kernel(demo_model_dir):
-    """`--quantize eetq` on the cpu backend: every linear layer of the built model runs cpu-int8."""
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_eetq_engine_runs_on_the_int8_kernel(demo_model_dir, monkeypatch, native):
+    """`--quantize eetq` on the cpu backend: every linear layer of the built model runs the native int8
+    GEMM where it built (a machine with a compiler), and torch's int8 op with the native kernels off."""
+    from tgserve.backends.cpu import plugin
     from tgserve.core.layers.linear import Linear
 
     from ..core.engine_harness import request, run_all, running_engine
 
     require("cpu-int8")
-    with running_engine(demo_model_dir, quantize="eetq", dtype="float32") as engine:
-        linears = [m for m in engine.runner.model.modules() if isinstance(m, Linear)]
-        [done] = run_all(engine, [request([1, 2, 3, 4], max_new_tokens=4)])
-    assert linears and {layer.prepared[0].name for layer in linears} == {"cpu-int8"}
+    if native == "1" and shutil.which("c++") is None:
+        pytest.skip("the native kernels need a C++ compiler (c++)")
+    monkeypatch.setenv(plugin.NATIVE_ENV, native)
+    plugin.native_ops.cache_clear()
+    try:
+        with running_engine(demo_model_dir, quantize="eetq", dtype="float32") as engine:
+            linears = [m for m in engine.runner.model.modules() if isinstance(m, Linear)]
+            [done] = run_all(engine, [request([1, 2, 3, 4], max_new_tokens=4)])
+    finally:
+        plugin.native_ops.cache_clear()
+    expected = "cpu-native-int8" if native == "1" else "cpu-int8"
+    assert linears and {layer.prepared[0].name for layer in linears} == {expected}
     assert len(done.ids) == 4

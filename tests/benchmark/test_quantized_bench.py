@@ -112,10 +112,13 @@ def test_layer_benchmark_prints_every_method(capsys, tmp_path, monkeypatch):
     assert quantized_layers.main(["--runs", "1", "--warmups", "0", "--result-file", str(path)]) == 0
     rows = json.loads(path.read_text())["rows"]
     methods = {row["method"] for row in rows}
-    assert {"cpu-int8", "cpu-int4"} <= methods and len(methods) == 3
+    assert {"cpu-int8", "cpu-int4", "cpu-native-int8", "cpu-native-int4 g128", "cpu-native-int4 g32"} <= methods
+    assert len(methods) == 6  # and the dense linear, the ratios' reference
     dense_bytes = next(r["weight_bytes"] for r in rows if r["method"].startswith("dense"))
-    assert next(r["weight_bytes"] for r in rows if r["method"] == "cpu-int4") <= 0.30 * dense_bytes
-    assert "| [256 -> 128] | cpu-int8 | 8 |" in capsys.readouterr().out
+    for int4 in ("cpu-int4", "cpu-native-int4 g128"):
+        assert next(r["weight_bytes"] for r in rows if r["method"] == int4) <= 0.30 * dense_bytes
+    assert all(row["vs_dense"] == 1.0 for row in rows if row["method"].startswith("dense"))
+    assert "| [256 -> 128] | cpu-native-int8 | 8 |" in capsys.readouterr().out
 
 
 def test_weight_bytes_count_each_storage_once():
@@ -128,3 +131,16 @@ def test_weight_bytes_count_each_storage_once():
     prepared = (table, {"head": table[2:]}, None, 3)
     assert tensor_bytes(reachable_tensors(prepared)) == 10 * 4 * 2
     assert tensor_bytes([table, torch.zeros(3, dtype=torch.int8)]) == 83
+
+
+def test_layer_benchmark_is_a_tgserve_benchmark_subcommand():
+    import argparse
+
+    from tgserve.benchmark import layers_cli
+    from tgserve.benchmark.cli import add_benchmark_parser
+
+    parser = argparse.ArgumentParser()
+    add_benchmark_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["benchmark", "layers", "--threads", "2", "--batch-sizes", "1,8", "--dtype", "float32"])
+    assert args.handler is layers_cli.run_layers_command
+    assert (args.threads, args.batch_sizes, args.dtype, args.rounds) == (2, "1,8", "float32", 5)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tgserve.backends.cpu.plugin import native_ops
 from tgserve.checkpoints.smollm2 import find_wheel
 from tgserve.core.gguf_source import GgufCheckpoint, GgufError
 from tgserve.core.layers.attention import TorchPagedAttention
@@ -156,14 +157,17 @@ def test_mixed_type_file_generates_transformers_greedy_ids(architecture, tmp_pat
         torch.testing.assert_close(torch.tensor([event.logprob for event in result.events]), expected_logprobs,
                                    rtol=0, atol=1e-4)
     placement = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("GGUF tensors"))
+    # The cpu backend's native kernels take Q4_0 / Q4_1 / Q8_0 where a compiler built them (else the
+    # reference: torch's own int4 op runs bf16 only, its int8 op per channel only).
+    int4, int8 = ("cpu-native-int4", "cpu-native-int8") if native_ops() is not None else ("reference", "reference")
     if architecture == "llama":
         assert placement == ("GGUF tensors: F16 x1 linear, dequantized to float32; Q4_0 x2 linear, dequantized to "
-                             "float32; Q4_0 x3 linear, int4 reference kernel; Q4_1 x2 linear, int4 reference kernel; "
+                             f"float32; Q4_0 x3 linear, int4 {int4} kernel; Q4_1 x2 linear, int4 {int4} kernel; "
                              "Q4_K x2 linear, dequantized to float32; Q5_0 x1 linear, dequantized to float32; "
                              "Q6_K x2 linear, dequantized to float32; Q8_0 x1 embedding, dequantized to float32; "
-                             "Q8_0 x1 linear, dequantized to float32; Q8_0 x1 linear, int8 reference kernel")
+                             f"Q8_0 x1 linear, dequantized to float32; Q8_0 x1 linear, int8 {int8} kernel")
     else:
-        assert "Q8_0 x1 embedding, dequantized to float32; Q8_0 x1 linear, int8 reference kernel" in placement
+        assert f"Q8_0 x1 embedding, dequantized to float32; Q8_0 x1 linear, int8 {int8} kernel" in placement
 
 
 def tiny(path: Path, architecture: str = "llama", extra: dict | None = None) -> Path:

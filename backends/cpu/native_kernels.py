@@ -1,0 +1,116 @@
+"""Builds native/weight_only_gemm.cpp at first use and loads it as torch.ops.tgserve_cpu.
+
+The build (torch.utils.cpp_extension with ninja, ~15 s of one core) happens once per machine: the
+library is cached under <cache_root>/<key>/, the key hashing the source, torch's version, the compiler
+flags and this CPU's model and flags, so a cache copied to (or shared with) another CPU kind is never
+loaded there: an -march=native binary would crash on a CPU without its instructions. Two processes
+starting at once (tests run servers in parallel) serialize on an flock of <key>/build.lock, which the
+kernel drops if its holder dies; the second finds the library built and only loads it.
+Every failure (no compiler, no ninja, a compile error, a library that does not load) is a
+NativeBuildError; the caller falls back to torch's ops and logs why.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tgserve.backends.cpu import host
+
+SOURCE = Path(__file__).with_name("native") / "weight_only_gemm.cpp"
+LIBRARY_NAME = "tgserve_weight_only"
+OPS_NAMESPACE = "tgserve_cpu"  # TORCH_LIBRARY(tgserve_cpu, ...) in the source
+# -march: the host's own ISA, or the portable AVX2 path (TGSERVE_CPU_ISA=avx2) CI uses on any CPU.
+MARCH = {"native": "native", "avx2": "haswell"}
+# fp-contract: C++20 mode would turn FMA contraction off. -fopenmp: at::parallel_for is an inline template
+# that runs serially unless compiled with OpenMP; linked so, the library shares torch's libgomp (the
+# soname torch already loaded), so it runs on torch's own pool and thread count.
+CFLAGS = ("-O3", "-ffp-contract=fast", "-Wno-psabi", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+
+
+class NativeBuildError(RuntimeError):
+    """The native kernels could not be built or loaded here; the message says why, in one line."""
+
+
+def cache_key(isa: str) -> str:
+    """Hex digest naming one build: source, torch, flags, and the CPU (model and instruction flags)."""
+    parts = (SOURCE.read_bytes(), torch.__version__.encode(), repr((MARCH[isa], CFLAGS, LDFLAGS)).encode(),
+             host.cpu_model_name().encode(), " ".join(sorted(host.cpu_flags())).encode())
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def load_ops(cache_root: Path, isa: str = "native"):
+    """torch.ops.tgserve_cpu with the library built for `isa` ("native" | "avx2"); builds it if needed.
+
+    Called once per process at engine load (never per step); raises NativeBuildError."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise NativeBuildError(f"no C++ compiler ({compiler!r} not found)")
+    _put_ninja_on_path()
+    build_dir = cache_root / cache_key(isa)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with _exclusive(build_dir / "build.lock"):
+            stale_baton = build_dir / "lock"  # cpp_extension's own lock, left behind by a killed build
+            stale_baton.unlink(missing_ok=True)
+            from torch.utils.cpp_extension import load
+
+            start = time.monotonic()
+            load(LIBRARY_NAME, [str(SOURCE)], extra_cflags=[f"-march={MARCH[isa]}", *CFLAGS],
+                 extra_ldflags=list(LDFLAGS),
+                 build_directory=str(build_dir), is_python_module=False, verbose=False)
+            build_s = time.monotonic() - start
+    except NativeBuildError:
+        raise
+    except (OSError, RuntimeError, ImportError, SystemExit) as error:  # cpp_extension raises these
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise NativeBuildError(f"build in {build_dir} failed: {reason}") from error
+    ops = getattr(torch.ops, OPS_NAMESPACE)
+    return ops, build_dir, build_s
+
+
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; the `ninja` wheel (a dependency) installs it beside the
+    venv's python, which is on PATH only in an activated venv, so add that folder (or the wheel's)."""
+    if shutil.which("ninja"):
+        return
+    folders = [str(Path(sys.executable).parent)]
+    try:
+        import ninja  # the wheel; its BIN_DIR holds the binary
+
+        folders.append(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    found = next((folder for folder in folders if shutil.which("ninja", path=folder)), None)
+    if found is None:
+        raise NativeBuildError("ninja not found (pip install ninja)")
+    os.environ["PATH"] = found + os.pathsep + os.environ.get("PATH", "")
+
+
+class _exclusive:
+    """An flock held for the `with` block: released by the kernel even if this process dies."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        import fcntl
+
+        self.file = open(self.path, "a+")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
