@@ -24,8 +24,8 @@ AT_LOAD_LAYOUTS = {"bitsandbytes-nf4": (4, 64), "eetq": (8, -1), "fp8": (8, -1)}
 # The others keep it float, as the reference tools do by default: transformers' bitsandbytes integration
 # (`get_keys_to_not_convert` skips the output embedding), llm-compressor's FP8 recipes (`ignore=["lm_head"]`),
 # vLLM's at-load fp8 (linear layers only). Measured on SmolLM2-135M (tied, 49152 x 576, the largest matrix):
-# NF4 on lm_head alone costs +11% perplexity, fp8 +1.2% (BENCHMARKS.md, quality). eetq keeps int8 on lm_head
-# (+0.04% in all, and the head is a third of the bytes a small model's decode step reads).
+# keeping it float took NF4 from +39% to +25.5% perplexity, fp8 from +2.9% to +1.8% (BENCHMARKS.md,
+# quality). eetq keeps int8 on lm_head (+0.03% in all; the head is a third of a small model's decode bytes).
 AT_LOAD_QUANTIZED_HEAD = ("eetq",)
 
 
