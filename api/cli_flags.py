@@ -36,7 +36,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag(("--quantize",), "quantize", str, "Weight quantization: eetq (int8 per output channel, quantized at "
          "load from a float checkpoint); gptq, awq (AutoAWQ GEMM int4) and compressed-tensors (llm-compressor "
          "pack-quantized / int-quantized) checkpoints, read as written; fp8 (e4m3: pre-quantized checkpoints, "
-         "or quantized at load per output channel); bitsandbytes-nf4 (4-bit NF4 at load, blocks of 64). "
+         "or quantized at load per output channel, lm_head float); bitsandbytes-nf4 (4-bit NF4 at load, blocks "
+         "of 64, lm_head float). "
          "Pre-quantized checkpoints are detected from config.json without the flag; TGI's other names are "
          "refused at start", TGI_QUANTIZE_METHODS),
     Flag(("--backend",), "backend", str, "Backend plugin to run on, or auto for the best usable one"),

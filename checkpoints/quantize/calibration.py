@@ -1,6 +1,14 @@
 """The calibration text of `tgserve quantize`: the user's own file (best: text like what they will serve)
-or `builtin`, English prose shipped in checkpoints/data/calibration_corpus.txt (not the text the
-quality benchmarks evaluate on), tokenized with the checkpoint's tokenizer into equal windows.
+or `builtin`, the English prose shipped in checkpoints/data: calibration_corpus.txt, then the demo model's
+training text demo_corpus.txt (neither is the held-out text the quality benchmark scores), tokenized with
+the checkpoint's tokenizer into equal windows.
+
+The reference tools calibrate on far more: AutoAWQ 128 windows of 512 tokens of pile-val, AutoGPTQ's
+examples 128 of 2048 of C4. On SmolLM2-135M, GPTQ 4-bit g128 act-order went from +28.6% perplexity with
+calibration_corpus.txt alone (2,003 tokens: 3 windows, fewer tokens than down_proj has inputs, so its
+Hessian was singular but for the dampening) to +25.4% with the demo corpus added (6,832 tokens, 13
+windows; both measured with transformers in bf16 on the held-out text); the user's own text, as much
+as they have, is better still.
 """
 from __future__ import annotations
 
@@ -13,7 +21,8 @@ from tokenizers import Tokenizer
 from tgserve.checkpoints.quantize.source import QuantizeRefused
 
 BUILTIN = "builtin"
-BUILTIN_PATH = Path(__file__).resolve().parent.parent / "data" / "calibration_corpus.txt"
+_DATA = Path(__file__).resolve().parent.parent / "data"
+BUILTIN_PATHS = (_DATA / "calibration_corpus.txt", _DATA / "demo_corpus.txt")  # in this order, joined
 # Fewer tokens than this and the Hessians / activation statistics of even a small model's layers
 # (hundreds of input features) are dominated by a handful of sentences.
 MIN_CALIBRATION_TOKENS = 512
@@ -30,14 +39,16 @@ class CalibrationSet:
 
 def read_calibration_text(spec: str) -> tuple[str, str]:
     """(text, source name) for `--calibration` FILE or `builtin`."""
-    path = BUILTIN_PATH if spec == BUILTIN else Path(spec)
+    if spec == BUILTIN:
+        return "\n\n".join(path.read_text(encoding="utf-8").strip() for path in BUILTIN_PATHS), BUILTIN
+    path = Path(spec)
     if not path.is_file():
         raise QuantizeRefused(f"calibration file {spec} does not exist (give a text file, or `builtin`)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise QuantizeRefused(f"calibration file {spec} is not UTF-8 text ({error.reason})") from None
-    return text, BUILTIN if spec == BUILTIN else str(path)
+    return text, str(path)
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer:

@@ -2,7 +2,8 @@
 
 Each output channel of W [out, in] becomes int8 with one scale, scale = absmax / 127, so
 W ~= q * scale[:, None]; activations stay in the run dtype; every linear layer is quantized, lm_head
-included. In the common affine form the codes are q + 128 with zero point 128 and one group per row.
+included (quant_config.AT_LOAD_QUANTIZED_HEAD). In the common affine form the codes are q + 128 with
+zero point 128 and one group per row.
 """
 from __future__ import annotations
 

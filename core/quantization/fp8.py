@@ -10,7 +10,8 @@ scales needs nothing special. `input_scale` (static activation scales for W8A8) 
 tgserve runs W8A16, activations stay in the run dtype.
 
 At load (`--quantize fp8` on a float checkpoint): each output channel gets scale = absmax / 448
-(e4m3's largest finite value) and W / scale is rounded to e4m3; every linear layer, lm_head included.
+(e4m3's largest finite value) and W / scale is rounded to e4m3; every linear layer but lm_head, which
+stays float as in llm-compressor's FP8 recipes and vLLM's at-load fp8 (quant_config.AT_LOAD_QUANTIZED_HEAD).
 
 The reference keeps the fp8 weight (1 byte per weight) and dequantizes it on every call; fp8 is not an
 affine integer code, so this method overrides `prepare` / `apply` rather than `to_affine`.

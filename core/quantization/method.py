@@ -32,10 +32,11 @@ class QuantizedLinearMethod(LinearMethod):
 
     def is_quantized_layer(self, prefixes: tuple[str, ...]) -> bool:
         """Whether the checkpoint layer(s) named `prefixes` ("model.layers.0.mlp.down_proj") hold this
-        format's tensors. Default: a float checkpoint quantized at load quantizes every layer; a
-        pre-quantized one every layer but lm_head and those its config lists as not converted."""
+        format's tensors. Default: a float checkpoint quantized at load quantizes every layer, lm_head
+        only where `quantization.is_lm_head_quantized` (eetq); a pre-quantized one every layer but
+        lm_head and those its config lists as not converted."""
         if not self.quantization.is_prequantized:
-            return True
+            return self.quantization.is_lm_head_quantized or "lm_head" not in prefixes
         skipped = self.quantization.checkpoint_config.get("modules_to_not_convert") or []
         return not any(name == "lm_head" or _listed(name, skipped) for name in prefixes)
 

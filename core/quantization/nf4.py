@@ -6,7 +6,8 @@ may be shorter, and blocks may straddle rows); each block keeps its absmax (floa
 becomes the index of the NF4 code nearest to value * (1 / absmax) (bitsandbytes multiplies by the
 reciprocal; on a tie the lower code), and two indices share a byte, the first in the high nibble.
 W = NF4[index] * absmax. Unlike TGI (compress_statistics=True) the absmax stay float32, not
-double-quantized. Every linear layer is quantized, lm_head included. The reference keeps the packed
+double-quantized. Every linear layer is quantized but lm_head, which stays float as transformers'
+bitsandbytes integration leaves it (quant_config.AT_LOAD_QUANTIZED_HEAD). The reference keeps the packed
 bytes (half a byte per weight) and dequantizes on every call.
 """
 from __future__ import annotations

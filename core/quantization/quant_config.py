@@ -20,6 +20,13 @@ _CHECKPOINT_METHODS = {"gptq": "gptq", "awq": "awq", "fp8": "fp8", "fbgemm_fp8":
 PREQUANTIZED_ONLY = ("gptq", "awq", "compressed-tensors")
 # (bits, group size) of the methods that quantize a float checkpoint at load.
 AT_LOAD_LAYOUTS = {"bitsandbytes-nf4": (4, 64), "eetq": (8, -1), "fp8": (8, -1)}
+# At-load methods that also quantize lm_head (and so, on a tied model, the output use of the embedding).
+# The others keep it float, as the reference tools do by default: transformers' bitsandbytes integration
+# (`get_keys_to_not_convert` skips the output embedding), llm-compressor's FP8 recipes (`ignore=["lm_head"]`),
+# vLLM's at-load fp8 (linear layers only). Measured on SmolLM2-135M (tied, 49152 x 576, the largest matrix):
+# keeping it float took NF4 from +39% to +25.5% perplexity, fp8 from +2.9% to +1.8% (BENCHMARKS.md,
+# quality). eetq keeps int8 on lm_head (+0.03% in all; the head is a third of a small model's decode bytes).
+AT_LOAD_QUANTIZED_HEAD = ("eetq",)
 
 
 class QuantizationError(ConfigError):
@@ -39,6 +46,12 @@ class QuantizationConfig:
     # checkpoint_format, config_groups, weight_block_size, modules_to_not_convert / ignore ...).
     checkpoint_config: dict = field(default_factory=dict)
 
+    @property
+    def is_lm_head_quantized(self) -> bool:
+        """Whether lm_head is quantized: at load, only by AT_LOAD_QUANTIZED_HEAD's methods; in a
+        pre-quantized checkpoint, never by tgserve's loaders (the format keeps it in float)."""
+        return not self.is_prequantized and self.method in AT_LOAD_QUANTIZED_HEAD
+
     def describe(self) -> str:
         """One phrase for the start-up log and /info: "gptq 4-bit, group size 128"."""
         parts = [self.method]
@@ -47,7 +60,9 @@ class QuantizationConfig:
         text = " ".join(parts)
         if self.group_size is not None:
             text += ", per output channel" if self.group_size == -1 else f", group size {self.group_size}"
-        return text if self.is_prequantized else text + " (quantized at load)"
+        if self.is_prequantized:
+            return text
+        return text + (" (quantized at load)" if self.is_lm_head_quantized else " (quantized at load, lm_head float)")
 
 
     def as_info(self) -> dict:

@@ -143,9 +143,10 @@ def test_quantize_at_load_per_output_channel():
     weight[7, 4] = weight[7].abs().max() * 0.011 / 448  # scales to 0.011: a subnormal (5.6 steps of 2**-9)
     quantization = resolve_quantization("fp8", {})
     assert (quantization.bits, quantization.group_size, quantization.is_prequantized) == (8, -1, False)
-    assert quantization.describe() == "fp8 8-bit, per output channel (quantized at load)"
+    assert quantization.describe() == "fp8 8-bit, per output channel (quantized at load, lm_head float)"
+    up = ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
     layer = Linear(40, [5, 7], False, Fp8LinearMethod(quantization, torch.float32, dense=LinearMethod()),
-                   torch.float32, CPU, prefixes=("lm_head", "lm_head"))  # at load, lm_head too
+                   torch.float32, CPU, prefixes=up)
     layer.load(0, "weight", weight[:5])
     layer.load(1, "weight", weight[5:])
     absmax = weight.double().abs().amax(dim=1, keepdim=True)

@@ -87,7 +87,7 @@ def test_layer_output_is_the_dequantized_weights_matmul(bias):
     b = torch.randn(24, generator=generator) if bias else None
     quantization = resolve_quantization("bitsandbytes-nf4", {})
     assert (quantization.bits, quantization.group_size, quantization.is_prequantized) == (4, 64, False)
-    assert quantization.describe() == "bitsandbytes-nf4 4-bit, group size 64 (quantized at load)"
+    assert quantization.describe() == "bitsandbytes-nf4 4-bit, group size 64 (quantized at load, lm_head float)"
     layer = linear_from_dense(Nf4LinearMethod(quantization, torch.float32, dense=LinearMethod()), weight, b)
     x = torch.randn(5, 40, generator=generator)
     _, _, expected_weight = brute_force_nf4(weight)
