@@ -273,7 +273,7 @@ def test_without_triton_the_reference_serves_with_one_log_line(plugin, monkeypat
 
 def test_eetq_engine_on_the_triton_int8_kernel_matches_the_reference(interpreted, demo_model_dir, monkeypatch):
     """`--quantize eetq` through the engine with every linear on the (interpreted) Triton int8 kernel:
-    the cpu backend is handed the Triton kernels in place of its own, so a real model runs them."""
+    the cpu backend is handed the Triton kernels in place of its own (native and aten), so a real model runs them."""
     from tgserve.backends.cpu import plugin as cpu_plugin
     from tgserve.core.layers.linear import Linear
 
@@ -282,6 +282,7 @@ def test_eetq_engine_on_the_triton_int8_kernel_matches_the_reference(interpreted
     prompts = [[1, 2, 3, 4], list(range(5, 30))]
     answers = {}
     for name, kernels in (("reference", ()), ("triton", interpreted.make_triton_kernels())):
+        monkeypatch.setattr(cpu_plugin, "make_native_kernels", lambda dtype, ops: ())
         monkeypatch.setattr(cpu_plugin, "make_weight_only_kernels", lambda dtype, kernels=kernels: kernels)
         with running_engine(demo_model_dir, quantize="eetq", dtype="float32") as engine:
             linears = [m for m in engine.runner.model.modules() if isinstance(m, Linear)]
