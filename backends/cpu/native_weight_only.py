@@ -128,6 +128,7 @@ def make_native_kernels(dtype: torch.dtype, ops, int8_activations: bool = True) 
     """The native kernels that answer like the reference for `dtype` runs here (none without `ops`)."""
     if ops is None or dtype not in DTYPES:
         return ()
+    int8_activations = int8_activations and dtype != torch.float32  # float32 stays exact (and says so in the log)
     return tuple(kernel for kernel in (NativeInt8Kernel(ops, int8_activations), NativeInt4Kernel(ops, int8_activations))
                  if is_usable(kernel.name, dtype, ops, int8_activations))
 
