@@ -72,7 +72,8 @@ class NativeWeightOnlyKernel(WeightOnlyKernel):
         self.ops = ops
         self.int8_activations = int8_activations and has_int8_activations(ops)
         # The start-up log's words for it: says when activations may be rounded to int8.
-        self.description = f"{self.name} (int8 activations at 2+ bf16/fp16 rows)" if self.int8_activations else self.name
+        self.description = (f"{self.name} (int8 activations at 2+ bf16/fp16 rows)" if self.int8_activations
+                            else self.name)
 
     def takes_bits(self, bits: int) -> bool:
         raise NotImplementedError

@@ -11,6 +11,8 @@
 // a decode batch reads the weight once per step, not once per sequence. Vectors are GCC vector
 // extensions: -march picks AVX-512 (one zmm per block) or AVX2 (two halves of one ymm), a plain build stays scalar.
 // Threads: torch's own pool (at::parallel_for) over blocks of output rows.
+// bf16 / fp16 at 2+ rows on an AVX512-VNNI build: activations rounded to int8 and integer dot products
+// (packed_gemm_int8 below); float32 always takes the exact float kernel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
