@@ -248,69 +248,75 @@ inline __m512i code_rows_to_lanes() {  // vpermb index: byte 4 r + i <- byte 16 
   return _mm512_load_si512(index);
 }
 
-// ROWS rows of quantized x times the 16 outputs of one block; y row stride ldy.
+// One 64-byte load of codes (4 code rows) into ROWS int32 accumulators; xt: the rows' quantized inputs there.
+template <int BITS, int ROWS>
+inline void dot_step(__m512i raw, const int8_t* xt, int64_t row_stride, __m512i permute, __m512i* isum) {
+  const __m512i lanes = _mm512_permutexvar_epi8(permute, raw);
+  if constexpr (BITS == 8) {
+    for (int m = 0; m < ROWS; ++m) {
+      int32_t xv;
+      std::memcpy(&xv, xt + m * row_stride, 4);
+      isum[m] = _mm512_dpbusd_epi32(isum[m], lanes, _mm512_set1_epi32(xv));
+    }
+  } else {
+    const __m512i low_mask = _mm512_set1_epi8(0x0F);
+    const __m512i low = _mm512_and_si512(lanes, low_mask);
+    const __m512i high = _mm512_and_si512(_mm512_srli_epi16(lanes, 4), low_mask);
+    for (int m = 0; m < ROWS; ++m) {
+      int32_t even, odd;
+      std::memcpy(&even, xt + m * row_stride, 4);
+      std::memcpy(&odd, xt + m * row_stride + 4, 4);
+      isum[m] = _mm512_dpbusd_epi32(isum[m], low, _mm512_set1_epi32(even));
+      isum[m] = _mm512_dpbusd_epi32(isum[m], high, _mm512_set1_epi32(odd));
+    }
+  }
+}
+
+// ROWS rows of quantized x (from row m0) times the 16 outputs of one block; y row stride ldy.
 template <int BITS, int ROWS>
 void block_rows_int8(const Int8Activations& a, int64_t m0, const uint8_t* codes, const float* scales,
                      const float* shifts, int64_t K, int64_t group_size, const float* bias, float* y, int64_t ldy,
                      int64_t num_valid) {
   constexpr int64_t STEP = BITS == 8 ? 4 : 8;  // inputs per 64-byte load of codes
   const __m512i permute = code_rows_to_lanes();
-  const __m512i low_mask = _mm512_set1_epi8(0x0F);
-  const int64_t row_stride = a.num_groups * a.padded_group;
+  // Locals, not a's fields: int8_t stores may alias anything, so the compiler would reload them per step.
+  const int64_t num_groups = a.num_groups, padded_group = a.padded_group, blocks_per_group = a.blocks_per_group;
+  const int64_t row_stride = num_groups * padded_group;
   const int8_t* xq = a.q.data() + m0 * row_stride;
+  const float* x_scales = a.scales.data() + m0 * num_groups * blocks_per_group;
+  const float* x_sums = a.sums.data() + m0 * num_groups;
   __m512 acc[ROWS];
   for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < a.num_groups; ++g) {
-    const int64_t k_begin = g * group_size, k_end = std::min(k_begin + group_size, K);
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const int64_t k_begin = g * group_size, group_end = std::min(k_begin + group_size, K) - k_begin;
     __m512 part[ROWS];
     for (int m = 0; m < ROWS; ++m) part[m] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < a.blocks_per_group; ++b) {
-      const int64_t t_begin = b * ACT_BLOCK;
-      const int64_t t_end = std::min(t_begin + ACT_BLOCK, k_end - k_begin);
-      if (t_begin >= t_end) break;
+    for (int64_t b = 0; b < blocks_per_group && b * ACT_BLOCK < group_end; ++b) {
+      const int64_t t_end = std::min((b + 1) * ACT_BLOCK, group_end);
       __m512i isum[ROWS];
       for (int m = 0; m < ROWS; ++m) isum[m] = _mm512_setzero_si512();
-      for (int64_t t = t_begin; t < t_end; t += STEP) {
-        const int64_t k = k_begin + t;
-        const uint8_t* p = codes + (BITS == 8 ? k : k / 2) * BLOCK_N;
-        const int64_t left = t_end - t;  // inputs left in the block; a partial step loads only its bytes
-        __m512i raw;
-        if (left >= STEP) {
-          raw = _mm512_loadu_si512(p);
-        } else {
-          const int64_t bytes = (BITS == 8 ? left : (left + 1) / 2) * BLOCK_N;
-          raw = _mm512_maskz_loadu_epi8(bytes >= 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1, p);
-        }
-        const __m512i lanes = _mm512_permutexvar_epi8(permute, raw);
-        const int8_t* xt = xq + g * a.padded_group + t;
-        if constexpr (BITS == 8) {
-          for (int m = 0; m < ROWS; ++m) {
-            int32_t xv;
-            std::memcpy(&xv, xt + m * row_stride, 4);
-            isum[m] = _mm512_dpbusd_epi32(isum[m], lanes, _mm512_set1_epi32(xv));
-          }
-        } else {
-          const __m512i low = _mm512_and_si512(lanes, low_mask);
-          const __m512i high = _mm512_and_si512(_mm512_srli_epi16(lanes, 4), low_mask);
-          for (int m = 0; m < ROWS; ++m) {
-            int32_t even, odd;
-            std::memcpy(&even, xt + m * row_stride, 4);
-            std::memcpy(&odd, xt + m * row_stride + 4, 4);
-            isum[m] = _mm512_dpbusd_epi32(isum[m], low, _mm512_set1_epi32(even));
-            isum[m] = _mm512_dpbusd_epi32(isum[m], high, _mm512_set1_epi32(odd));
-          }
-        }
+      const uint8_t* p = codes + (BITS == 8 ? k_begin : k_begin / 2) * BLOCK_N;
+      const int8_t* xt = xq + g * padded_group;
+      int64_t t = b * ACT_BLOCK;
+      for (; t + STEP <= t_end; t += STEP)
+        dot_step<BITS, ROWS>(_mm512_loadu_si512(p + (BITS == 8 ? t : t / 2) * BLOCK_N), xt + t, row_stride,
+                             permute, isum);
+      if (t < t_end) {  // the group's last inputs: load only their bytes (the activations past them are 0)
+        const int64_t bytes = (BITS == 8 ? t_end - t : (t_end - t + 1) / 2) * BLOCK_N;  // 16 to 64
+        const __mmask64 mask = bytes >= 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
+        dot_step<BITS, ROWS>(_mm512_maskz_loadu_epi8(mask, p + (BITS == 8 ? t : t / 2) * BLOCK_N), xt + t,
+                             row_stride, permute, isum);
       }
       for (int m = 0; m < ROWS; ++m) {
-        const float xs = a.scales[((m0 + m) * a.num_groups + g) * a.blocks_per_group + b];
-        part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_set1_ps(xs), part[m]);
+        const __m512 xs = _mm512_set1_ps(x_scales[(m * num_groups + g) * blocks_per_group + b]);
+        part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), xs, part[m]);
       }
     }
     const __m512 scale = _mm512_loadu_ps(scales + g * BLOCK_N);
     const __m512 shift = _mm512_loadu_ps(shifts + g * BLOCK_N);
     for (int m = 0; m < ROWS; ++m) {
       acc[m] = _mm512_fmadd_ps(part[m], scale, acc[m]);
-      acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(a.sums[(m0 + m) * a.num_groups + g]), shift, acc[m]);
+      acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(x_sums[m * num_groups + g]), shift, acc[m]);
     }
   }
   for (int m = 0; m < ROWS; ++m) {
