@@ -5,6 +5,10 @@ int8 or bf16/fp16 int4 only, the native GEMM dequantizes each block of 16 output
 multiplies it into every row of the step, for any group size (GGUF's 32 included), zeros, and
 float32 / bf16 / fp16 activations. Above MAX_PACKED_ROWS rows (a prefill) it dequantizes 512 output
 rows at a time into the run dtype and calls torch's GEMM on each tile.
+bf16 / fp16 runs at 2+ rows take int8 activations where the library was built with AVX512-VNNI
+(has_int8_activations): x rounded to 8 bits per 32 inputs, integer dot products with the codes
+(a decode batch was FMA-bound, slower than oneDNN's AMX bf16 GEMM). float32 runs never do, so they
+stay exact. `int8_activations=False` turns it off (the plugin's TGSERVE_CPU_INT8_ACTIVATIONS=0).
 """
 from __future__ import annotations
 
@@ -26,9 +30,11 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class NativePacked:
     """What `apply` reads: the packed codes, per-group scale and shift, and the layer's extras."""
 
-    __slots__ = ("ops", "codes", "scales", "shifts", "bias", "input_perm", "bits", "group_size", "out_features")
+    __slots__ = ("ops", "codes", "scales", "shifts", "bias", "input_perm", "bits", "group_size", "out_features",
+                 "int8_activations")
 
-    def __init__(self, ops, codes, scales, shifts, bias, input_perm, bits, group_size, out_features):
+    def __init__(self, ops, codes, scales, shifts, bias, input_perm, bits, group_size, out_features,
+                 int8_activations):
         self.ops = ops  # torch.ops.tgserve_cpu of the loaded library
         self.codes = codes  # uint8 [N / 16, K or ceil(K / 2), 16]
         self.scales = scales  # float32 [N / 16, num_groups, 16]
@@ -38,6 +44,7 @@ class NativePacked:
         self.bits = bits  # 8, or at most 4
         self.group_size = group_size  # inputs per group
         self.out_features = out_features  # N
+        self.int8_activations = int8_activations  # may round x to int8 (bf16 / fp16 at 2+ rows)
 
 
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -61,8 +68,12 @@ def pack_groups(values: torch.Tensor) -> torch.Tensor:
 class NativeWeightOnlyKernel(WeightOnlyKernel):
     """Base of the two native kernels; `ops` is torch.ops.tgserve_cpu once the library is loaded."""
 
-    def __init__(self, ops):
+    def __init__(self, ops, int8_activations: bool = True):
         self.ops = ops
+        self.int8_activations = int8_activations and has_int8_activations(ops)
+        # The start-up log's words for it: says when activations may be rounded to int8.
+        self.description = (f"{self.name} (int8 activations at 2+ bf16/fp16 rows)" if self.int8_activations
+                            else self.name)
 
     def takes_bits(self, bits: int) -> bool:
         raise NotImplementedError
@@ -77,7 +88,8 @@ class NativeWeightOnlyKernel(WeightOnlyKernel):
         scales = weight.scales.float()
         return NativePacked(self.ops, pack_codes(weight.q.to(torch.uint8), weight.bits), pack_groups(scales),
                             pack_groups(-weight.zeros.float() * scales), weight.bias, weight.input_perm,
-                            weight.bits, group_size, weight.out_features)
+                            weight.bits, group_size, weight.out_features,
+                            self.int8_activations and dtype != torch.float32)
 
     def apply(self, prepared: NativePacked, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -85,7 +97,7 @@ class NativeWeightOnlyKernel(WeightOnlyKernel):
             rows = rows.index_select(-1, prepared.input_perm)
         y = prepared.ops.weight_only_linear(rows, prepared.codes, prepared.scales, prepared.shifts, prepared.bias,
                                             prepared.bits, prepared.group_size, prepared.out_features,
-                                            MAX_PACKED_ROWS)
+                                            MAX_PACKED_ROWS, prepared.int8_activations)
         return y.reshape(*x.shape[:-1], prepared.out_features)
 
 
@@ -107,18 +119,26 @@ class NativeInt4Kernel(NativeWeightOnlyKernel):
         return bits <= 4
 
 
-def make_native_kernels(dtype: torch.dtype, ops) -> tuple[WeightOnlyKernel, ...]:
+def has_int8_activations(ops) -> bool:
+    """Whether the loaded library has the int8-activation path (built for a CPU with AVX512-VNNI)."""
+    has = getattr(ops, "has_int8_activations", None)
+    return bool(has()) if has is not None else False
+
+
+def make_native_kernels(dtype: torch.dtype, ops, int8_activations: bool = True) -> tuple[WeightOnlyKernel, ...]:
     """The native kernels that answer like the reference for `dtype` runs here (none without `ops`)."""
     if ops is None or dtype not in DTYPES:
         return ()
-    return tuple(kernel for kernel in (NativeInt8Kernel(ops), NativeInt4Kernel(ops))
-                 if is_usable(kernel.name, dtype, ops))
+    int8_activations = int8_activations and dtype != torch.float32  # float32 stays exact (and says so in the log)
+    return tuple(kernel for kernel in (NativeInt8Kernel(ops, int8_activations), NativeInt4Kernel(ops, int8_activations))
+                 if is_usable(kernel.name, dtype, ops, int8_activations))
 
 
 @functools.cache
-def is_usable(kernel_name: str, dtype: torch.dtype, ops) -> bool:
-    """The start-up probe (weight_only.matches_reference), once per kernel, dtype and library."""
-    kernel = {NativeInt8Kernel.name: NativeInt8Kernel, NativeInt4Kernel.name: NativeInt4Kernel}[kernel_name](ops)
+def is_usable(kernel_name: str, dtype: torch.dtype, ops, int8_activations: bool = True) -> bool:
+    """The start-up probe (weight_only.matches_reference), once per kernel, dtype, library and path."""
+    kernel = {NativeInt8Kernel.name: NativeInt8Kernel,
+              NativeInt4Kernel.name: NativeInt4Kernel}[kernel_name](ops, int8_activations)
     try:
         return matches_reference(kernel, dtype, 8 if isinstance(kernel, NativeInt8Kernel) else 4)
     except RuntimeError:  # the library refused its own inputs: a bug, but not a reason to stop serving

@@ -3,7 +3,8 @@
 Runs the core's torch model code; its own contributions are thread settings, a memory budget that
 leaves the machine responsive, oneDNN-packed linear layers, and the dtype this CPU runs fastest.
 `TGSERVE_CPU_ISA` (auto | avx2) is read once, by `cpu_kernels`, on the first hook call;
-`TGSERVE_CPU_NATIVE_KERNELS` (1 | 0) and `XDG_CACHE_HOME` once, by `native_ops`, at the first quantized load.
+`TGSERVE_CPU_NATIVE_KERNELS` (1 | 0) and `XDG_CACHE_HOME` once, by `native_ops`, at the first quantized load;
+`TGSERVE_CPU_INT8_ACTIVATIONS` (1 | 0) at each quantized load, by `tgserve_make_linear_method`.
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def cpu_kernels() -> CpuKernels:
 
 
 NATIVE_ENV = "TGSERVE_CPU_NATIVE_KERNELS"  # "0" turns the native weight-only kernels off
+# "0" keeps bf16 / fp16 activations unrounded in the native kernels (native_weight_only.py) at any batch
+INT8_ACTIVATIONS_ENV = "TGSERVE_CPU_INT8_ACTIVATIONS"
 
 
 @functools.cache
@@ -169,8 +172,11 @@ def tgserve_make_linear_method(quantize, dtype, device, quantization):
         return dense
     weight_kernels = ()
     if isinstance(dtype, torch.dtype):
-        weight_kernels = make_native_kernels(dtype, native_ops()) + make_weight_only_kernels(dtype)
-    log.info("weight-only kernels for %s: %s", dtype, ", ".join(k.name for k in (*weight_kernels, ReferenceKernel())))
+        int8_activations = os.environ.get(INT8_ACTIVATIONS_ENV, "1") != "0"
+        weight_kernels = (make_native_kernels(dtype, native_ops(), int8_activations)
+                          + make_weight_only_kernels(dtype))
+    log.info("weight-only kernels for %s: %s", dtype,
+             ", ".join(getattr(k, "description", k.name) for k in (*weight_kernels, ReferenceKernel())))
     return make_quantized_method(quantization, dtype, dense=dense or LinearMethod(), kernels=weight_kernels)
 
 

@@ -3,6 +3,7 @@ its routing (offered before torch's ops; GGUF Q8_0 / Q4_0 / Q4_1 land on it), an
 that fails leaves torch's op kernels serving, with one log line saying why."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import subprocess
@@ -14,9 +15,10 @@ import torch
 
 from tgserve.backends.cpu import native_kernels, plugin
 from tgserve.backends.cpu.native_kernels import NativeBuildError
-from tgserve.backends.cpu.native_weight_only import MAX_PACKED_ROWS, NativeInt4Kernel, NativeInt8Kernel
+from tgserve.backends.cpu.native_weight_only import (MAX_PACKED_ROWS, NativeInt4Kernel, NativeInt8Kernel,
+                                                    has_int8_activations, is_usable)
 from tgserve.core.quantization.quant_config import QuantizationConfig
-from tgserve.core.quantization.weight_only import AffineQuantizedWeight, prepare_with
+from tgserve.core.quantization.weight_only import AffineQuantizedWeight, ReferenceKernel, prepare_with
 
 from .test_cpu_quantized_kernels import assert_matches_reference
 
@@ -75,6 +77,82 @@ def test_ragged_last_group_and_large_layer(ops, bits):
     for num_rows in (1, 8, 40):
         assert_matches_reference(kernel, ragged, torch.float32, (num_rows,))
         assert_matches_reference(kernel, large, torch.bfloat16, (num_rows,))
+
+
+# int8 activations (bf16 / fp16 at 2..MAX_PACKED_ROWS rows on an AVX512-VNNI build) against the exact float32
+# result. Each x is rounded to 8 bits per 32 inputs: an element's error is at most absmax / 254 of its
+# block, ~0.4% of a Gaussian row's scale; summed over K inputs with random signs, an output's error is
+# ~0.3% of the outputs' rms (measured up to ~1%), and of their max (~3x the rms) less. bf16 rounding of x and
+# y alone gives ~0.3% (2^-9 per element); the bounds keep the probe's 2e-2 of the max and add an rms bound.
+INT8_ACTIVATIONS_MAX_ERROR = 2e-2  # of the exact output's largest magnitude (matches_reference's bf16 bound)
+INT8_ACTIVATIONS_RMS_ERROR = 1.5e-2  # of the exact output's rms
+
+
+@pytest.fixture(scope="module")
+def vnni_ops(ops):
+    if not has_int8_activations(ops):
+        pytest.skip("int8 activations need a CPU with AVX512-VNNI, AVX512BW and AVX512-VBMI (Sapphire Rapids, Zen 4/5)")
+    return ops
+
+
+def exact_output(weight: AffineQuantizedWeight, x: torch.Tensor) -> torch.Tensor:
+    """The reference in float32 for bf16 x: x as given, the weight and bias unrounded."""
+    weight = dataclasses.replace(weight, bias=None if weight.bias is None else weight.bias.float())
+    return ReferenceKernel().apply(ReferenceKernel().prepare(weight, torch.float32), x.float())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("symmetric", [True, False])  # False: asymmetric zeros, an input permutation, a bias
+def test_int8_activations_stay_within_activation_rounding_of_the_exact_result(vnni_ops, bits, group_size, symmetric):
+    in_features = 95 if group_size == -1 else 256  # per channel over an odd K: partial last loads (97 above)
+    weight = affine_weight(40, in_features, bits, in_features if group_size == -1 else group_size,
+                           symmetric=symmetric, dtype=torch.bfloat16)  # 40 outputs: a ragged last block
+    kernel_class = NativeInt8Kernel if bits == 8 else NativeInt4Kernel
+    kernel, plain = kernel_class(vnni_ops), kernel_class(vnni_ops, int8_activations=False)
+    assert "int8 activations" in kernel.description and plain.description == plain.name
+    prepared, plain_prepared = kernel.prepare(weight, torch.bfloat16), plain.prepare(weight, torch.bfloat16)
+    generator = torch.Generator().manual_seed(2)
+    for num_rows in (2, 8, 33):
+        x = torch.randn(num_rows, in_features, generator=generator).to(torch.bfloat16)
+        with torch.no_grad():
+            y = kernel.apply(prepared, x)
+            unrounded = plain.apply(plain_prepared, x)
+        exact = exact_output(weight, x)
+        error = y.float() - exact
+        assert y.dtype == torch.bfloat16 and y.shape == (num_rows, 40)
+        assert error.abs().max() <= INT8_ACTIVATIONS_MAX_ERROR * exact.abs().max()
+        assert error.pow(2).mean().sqrt() <= INT8_ACTIVATIONS_RMS_ERROR * exact.pow(2).mean().sqrt()
+        if num_rows <= MAX_PACKED_ROWS:  # the int8 path ran (it rounds x, so its answer differs)
+            assert not torch.equal(y, unrounded)
+        else:  # a prefill's tiles never round x
+            assert torch.equal(y, unrounded)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_float32_and_single_rows_never_take_int8_activations(vnni_ops, bits):
+    """float32 is the project's exactness oracle: the same bits with the path on and off; so is one bf16 row."""
+    weight = affine_weight(40, 256, bits, 32, symmetric=False, dtype=torch.float32)
+    kernel_class = NativeInt8Kernel if bits == 8 else NativeInt4Kernel
+    kernel, plain = kernel_class(vnni_ops), kernel_class(vnni_ops, int8_activations=False)
+    for dtype, rows in ((torch.float32, (1, 2, 8)), (torch.bfloat16, (1,))):
+        on, off = kernel.prepare(weight, dtype), plain.prepare(weight, dtype)
+        for num_rows in rows:
+            x = torch.randn(num_rows, 256, generator=torch.Generator().manual_seed(num_rows)).to(dtype)
+            assert torch.equal(kernel.apply(on, x), plain.apply(off, x))
+
+
+def test_int8_activations_pass_the_start_up_probe_and_can_be_turned_off(vnni_ops, monkeypatch, caplog):
+    for name in (NativeInt8Kernel.name, NativeInt4Kernel.name):
+        assert is_usable(name, torch.bfloat16, vnni_ops, True)
+    with caplog.at_level(logging.INFO, logger="tgserve.backends.cpu.plugin"):
+        quantized_method(torch.bfloat16)
+        monkeypatch.setenv(plugin.INT8_ACTIVATIONS_ENV, "0")
+        kernels = quantized_method(torch.bfloat16).kernels
+    lines = [r.getMessage() for r in caplog.records if "weight-only kernels for" in r.getMessage()]
+    assert "cpu-native-int4 (int8 activations" in lines[0] and "int8 activations" not in lines[1]
+    assert not any(getattr(kernel, "int8_activations", False) for kernel in quantized_method(torch.float32).kernels)
+    assert not any(getattr(kernel, "int8_activations", False) for kernel in kernels)
 
 
 def test_native_kernels_decline_what_they_cannot_take(ops):

@@ -11,11 +11,14 @@
 // a decode batch reads the weight once per step, not once per sequence. Vectors are GCC vector
 // extensions: -march picks AVX-512 (one zmm per block) or AVX2 (two halves of one ymm), a plain build stays scalar.
 // Threads: torch's own pool (at::parallel_for) over blocks of output rows.
+// bf16 / fp16 at 2+ rows on an AVX512-VNNI build: activations rounded to int8 and integer dot products
+// (packed_gemm_int8 below); float32 always takes the exact float kernel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -174,6 +177,243 @@ void block_all_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, 
 #undef TGSERVE_BLOCK_ROWS
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#define TGSERVE_INT8_ACTIVATIONS 1
+// bf16 / fp16 runs at 2+ rows (a decode batch): each row of x quantized to int8 per ACT_BLOCK inputs
+// (symmetric, scale = absmax / 127), then integer dot products with the codes as they are (u8 x s8 -> s32,
+// _mm512_dpbusd_epi32: 4 inputs per lane per instruction, against 1 per FMA above), as llama.cpp does
+// with its Q8 activations. W = q * scale + shift still factors per group: acc += sum_b(isum_b * xscale_b)
+// * scale + xsum * shift, xsum the group's sum of the dequantized (rounded) activations, so the result is
+// exactly x' @ W^T for x' = x rounded to 8 bits per block (the fp32 kernel above stays exact; float32
+// runs never come here).
+// Layout: the 64 bytes of 4 code rows (int8: inputs k..k+3; int4: byte rows j..j+3, inputs 2j..2j+7) hold
+// [row][output]; one vpermb turns them into [output][row], the 4 bytes dpbusd sums per output lane.
+// For int4 the low nibbles then hold inputs 2j, 2j+2, 2j+4, 2j+6 and the high ones the odd inputs, so the
+// quantized activations are stored in that order per 8 inputs (evens, then odds).
+constexpr int64_t ACT_BLOCK = 32;  // inputs per activation scale (llama.cpp's Q8_0 block)
+
+struct Int8Activations {
+  std::vector<int8_t> q;        // [M, num_groups * padded_group]: per group, zero-padded to ACT_BLOCK
+  std::vector<float> scales;    // [M, num_groups * blocks_per_group]
+  std::vector<float> sums;      // [M, num_groups]: sum of the dequantized activations of each group
+  int64_t padded_group, blocks_per_group, num_groups;
+};
+
+// Position of input t of a group (t from the group's start) in the quantized row: int4 reorders each
+// 8 inputs to evens then odds (see above); int8 keeps them in order.
+template <int BITS>
+inline int64_t act_position(int64_t t) {
+  if constexpr (BITS == 8) return t;
+  return (t & ~int64_t{7}) + ((t & 1) ? 4 : 0) + ((t & 7) >> 1);
+}
+
+template <int BITS>
+Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64_t group_size, int64_t num_groups) {
+  Int8Activations a;
+  a.num_groups = num_groups;
+  a.padded_group = (group_size + ACT_BLOCK - 1) / ACT_BLOCK * ACT_BLOCK;
+  a.blocks_per_group = a.padded_group / ACT_BLOCK;
+  a.q.assign(M * num_groups * a.padded_group, 0);
+  a.scales.assign(M * num_groups * a.blocks_per_group, 0.0f);
+  a.sums.assign(M * num_groups, 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < num_groups; ++g) {
+      const int64_t k_begin = g * group_size, k_end = std::min(k_begin + group_size, K);
+      int8_t* q = a.q.data() + (m * num_groups + g) * a.padded_group;
+      float group_sum = 0.0f;
+      for (int64_t b = 0; b < a.blocks_per_group; ++b) {
+        const int64_t t_begin = b * ACT_BLOCK, t_end = std::min(t_begin + ACT_BLOCK, k_end - k_begin);
+        if (t_end - t_begin == ACT_BLOCK) {  // a whole block in vectors (a batch's rows were 10% of a layer)
+          const float* xb = x + m * K + k_begin + t_begin;
+          const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+          const float absmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+          const __m512 inverse = _mm512_set1_ps(absmax > 0.0f ? 127.0f / absmax : 0.0f);
+          // cvtps rounds to nearest even, as nearbyint below does.
+          const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inverse));
+          const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inverse));
+          __m256i bytes = _mm256_set_m128i(_mm512_cvtsepi32_epi8(q1), _mm512_cvtsepi32_epi8(q0));
+          if constexpr (BITS != 8) {  // evens then odds within each 8 inputs (act_position)
+            const __m256i order = _mm256_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
+                                                   0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+            bytes = _mm256_shuffle_epi8(bytes, order);
+          }
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + t_begin), bytes);
+          const float scale = absmax / 127.0f;
+          a.scales[(m * num_groups + g) * a.blocks_per_group + b] = scale;
+          group_sum += static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1))) * scale;
+          continue;
+        }
+        float absmax = 0.0f;
+        for (int64_t t = t_begin; t < t_end; ++t) absmax = std::max(absmax, std::abs(x[m * K + k_begin + t]));
+        const float scale = absmax / 127.0f;
+        const float inverse = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+        int32_t block_sum = 0;
+        for (int64_t t = t_begin; t < t_end; ++t) {
+          const int32_t v = static_cast<int32_t>(std::nearbyint(x[m * K + k_begin + t] * inverse));
+          q[act_position<BITS>(t)] = static_cast<int8_t>(v);
+          block_sum += v;
+        }
+        a.scales[(m * num_groups + g) * a.blocks_per_group + b] = scale;
+        group_sum += static_cast<float>(block_sum) * scale;
+      }
+      a.sums[m * num_groups + g] = group_sum;
+    }
+  }
+  return a;
+}
+
+inline __m512i code_rows_to_lanes() {  // vpermb index: byte 4 r + i <- byte 16 i + r
+  alignas(64) uint8_t index[64];
+  for (int o = 0; o < 64; ++o) index[o] = static_cast<uint8_t>((o % 4) * 16 + o / 4);
+  return _mm512_load_si512(index);
+}
+
+// One 64-byte load of codes (4 code rows) into ROWS int32 accumulators; xt: the rows' quantized inputs there.
+template <int BITS, int ROWS>
+inline void dot_step(__m512i raw, const int8_t* xt, int64_t row_stride, __m512i permute, __m512i* isum) {
+  const __m512i lanes = _mm512_permutexvar_epi8(permute, raw);
+  if constexpr (BITS == 8) {
+    for (int m = 0; m < ROWS; ++m) {
+      int32_t xv;
+      std::memcpy(&xv, xt + m * row_stride, 4);
+      isum[m] = _mm512_dpbusd_epi32(isum[m], lanes, _mm512_set1_epi32(xv));
+    }
+  } else {
+    const __m512i low_mask = _mm512_set1_epi8(0x0F);
+    const __m512i low = _mm512_and_si512(lanes, low_mask);
+    const __m512i high = _mm512_and_si512(_mm512_srli_epi16(lanes, 4), low_mask);
+    for (int m = 0; m < ROWS; ++m) {
+      int32_t even, odd;
+      std::memcpy(&even, xt + m * row_stride, 4);
+      std::memcpy(&odd, xt + m * row_stride + 4, 4);
+      isum[m] = _mm512_dpbusd_epi32(isum[m], low, _mm512_set1_epi32(even));
+      isum[m] = _mm512_dpbusd_epi32(isum[m], high, _mm512_set1_epi32(odd));
+    }
+  }
+}
+
+// ROWS rows of quantized x (from row m0) times the 16 outputs of one block; y row stride ldy.
+template <int BITS, int ROWS>
+void block_rows_int8(const Int8Activations& a, int64_t m0, const uint8_t* codes, const float* scales,
+                     const float* shifts, int64_t K, int64_t group_size, const float* bias, float* y, int64_t ldy,
+                     int64_t num_valid) {
+  constexpr int64_t STEP = BITS == 8 ? 4 : 8;  // inputs per 64-byte load of codes
+  const __m512i permute = code_rows_to_lanes();
+  // Locals, not a's fields: int8_t stores may alias anything, so the compiler would reload them per step.
+  const int64_t num_groups = a.num_groups, padded_group = a.padded_group, blocks_per_group = a.blocks_per_group;
+  const int64_t row_stride = num_groups * padded_group;
+  const int8_t* xq = a.q.data() + m0 * row_stride;
+  const float* x_scales = a.scales.data() + m0 * num_groups * blocks_per_group;
+  const float* x_sums = a.sums.data() + m0 * num_groups;
+  __m512 acc[ROWS];
+  for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const int64_t k_begin = g * group_size, group_end = std::min(k_begin + group_size, K) - k_begin;
+    __m512 part[ROWS];
+    for (int m = 0; m < ROWS; ++m) part[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks_per_group && b * ACT_BLOCK < group_end; ++b) {
+      const int64_t t_end = std::min((b + 1) * ACT_BLOCK, group_end);
+      __m512i isum[ROWS];
+      for (int m = 0; m < ROWS; ++m) isum[m] = _mm512_setzero_si512();
+      const uint8_t* p = codes + (BITS == 8 ? k_begin : k_begin / 2) * BLOCK_N;
+      const int8_t* xt = xq + g * padded_group;
+      int64_t t = b * ACT_BLOCK;
+      for (; t + STEP <= t_end; t += STEP)
+        dot_step<BITS, ROWS>(_mm512_loadu_si512(p + (BITS == 8 ? t : t / 2) * BLOCK_N), xt + t, row_stride,
+                             permute, isum);
+      if (t < t_end) {  // the group's last inputs: load only their bytes (the activations past them are 0)
+        const int64_t bytes = (BITS == 8 ? t_end - t : (t_end - t + 1) / 2) * BLOCK_N;  // 16 to 64
+        const __mmask64 mask = bytes >= 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
+        dot_step<BITS, ROWS>(_mm512_maskz_loadu_epi8(mask, p + (BITS == 8 ? t : t / 2) * BLOCK_N), xt + t,
+                             row_stride, permute, isum);
+      }
+      for (int m = 0; m < ROWS; ++m) {
+        const __m512 xs = _mm512_set1_ps(x_scales[(m * num_groups + g) * blocks_per_group + b]);
+        part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), xs, part[m]);
+      }
+    }
+    const __m512 scale = _mm512_loadu_ps(scales + g * BLOCK_N);
+    const __m512 shift = _mm512_loadu_ps(shifts + g * BLOCK_N);
+    for (int m = 0; m < ROWS; ++m) {
+      acc[m] = _mm512_fmadd_ps(part[m], scale, acc[m]);
+      acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(x_sums[m * num_groups + g]), shift, acc[m]);
+    }
+  }
+  for (int m = 0; m < ROWS; ++m) {
+    alignas(64) float out[BLOCK_N];
+    _mm512_store_ps(out, acc[m]);
+    for (int64_t r = 0; r < num_valid; ++r) y[m * ldy + r] = out[r] + (bias ? bias[r] : 0.0f);
+  }
+}
+
+template <int BITS>
+void block_all_rows_int8(const Int8Activations& a, int64_t M, int64_t K, const uint8_t* codes, const float* scales,
+                         const float* shifts, int64_t group_size, const float* bias, float* y, int64_t N,
+                         int64_t num_valid) {
+  int64_t m = 0;
+#define TGSERVE_BLOCK_ROWS_INT8(R) \
+  block_rows_int8<BITS, R>(a, m, codes, scales, shifts, K, group_size, bias, y + m * N, N, num_valid)
+  for (; m + MAX_ROWS <= M; m += MAX_ROWS) TGSERVE_BLOCK_ROWS_INT8(MAX_ROWS);
+  switch (M - m) {
+    case 1: TGSERVE_BLOCK_ROWS_INT8(1); break;
+    case 2: TGSERVE_BLOCK_ROWS_INT8(2); break;
+    case 3: TGSERVE_BLOCK_ROWS_INT8(3); break;
+    case 4: TGSERVE_BLOCK_ROWS_INT8(4); break;
+    case 5: TGSERVE_BLOCK_ROWS_INT8(5); break;
+    case 6: TGSERVE_BLOCK_ROWS_INT8(6); break;
+    case 7: TGSERVE_BLOCK_ROWS_INT8(7); break;
+    default: break;
+  }
+#undef TGSERVE_BLOCK_ROWS_INT8
+}
+
+// y [M, N] (float) for x [M, K] (float, from bf16 / fp16): activations to int8, then the VNNI kernel.
+at::Tensor packed_gemm_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                            const at::Tensor& shifts, const c10::optional<at::Tensor>& bias, int64_t bits,
+                            int64_t group_size, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t num_blocks = codes.size(0);
+  const int64_t block_bytes = codes.size(1) * BLOCK_N;
+  const int64_t num_groups = scales.size(1);
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const Int8Activations a = bits == 8 ? quantize_activations<8>(x.data_ptr<float>(), M, K, group_size, num_groups)
+                                      : quantize_activations<4>(x.data_ptr<float>(), M, K, group_size, num_groups);
+  const uint8_t* code_data = codes.data_ptr<uint8_t>();
+  const float* scale_data = scales.data_ptr<float>();
+  const float* shift_data = shifts.data_ptr<float>();
+  const float* bias_data = bias ? bias->data_ptr<float>() : nullptr;
+  float* y_data = y.data_ptr<float>();
+  // As packed_gemm's grain, but every thread gets blocks of a small layer ([896 -> 128]: 8 blocks ran on one).
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16384 / std::max<int64_t>(1, K),
+                                                               num_blocks / std::max(1, at::get_num_threads())));
+  at::parallel_for(0, num_blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n = b * BLOCK_N;
+      const int64_t num_valid = std::min(BLOCK_N, N - n);
+      const float* block_bias = bias_data ? bias_data + n : nullptr;
+      const float* block_scales = scale_data + b * num_groups * BLOCK_N;
+      const float* block_shifts = shift_data + b * num_groups * BLOCK_N;
+      if (bits == 8)
+        block_all_rows_int8<8>(a, M, K, code_data + b * block_bytes, block_scales, block_shifts, group_size,
+                               block_bias, y_data + n, N, num_valid);
+      else
+        block_all_rows_int8<4>(a, M, K, code_data + b * block_bytes, block_scales, block_shifts, group_size,
+                               block_bias, y_data + n, N, num_valid);
+    }
+  });
+  return y;
+}
+#endif  // VNNI
+
+// Whether this build has the int8-activation path (an AVX512-VNNI + VBMI -march).
+bool has_int8_activations() {
+#if defined(TGSERVE_INT8_ACTIVATIONS)
+  return true;
+#else
+  return false;
+#endif
+}
+
 void check_packed(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& shifts, int64_t bits) {
   TORCH_CHECK(bits == 8 || (bits >= 1 && bits <= 4), "bits must be 8 or at most 4, got ", bits);
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 3 &&
@@ -269,10 +509,11 @@ at::Tensor dequantize_transposed(const at::Tensor& codes, const at::Tensor& scal
 constexpr int64_t TILE_BLOCKS = 32;  // 512 output rows dequantized per GEMM call (a prefill)
 
 // y = x @ W^T (+ bias) in x's dtype. x: [M, K] float / bf16 / fp16 (already permuted); W packed as above.
-// M <= max_packed_rows: the packed kernel; larger M: tiles of W dequantized to x's dtype and a GEMM each.
+// M <= max_packed_rows: the packed kernel (with int8 activations at 2+ rows of bf16 / fp16 where
+// int8_activations asks and the build has them); larger M: tiles of W dequantized to x's dtype and a GEMM each.
 at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                               const at::Tensor& shifts, const c10::optional<at::Tensor>& bias, int64_t bits,
-                              int64_t group_size, int64_t N, int64_t max_packed_rows) {
+                              int64_t group_size, int64_t N, int64_t max_packed_rows, bool int8_activations) {
   check_packed(codes, scales, shifts, bits);
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   const int64_t K = x.size(1);
@@ -281,6 +522,14 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& codes, cons
   if (x.size(0) <= max_packed_rows) {
     c10::optional<at::Tensor> bias_float;
     if (bias) bias_float = bias->to(at::kFloat).contiguous();
+#if defined(TGSERVE_INT8_ACTIVATIONS)
+    // Groups must hold whole 64-byte code loads: a multiple of 8 inputs, or one group per row.
+    if (int8_activations && x.scalar_type() != at::kFloat && x.size(0) >= 2 &&
+        (group_size % 8 == 0 || group_size >= K)) {
+      auto y = packed_gemm_int8(x.to(at::kFloat).contiguous(), codes, scales, shifts, bias_float, bits, group_size, N);
+      return y.to(x.scalar_type());
+    }
+#endif
     auto y = packed_gemm(x.to(at::kFloat).contiguous(), codes, scales, shifts, bias_float, bits, group_size, N);
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
@@ -301,7 +550,8 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& codes, cons
 
 TORCH_LIBRARY(tgserve_cpu, m) {
   m.def("weight_only_linear(Tensor x, Tensor codes, Tensor scales, Tensor shifts, Tensor? bias, int bits, "
-        "int group_size, int out_features, int max_packed_rows) -> Tensor");
+        "int group_size, int out_features, int max_packed_rows, bool int8_activations=False) -> Tensor");
+  m.def("has_int8_activations() -> bool", &has_int8_activations);
   m.def("dequantize_transposed(Tensor codes, Tensor scales, Tensor shifts, int bits, int group_size, "
         "int in_features, int block_begin, int block_end) -> Tensor");
 }
