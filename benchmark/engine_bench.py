@@ -11,12 +11,12 @@ doing torch work gives OpenMP a second pool, measured 30-40% slower on 2 cores.
 from __future__ import annotations
 
 import os
-import platform
 import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from tgserve.backends.cpu.host import cpu_model_name as cpu_model  # every figure names its machine
 from tgserve.benchmark import roofline
 from tgserve.benchmark.engine_report import latency_stats, throughput
 from tgserve.benchmark.weight_bytes import model_weight_bytes
@@ -164,17 +164,6 @@ def add_roofline(report: dict, engine, model_dir: Path, bandwidth_probe_bytes: i
         row["decode"]["floor_ms"] = roofline.floor_ms(step_bytes, bandwidth)
         row["decode"]["fraction_of_floor"] = roofline.fraction_of_floor(row["decode"]["floor_ms"],
                                                                         row["decode"]["avg_ms"])
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else platform's guess (every figure names its machine)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _meta(engine, device_name: str, model_dir: Path, config: EngineBenchConfig) -> dict:
