@@ -55,6 +55,7 @@ class RequestLifecycle:
         self.state = state
         self.prepare = prepare
         self.timer = RequestTimer()  # started now: the validation time counts from the handler
+        self.is_metered = False  # set when `metered_stream` owns the request's outcome in the metrics
 
     async def run(self) -> Generated:
         """Run the request to its end (every best_of candidate); raise `ApiError` on any failure."""
@@ -87,10 +88,17 @@ class RequestLifecycle:
 
     @asynccontextmanager
     async def _permit(self) -> AsyncIterator[None]:
+        """Hold one permit for the request. A request cancelled or closed before its engine stream
+        started (in the prepare step, or a stream closed after its PreparedRequest) is counted
+        `dropped` here: `metered_stream` counts only the requests it saw start."""
         if not self.state.limiter.try_acquire():
             raise overloaded_error()
         try:
             yield
+        except BaseException as error:
+            if not self.is_metered and not isinstance(error, Exception):  # CancelledError, GeneratorExit
+                self.state.metrics.record_failure("dropped")
+            raise
         finally:
             self.state.limiter.release()
 
@@ -98,6 +106,7 @@ class RequestLifecycle:
         """`Engine.stream(request)`, metered unless `is_metered` is False (extra best_of candidates)."""
         events = self.state.engine.stream(request)
         if is_metered:
+            self.is_metered = True  # nothing awaits from here until metered_stream's body has started
             events = metered_stream(self.state.metrics, events, self.timer)
         async with aclosing(events):
             async for event in events:

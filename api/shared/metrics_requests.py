@@ -8,7 +8,8 @@ request ended exactly once:
   never fit the KV cache);
 - the stream ended without a finished token: `err="incomplete"`;
 - the consumer stopped early, i.e. the client went away: `err="dropped"`. Closing the stream
-  cancels the request in the engine, which frees its KV blocks before the next step.
+  cancels the request in the engine, which frees its KV blocks before the next step. A request
+  left before this stream started (in its prepare step) is counted `dropped` by the lifecycle's permit.
 
 The permit records arrival (`record_request`) and overload; the prepare step, validation failures.
 """

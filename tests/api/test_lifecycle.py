@@ -100,3 +100,35 @@ def test_a_second_request_is_overloaded_while_the_permit_is_held(state):
     assert (error.status_code, error.error_type) == (429, "overloaded")
     assert [(i.status_code, i.error_type) for i in items] == [(429, "overloaded")]
     assert state.limiter.num_in_flight == 0  # the closed stream gave its permit back
+
+
+def num_dropped(state: ServerState) -> float:
+    return state.metrics.registry.get_sample_value("tgi_request_failure_total", {"err": "dropped"}) or 0.0
+
+
+def test_a_request_the_client_leaves_is_dropped_once_wherever_it_was(state):
+    """Cancelled in its prepare step, closed right after its PreparedRequest, or closed after a
+    token: each counts `dropped` exactly once (the first two never reach `metered_stream`)."""
+    async def cancelled_in_prepare() -> None:
+        started = asyncio.Event()
+
+        async def prepare(timer) -> PreparedRequest:
+            started.set()
+            await asyncio.Event().wait()  # tokenizing forever: the client leaves first
+
+        task = asyncio.create_task(RequestLifecycle(state, prepare).run())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    async def closed_after(num_items: int) -> None:
+        async with aclosing(RequestLifecycle(state, prepare_ids([1, 2, 3], 50)).stream()) as items:
+            for _ in range(num_items):
+                await anext(items)
+
+    for leave in (cancelled_in_prepare, lambda: closed_after(1), lambda: closed_after(2)):
+        before = num_dropped(state)
+        asyncio.run(leave())
+        assert num_dropped(state) - before == 1
+        assert state.limiter.num_in_flight == 0
