@@ -7,6 +7,7 @@ than `min_gap` (so the test can tell quantized weights from float ones).
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,31 @@ def dequantized_copy(model_dir: Path, out_dir: Path, round_trip: Callable[[str, 
             tensors[name] = round_trip(name, tensor.float()).to(tensor.dtype)
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     return out_dir
+
+
+def write_quantized_copy(model_dir: Path, out_dir: Path, quantize: Callable[[str, torch.Tensor], object | None],
+                         config_key: str, quantization_config: dict) -> tuple[Path, dict[str, torch.Tensor]]:
+    """`model_dir` copied to `out_dir` as a quantized checkpoint, and each replaced `*.weight`'s dequantized value.
+
+    `quantize(module name, W)` returns the test writer's result for a linear layer (an object with
+    `as_checkpoint(prefix)` -> its tensors, and `dequantized`), or None to leave that layer float;
+    `config.json` gains `config_key: quantization_config`."""
+    shutil.copytree(model_dir, out_dir)
+    tensors, dequantized = load_file(out_dir / "model.safetensors"), {}
+    for name in [name for name in tensors if name.endswith(".weight")]:
+        prefix = name[:-len("weight")]
+        if prefix.rstrip(".").rsplit(".", 1)[-1] not in LINEAR_NAMES:
+            continue
+        written = quantize(prefix.rstrip("."), tensors[name])
+        if written is not None:
+            del tensors[name]
+            tensors.update(written.as_checkpoint(prefix))
+            dequantized[name] = written.dequantized.float()
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out_dir / "config.json").read_text())
+    config[config_key] = quantization_config
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir, dequantized
 
 
 def assert_serves_like_transformers(server_url: str, reference_dir: Path, float_dir: Path, tokenizer,

@@ -14,12 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from tests.api.conftest import TEST_SERVER_FLAGS, server_factory
 from tests.core.quantization.awq_writer import awq_quantize, quantization_config
 
-from .quantized_oracle import LINEAR_NAMES, assert_serves_like_transformers, dequantized_copy
+from .quantized_oracle import assert_serves_like_transformers, dequantized_copy, write_quantized_copy
 
 # (group size, zero_point): the demo's intermediate size, 352, is 11 groups of 32
 KINDS = {"detected": (32, True), "flag": (-1, False)}
@@ -28,21 +27,13 @@ KINDS = {"detected": (32, True), "flag": (-1, False)}
 def write_awq_checkpoint(model_dir: Path, out_dir: Path, group_size: int, zero_point: bool
                          ) -> tuple[Path, dict[str, torch.Tensor]]:
     """`model_dir` as an AWQ checkpoint in `out_dir`, and each replaced `*.weight`'s dequantized value."""
-    shutil.copytree(model_dir, out_dir)
-    tensors, dequantized = load_file(out_dir / "model.safetensors"), {}
-    for name in [name for name in tensors if name.endswith(".weight")]:
-        prefix = name[:-len("weight")]
-        module = prefix.rstrip(".").rsplit(".", 1)[-1]
-        if module not in LINEAR_NAMES or module == "lm_head":
-            continue
-        written = awq_quantize(tensors.pop(name), group_size, zero_point, write_zeros=zero_point)
-        tensors.update(written.as_checkpoint(prefix))
-        dequantized[name] = written.dequantized
-    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((out_dir / "config.json").read_text())
-    config["quantization_config"] = quantization_config(group_size, zero_point)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    return out_dir, dequantized
+    def quantize(module_name: str, weight: torch.Tensor):
+        if module_name == "lm_head":
+            return None
+        return awq_quantize(weight, group_size, zero_point, write_zeros=zero_point)
+
+    return write_quantized_copy(model_dir, out_dir, quantize, "quantization_config",
+                                quantization_config(group_size, zero_point))
 
 
 @pytest.fixture(scope="module")

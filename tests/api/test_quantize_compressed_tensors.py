@@ -15,12 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from tests.api.conftest import TEST_SERVER_FLAGS, server_factory
 from tests.core.quantization.compressed_tensors_writer import ct_quantize, quantization_config
 
-from .quantized_oracle import LINEAR_NAMES, assert_serves_like_transformers, dequantized_copy
+from .quantized_oracle import assert_serves_like_transformers, dequantized_copy, write_quantized_copy
 
 # kind -> (bits, strategy, group size, symmetric, ignore, config key)
 KINDS = {"w4a16": (4, "group", 32, False, ["lm_head"], "quantization_config"),
@@ -30,20 +29,13 @@ KINDS = {"w4a16": (4, "group", 32, False, ["lm_head"], "quantization_config"),
 def write_ct_checkpoint(model_dir: Path, out_dir: Path, bits: int, strategy: str, group_size: int | None,
                         symmetric: bool, ignore: list[str], key: str) -> tuple[Path, dict[str, torch.Tensor]]:
     """`model_dir` as a pack-quantized checkpoint in `out_dir`, and each replaced `*.weight`'s dequantized value."""
-    shutil.copytree(model_dir, out_dir)
-    tensors, dequantized = load_file(out_dir / "model.safetensors"), {}
-    for name in [name for name in tensors if name.endswith(".weight")]:
-        prefix = name[:-len("weight")]
-        if prefix.rstrip(".").rsplit(".", 1)[-1] not in LINEAR_NAMES or prefix.rstrip(".") in ignore:
-            continue
-        written = ct_quantize(tensors.pop(name), bits, strategy, group_size, symmetric)
-        tensors.update(written.as_checkpoint(prefix))
-        dequantized[name] = written.dequantized
-    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((out_dir / "config.json").read_text())
-    config[key] = quantization_config(bits, strategy, group_size, symmetric, ignore=ignore)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    return out_dir, dequantized
+    def quantize(module_name: str, weight: torch.Tensor):
+        if module_name in ignore:
+            return None
+        return ct_quantize(weight, bits, strategy, group_size, symmetric)
+
+    return write_quantized_copy(model_dir, out_dir, quantize, key,
+                                quantization_config(bits, strategy, group_size, symmetric, ignore=ignore))
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from tests.api.conftest import TEST_SERVER_FLAGS, server_factory
 from tests.core.quantization.gptq_writer import gptq_quantize, quantization_config
 
-from .quantized_oracle import LINEAR_NAMES, assert_serves_like_transformers, dequantized_copy
+from .quantized_oracle import assert_serves_like_transformers, dequantized_copy, write_quantized_copy
 
 GROUP_SIZE = 32  # the demo's intermediate size, 352, is 11 groups of 32
 # modules reading the same input share one act-order input order, as GPTQ's shared Hessian gives them
@@ -30,24 +28,16 @@ _INPUT_OF = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 2,
 def write_gptq_checkpoint(model_dir: Path, out_dir: Path, act_order: bool, checkpoint_format: str = "gptq",
                           bits: int = 4) -> tuple[Path, dict[str, torch.Tensor]]:
     """`model_dir` as a GPTQ checkpoint in `out_dir`, and each replaced `*.weight`'s dequantized value."""
-    shutil.copytree(model_dir, out_dir)
-    tensors, dequantized = load_file(out_dir / "model.safetensors"), {}
-    for name in [name for name in tensors if name.endswith(".weight")]:
-        prefix = name[:-len("weight")]
-        module = prefix.rstrip(".").rsplit(".", 1)[-1]
-        if module not in LINEAR_NAMES or module == "lm_head":
-            continue
-        layer = int(name.split(".")[2])
-        written = gptq_quantize(tensors.pop(name), bits, GROUP_SIZE, sym=False, act_order=act_order,
-                                version=1 if checkpoint_format == "gptq" else 2, seed=10 * layer + _INPUT_OF[module])
-        tensors.update(written.as_checkpoint(prefix))
-        dequantized[name] = written.dequantized.float()
-    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((out_dir / "config.json").read_text())
-    config["quantization_config"] = quantization_config(bits, GROUP_SIZE, sym=False, desc_act=act_order,
-                                                        checkpoint_format=checkpoint_format)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    return out_dir, dequantized
+    def quantize(module_name: str, weight: torch.Tensor):
+        module = module_name.rsplit(".", 1)[-1]
+        if module == "lm_head":
+            return None
+        return gptq_quantize(weight, bits, GROUP_SIZE, sym=False, act_order=act_order,
+                             version=1 if checkpoint_format == "gptq" else 2,
+                             seed=10 * int(module_name.split(".")[2]) + _INPUT_OF[module])
+
+    return write_quantized_copy(model_dir, out_dir, quantize, "quantization_config", quantization_config(
+        bits, GROUP_SIZE, sym=False, desc_act=act_order, checkpoint_format=checkpoint_format))
 
 
 @pytest.fixture(scope="module")
