@@ -113,7 +113,7 @@ def test_int8_activations_stay_within_activation_rounding_of_the_exact_result(vn
     assert "int8 activations" in kernel.description and plain.description == plain.name
     prepared, plain_prepared = kernel.prepare(weight, torch.bfloat16), plain.prepare(weight, torch.bfloat16)
     generator = torch.Generator().manual_seed(2)
-    for num_rows in (2, 8, 33):
+    for num_rows in (1, 2, 8, 33):
         x = torch.randn(num_rows, in_features, generator=generator).to(torch.bfloat16)
         with torch.no_grad():
             y = kernel.apply(prepared, x)
@@ -130,16 +130,27 @@ def test_int8_activations_stay_within_activation_rounding_of_the_exact_result(vn
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_float32_and_single_rows_never_take_int8_activations(vnni_ops, bits):
-    """float32 is the project's exactness oracle: the same bits with the path on and off; so is one bf16 row."""
+def test_float32_never_takes_int8_activations(vnni_ops, bits):
+    """float32 is the project's exactness oracle: the same bits with the path on and off."""
     weight = affine_weight(40, 256, bits, 32, symmetric=False, dtype=torch.float32)
     kernel_class = NativeInt8Kernel if bits == 8 else NativeInt4Kernel
     kernel, plain = kernel_class(vnni_ops), kernel_class(vnni_ops, int8_activations=False)
-    for dtype, rows in ((torch.float32, (1, 2, 8)), (torch.bfloat16, (1,))):
-        on, off = kernel.prepare(weight, dtype), plain.prepare(weight, dtype)
-        for num_rows in rows:
-            x = torch.randn(num_rows, 256, generator=torch.Generator().manual_seed(num_rows)).to(dtype)
-            assert torch.equal(kernel.apply(on, x), plain.apply(off, x))
+    on, off = kernel.prepare(weight, torch.float32), plain.prepare(weight, torch.float32)
+    for num_rows in (1, 2, 8):
+        x = torch.randn(num_rows, 256, generator=torch.Generator().manual_seed(num_rows))
+        assert torch.equal(kernel.apply(on, x), plain.apply(off, x))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_row_gets_the_same_answer_alone_and_in_a_batch(vnni_ops, bits):
+    """Each row's activations are rounded on their own: a sequence's output does not depend on its batch."""
+    weight = affine_weight(40, 256, bits, 32, symmetric=False, dtype=torch.bfloat16)
+    kernel = (NativeInt8Kernel if bits == 8 else NativeInt4Kernel)(vnni_ops)
+    prepared = kernel.prepare(weight, torch.bfloat16)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    batch = kernel.apply(prepared, x)
+    for row in range(5):
+        assert torch.equal(kernel.apply(prepared, x[row:row + 1]), batch[row:row + 1])
 
 
 def test_int8_activations_pass_the_start_up_probe_and_can_be_turned_off(vnni_ops, monkeypatch, caplog):

@@ -11,7 +11,7 @@
 // a decode batch reads the weight once per step, not once per sequence. Vectors are GCC vector
 // extensions: -march picks AVX-512 (one zmm per block) or AVX2 (two halves of one ymm), a plain build stays scalar.
 // Threads: torch's own pool (at::parallel_for) over blocks of output rows.
-// bf16 / fp16 at 2+ rows on an AVX512-VNNI build: activations rounded to int8 and integer dot products
+// bf16 / fp16 rows on an AVX512-VNNI build: activations rounded to int8 and integer dot products
 // (packed_gemm_int8 below); float32 always takes the exact float kernel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -179,7 +179,7 @@ void block_all_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, 
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
 #define TGSERVE_INT8_ACTIVATIONS 1
-// bf16 / fp16 runs at 2+ rows (a decode batch): each row of x quantized to int8 per ACT_BLOCK inputs
+// bf16 / fp16 rows up to max_packed_rows (decode): each row of x quantized to int8 per ACT_BLOCK inputs
 // (symmetric, scale = absmax / 127), then integer dot products with the codes as they are (u8 x s8 -> s32,
 // _mm512_dpbusd_epi32: 4 inputs per lane per instruction, against 1 per FMA above), as llama.cpp does
 // with its Q8 activations. W = q * scale + shift still factors per group: acc += sum_b(isum_b * xscale_b)
@@ -509,7 +509,7 @@ at::Tensor dequantize_transposed(const at::Tensor& codes, const at::Tensor& scal
 constexpr int64_t TILE_BLOCKS = 32;  // 512 output rows dequantized per GEMM call (a prefill)
 
 // y = x @ W^T (+ bias) in x's dtype. x: [M, K] float / bf16 / fp16 (already permuted); W packed as above.
-// M <= max_packed_rows: the packed kernel (with int8 activations at 2+ rows of bf16 / fp16 where
+// M <= max_packed_rows: the packed kernel (with int8 activations for bf16 / fp16 rows where
 // int8_activations asks and the build has them); larger M: tiles of W dequantized to x's dtype and a GEMM each.
 at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                               const at::Tensor& shifts, const c10::optional<at::Tensor>& bias, int64_t bits,
@@ -524,7 +524,7 @@ at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& codes, cons
     if (bias) bias_float = bias->to(at::kFloat).contiguous();
 #if defined(TGSERVE_INT8_ACTIVATIONS)
     // Groups must hold whole 64-byte code loads: a multiple of 8 inputs, or one group per row.
-    if (int8_activations && x.scalar_type() != at::kFloat && x.size(0) >= 2 &&
+    if (int8_activations && x.scalar_type() != at::kFloat && x.size(0) >= 1 &&
         (group_size % 8 == 0 || group_size >= K)) {
       auto y = packed_gemm_int8(x.to(at::kFloat).contiguous(), codes, scales, shifts, bias_float, bits, group_size, N);
       return y.to(x.scalar_type());
