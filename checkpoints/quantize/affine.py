@@ -6,6 +6,7 @@ checkpoint stores (both formats keep scales in float16).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,8 @@ class QuantSpec:
     # with many inputs. SmolLM2 layer 5 down_proj (1,536 inputs), calibrated on 3,400 tokens, output error
     # on 3,400 others: round-to-nearest 1.11e-2, GPTQ 1.37e-2 at 0.01, 1.17e-2 at 0.05; q_proj 7.4e-3 -> 6.8e-3.
     damp_percent: float = 0.05
+    # gptq: lm_head quantized too, with these bits (the rest of the spec as the layers'); None: float head
+    lm_head_bits: int | None = None
 
     @property
     def maxq(self) -> int:
@@ -34,6 +37,12 @@ class QuantSpec:
 
     def group_size_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
+
+    def head_spec(self) -> "QuantSpec | None":
+        """The spec lm_head is quantized with (the layers' with lm_head_bits), or None for a float head."""
+        if self.lm_head_bits is None:
+            return None
+        return dataclasses.replace(self, bits=self.lm_head_bits, lm_head_bits=None)
 
 
 @dataclass(slots=True)

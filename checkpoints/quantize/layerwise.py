@@ -18,6 +18,7 @@ from tqdm import tqdm
 from tgserve.checkpoints.quantize.affine import QuantizedLinear, QuantSpec, round_to_nearest
 from tgserve.checkpoints.quantize.awq import awq_scale_layer
 from tgserve.checkpoints.quantize.gptq import HessianAccumulator, gptq_quantize
+from tgserve.checkpoints.quantize.lm_head import quantize_head
 
 # Linear names inside a decoder layer, in AutoGPTQ's true-sequential groups.
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -30,7 +31,7 @@ _NOT_FOR_LAYERS = ("cache", "past_key_values", "use_cache", "output_attentions")
 class QuantizedModel:
     """What the writer needs: the quantized linears and the model's float tensors after quantization."""
 
-    linears: dict[str, QuantizedLinear]  # "model.layers.0.self_attn.q_proj" -> its quantized weight
+    linears: dict[str, QuantizedLinear]  # "model.layers.0.self_attn.q_proj" (or "lm_head") -> its quantized weight
     state: dict[str, torch.Tensor]  # the model's state_dict after quantization (AWQ folds scales into norms)
 
 
@@ -102,7 +103,8 @@ def _awq_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, spec:
 
 def quantize_layers(model: torch.nn.Module, input_ids: torch.Tensor, spec: QuantSpec, *,
                     progress: bool = True) -> QuantizedModel:
-    """Quantize every decoder layer's linears of `model` (float32, modified in place) on input_ids [batch, seq]."""
+    """Quantize every decoder layer's linears of `model` (float32, modified in place) on input_ids [batch, seq],
+    and lm_head where spec.lm_head_bits asks (lm_head.py)."""
     hidden, layer_kwargs = capture_layer_inputs(model, input_ids)
     quantize_one = _gptq_layer if spec.method == "gptq" else _awq_layer
     linears: dict[str, QuantizedLinear] = {}
@@ -115,4 +117,6 @@ def quantize_layers(model: torch.nn.Module, input_ids: torch.Tensor, spec: Quant
         with torch.no_grad():
             hidden = layer(hidden, **kwargs)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    if spec.lm_head_bits is not None:  # its input: the final norm of what the quantized layers output
+        linears["lm_head"] = quantize_head(model, hidden, spec)
     return QuantizedModel(linears=linears, state=model.state_dict())

@@ -12,6 +12,7 @@ from tgserve.checkpoints.quantize.affine import QuantSpec
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")  # decoder layers with q/k/v/o and gate/up/down projections
 GPTQ_BITS = (2, 4, 8)  # the widths that divide a 32-bit word (3-bit packing is not written)
 AWQ_BITS = (4,)
+LM_HEAD_BITS = (4, 8)  # --lm-head-bits (gptq): 2-bit heads lose too much; 3-bit packing is not written
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
@@ -67,6 +68,7 @@ def check_layout(config: dict, spec: QuantSpec) -> None:
     if (spec.group_size <= 0 and not is_per_row) or (spec.method == "awq" and is_per_row):
         raise QuantizeRefused(f"--group-size {spec.group_size} is not valid for {spec.method} "
                               f"(a positive size{', or -1 for one group per output' if spec.method == 'gptq' else ''})")
+    _check_head(config, spec)
     per_word = 32 // spec.bits
     for name, (in_features, out_features) in linear_shapes(config).items():
         if spec.method == "gptq" and (in_features % per_word or out_features % per_word):
@@ -75,6 +77,21 @@ def check_layout(config: dict, spec: QuantSpec) -> None:
         if spec.method == "awq" and (out_features % 8 or in_features % spec.group_size):
             raise QuantizeRefused(f"{name} has {in_features} inputs and {out_features} outputs: AWQ needs "
                                   f"inputs divisible by --group-size {spec.group_size} and outputs by 8")
+
+
+def _check_head(config: dict, spec: QuantSpec) -> None:
+    """Refuse --lm-head-bits outside LM_HEAD_BITS, with awq, or for a head the packing cannot hold."""
+    if spec.lm_head_bits is None:
+        return
+    if spec.method != "gptq":
+        raise QuantizeRefused("--lm-head-bits is a gptq option (AutoAWQ's format keeps lm_head float)")
+    if spec.lm_head_bits not in LM_HEAD_BITS:
+        raise QuantizeRefused(f"--lm-head-bits {spec.lm_head_bits} is not supported (supported: "
+                              f"{', '.join(map(str, LM_HEAD_BITS))}; omit it for a float lm_head)")
+    per_word = 32 // spec.lm_head_bits
+    vocab, hidden = config["vocab_size"], config["hidden_size"]
+    if vocab % per_word or hidden % per_word:
+        raise QuantizeRefused(f"lm_head [{vocab} x {hidden}] cannot be packed {per_word} values per int32 word")
 
 
 def check_output(out_dir: Path) -> None:
