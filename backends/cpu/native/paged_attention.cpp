@@ -26,6 +26,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t TILE_KEYS = 16;  // keys scored before each softmax update (the cpu backend's block size)
@@ -39,7 +43,8 @@ inline float to_float(c10::Half x) { return static_cast<float>(x); }
 // result (< 1.7e-38) is flushed to exp(-87): beside the max's weight 1 it adds nothing.
 inline float exp_nonpositive(float x) {
   x = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick: std::floor would keep GCC from vectorizing the loop.
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -49,6 +54,37 @@ inline float exp_nonpositive(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+}
+
+// q . k over d floats. A fixed d that fills whole vectors sums in vector registers and reduces once with
+// a shuffle tree; GCC's `omp simd` reduction ended each dot with a chain of 15 scalar adds (measured the
+// hottest code of the op). The plain loop serves any other d or ISA.
+template <int HEAD_DIM>
+inline float dot_product(const float* __restrict__ q, const float* __restrict__ k, int64_t d) {
+#if defined(__AVX512F__)
+  if constexpr (HEAD_DIM > 0 && HEAD_DIM % 16 == 0) {
+    __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
+    for (int i = 16; i < HEAD_DIM; i += 16) sum = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(k + i), sum);
+    return _mm512_reduce_add_ps(sum);
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if constexpr (HEAD_DIM > 0 && HEAD_DIM % 16 == 0) {
+    __m256 even = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+    __m256 odd = _mm256_mul_ps(_mm256_loadu_ps(q + 8), _mm256_loadu_ps(k + 8));
+    for (int i = 16; i < HEAD_DIM; i += 16) {
+      even = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), even);
+      odd = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), odd);
+    }
+    const __m256 sum = _mm256_add_ps(even, odd);
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+  }
+#endif
+  float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t i = 0; i < d; ++i) dot += q[i] * k[i];
+  return dot;
 }
 
 // Rows of one tile as float32: the cache rows themselves for a float32 cache, else converted into `buffer`.
@@ -81,14 +117,16 @@ struct Shape {
 // One (sequence, kv head): out_row[h_q * d ...] for the group's query heads. `work` holds
 // group * d (scaled queries) + group * d (accumulators) + 2 * group * TILE_KEYS (scores, weights)
 // + 2 * TILE_KEYS * d (a converted K and V tile) floats.
-template <typename scalar_t>
+// HEAD_DIM > 0: head_dim fixed at compile time (64, 128: the d-loops unroll into a few full vectors; with
+// a run-time trip count each 64-float loop paid its peel and remainder, ~3x the time per tile); 0: any.
+template <typename scalar_t, int HEAD_DIM>
 void attend_one(const Shape& s, const scalar_t* q_row, const scalar_t* k_cache, const scalar_t* v_cache,
                 const int64_t* table, int64_t context_len, int64_t kv_head, scalar_t* out_row, float* work) {
-  const int64_t d = s.head_dim, group = s.group, cache_row = s.num_kv_heads * d;
-  float* queries = work;
-  float* acc = queries + group * d;
-  float* scores = acc + group * d;
-  float* weights = scores + group * TILE_KEYS;
+  const int64_t d = HEAD_DIM > 0 ? HEAD_DIM : s.head_dim, group = s.group, cache_row = s.num_kv_heads * d;
+  float* __restrict__ queries = work;
+  float* __restrict__ acc = queries + group * d;
+  float* __restrict__ scores = acc + group * d;
+  float* __restrict__ weights = scores + group * TILE_KEYS;
   float* k_tile = weights + group * TILE_KEYS;
   float* v_tile = k_tile + TILE_KEYS * d;
   float running_max[256], running_sum[256];  // group <= 256 (checked by the op)
@@ -111,24 +149,24 @@ void attend_one(const Shape& s, const scalar_t* q_row, const scalar_t* k_cache, 
       const float* query = queries + g * d;
       float tile_max = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; ++j) {
-        const float* key = keys + j * k_stride;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < d; ++i) dot += query[i] * key[i];
+        const float dot = dot_product<HEAD_DIM>(query, keys + j * k_stride, d);
         scores[g * TILE_KEYS + j] = dot;
         tile_max = std::max(tile_max, dot);
       }
+      std::fill(scores + g * TILE_KEYS + n, scores + (g + 1) * TILE_KEYS, tile_max);  // finite, never weighed
       const float new_max = std::max(running_max[g], tile_max);
       // exp(-inf) on the first tile: the empty accumulators are scaled by 0.
       const float correction = pos == 0 ? 0.0f : exp_nonpositive(running_max[g] - new_max);
       float tile_sum = 0.0f;
-      float* w = weights + g * TILE_KEYS;
-      const float* sc = scores + g * TILE_KEYS;
+      float* __restrict__ w = weights + g * TILE_KEYS;
+      const float* __restrict__ sc = scores + g * TILE_KEYS;
+      // All TILE_KEYS lanes (a fixed-count loop vectorizes; a masked one did not): the scores past n hold
+      // tile_max (finite, set above), and their weights are zeroed before the sum.
+#pragma omp simd
+      for (int64_t j = 0; j < TILE_KEYS; ++j) w[j] = exp_nonpositive(sc[j] - new_max);
+      std::fill(w + n, w + TILE_KEYS, 0.0f);
 #pragma omp simd reduction(+ : tile_sum)
-      for (int64_t j = 0; j < n; ++j) {
-        w[j] = exp_nonpositive(sc[j] - new_max);
-        tile_sum += w[j];
-      }
+      for (int64_t j = 0; j < TILE_KEYS; ++j) tile_sum += w[j];
       running_sum[g] = running_sum[g] * correction + tile_sum;
       running_max[g] = new_max;
       if (correction != 1.0f) {
@@ -138,10 +176,10 @@ void attend_one(const Shape& s, const scalar_t* q_row, const scalar_t* k_cache, 
       }
     }
     for (int64_t g = 0; g < group; ++g) {
-      float* a = acc + g * d;
-      const float* w = weights + g * TILE_KEYS;
+      float* __restrict__ a = acc + g * d;
+      const float* __restrict__ w = weights + g * TILE_KEYS;
       for (int64_t j = 0; j < n; ++j) {
-        const float* value = values + j * v_stride;
+        const float* __restrict__ value = values + j * v_stride;
         const float weight = w[j];
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) a[i] += weight * value[i];
@@ -229,13 +267,13 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k_in, const
     const scalar_t* k_data = k_cache.data_ptr<scalar_t>();
     const scalar_t* v_data = v_cache.data_ptr<scalar_t>();
     scalar_t* out_data = out.data_ptr<scalar_t>();
+    auto attend = d == 64 ? &attend_one<scalar_t, 64> : d == 128 ? &attend_one<scalar_t, 128> : &attend_one<scalar_t, 0>;
     at::parallel_for(0, num_decode_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> work(work_floats);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
-        attend_one<scalar_t>(shape, q_data + seq * shape.q_row_stride, k_data, v_data,
-                             tables + seq * shape.tables_row_stride, lens[seq], kv_head,
-                             out_data + seq * num_heads * d, work.data());
+        attend(shape, q_data + seq * shape.q_row_stride, k_data, v_data, tables + seq * shape.tables_row_stride,
+               lens[seq], kv_head, out_data + seq * num_heads * d, work.data());
       }
     });
   });
