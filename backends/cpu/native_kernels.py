@@ -1,4 +1,5 @@
-"""Builds native/weight_only_gemm.cpp at first use and loads it as torch.ops.tgserve_cpu.
+"""Builds the cpu backend's native libraries at first use and loads their ops: native/weight_only_gemm.cpp as
+torch.ops.tgserve_cpu (the default), native/paged_attention.cpp as torch.ops.tgserve_cpu_attention (ATTENTION).
 
 The build (torch.utils.cpp_extension with ninja, ~15 s of one core) happens once per machine: the
 library is cached under <cache_root>/<key>/, the key hashing the source, torch's version, the compiler
@@ -16,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,13 +36,33 @@ CFLAGS = ("-O3", "-ffp-contract=fast", "-Wno-psabi", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 
 
+@dataclass(frozen=True, slots=True)
+class NativeLibrary:
+    """One native library: its single source file, the name it is built and cached under, and the
+    namespace its TORCH_LIBRARY block registers (each its own, so one failing to build leaves the others)."""
+
+    name: str
+    source: Path
+    ops_namespace: str
+
+
+ATTENTION = NativeLibrary("tgserve_paged_attention", Path(__file__).with_name("native") / "paged_attention.cpp",
+                          "tgserve_cpu_attention")
+
+
 class NativeBuildError(RuntimeError):
     """The native kernels could not be built or loaded here; the message says why, in one line."""
 
 
-def cache_key(isa: str) -> str:
+def weight_only_library() -> NativeLibrary:
+    """The weight-only GEMM's library, read from the module's names when asked (tests point them elsewhere)."""
+    return NativeLibrary(LIBRARY_NAME, SOURCE, OPS_NAMESPACE)
+
+
+def cache_key(isa: str, source: Path | None = None) -> str:
     """Hex digest naming one build: source, torch, flags, and the CPU (model and instruction flags)."""
-    parts = (SOURCE.read_bytes(), torch.__version__.encode(), repr((MARCH[isa], CFLAGS, LDFLAGS)).encode(),
+    source = source or SOURCE
+    parts = (source.read_bytes(), torch.__version__.encode(), repr((MARCH[isa], CFLAGS, LDFLAGS)).encode(),
              host.cpu_model_name().encode(), " ".join(sorted(host.cpu_flags())).encode())
     digest = hashlib.sha256()
     for part in parts:
@@ -48,15 +70,17 @@ def cache_key(isa: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_ops(cache_root: Path, isa: str = "native"):
-    """torch.ops.tgserve_cpu with the library built for `isa` ("native" | "avx2"); builds it if needed.
+def load_ops(cache_root: Path, isa: str = "native", library: NativeLibrary | None = None):
+    """torch.ops.<namespace> of `library` (default: the weight-only GEMM's) built for `isa` ("native" |
+    "avx2"); builds it if needed. Returns (ops, build folder, build seconds: ~0 when cached).
 
-    Called once per process at engine load (never per step); raises NativeBuildError."""
+    Called once per process and library at engine load (never per step); raises NativeBuildError."""
+    library = library or weight_only_library()
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise NativeBuildError(f"no C++ compiler ({compiler!r} not found)")
     _put_ninja_on_path()
-    build_dir = cache_root / cache_key(isa)
+    build_dir = cache_root / cache_key(isa, library.source)
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         with _exclusive(build_dir / "build.lock"):
@@ -65,7 +89,7 @@ def load_ops(cache_root: Path, isa: str = "native"):
             from torch.utils.cpp_extension import load
 
             start = time.monotonic()
-            load(LIBRARY_NAME, [str(SOURCE)], extra_cflags=[f"-march={MARCH[isa]}", *CFLAGS],
+            load(library.name, [str(library.source)], extra_cflags=[f"-march={MARCH[isa]}", *CFLAGS],
                  extra_ldflags=list(LDFLAGS),
                  build_directory=str(build_dir), is_python_module=False, verbose=False)
             build_s = time.monotonic() - start
@@ -74,7 +98,7 @@ def load_ops(cache_root: Path, isa: str = "native"):
     except (OSError, RuntimeError, ImportError, SystemExit) as error:  # cpp_extension raises these
         reason = " ".join(str(error).split())[:300] or type(error).__name__
         raise NativeBuildError(f"build in {build_dir} failed: {reason}") from error
-    ops = getattr(torch.ops, OPS_NAMESPACE)
+    ops = getattr(torch.ops, library.ops_namespace)
     return ops, build_dir, build_s
 
 

@@ -4,6 +4,7 @@ Runs the core's torch model code; its own contributions are thread settings, a m
 leaves the machine responsive, oneDNN-packed linear layers, and the dtype this CPU runs fastest.
 `TGSERVE_CPU_ISA` (auto | avx2) is read once, by `cpu_kernels`, on the first hook call;
 `TGSERVE_CPU_NATIVE_KERNELS` (1 | 0) and `XDG_CACHE_HOME` once, by `native_ops`, at the first quantized load;
+the same and `TGSERVE_CPU_NATIVE_ATTENTION` (1 | 0) once, by `native_attention_ops`, at the first model build;
 `TGSERVE_CPU_INT8_ACTIVATIONS` (1 | 0) at each quantized load, by `tgserve_make_linear_method`.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 from tgserve.backends.cpu import host
 from tgserve.backends.cpu.kernels import ISA_ENV, CpuIsaError, CpuKernels, detect_kernels
 from tgserve.backends.cpu.linear import make_onednn_linear_method
-from tgserve.backends.cpu.native_kernels import NativeBuildError, load_ops
+from tgserve.backends.cpu.native_attention import make_native_attention
+from tgserve.backends.cpu.native_kernels import ATTENTION, NativeBuildError, load_ops
 from tgserve.backends.cpu.native_weight_only import make_native_kernels
 from tgserve.backends.cpu.weight_only import make_weight_only_kernels
 from tgserve.core.layers.linear import LinearMethod
@@ -56,7 +58,9 @@ def cpu_kernels() -> CpuKernels:
     return detect_kernels(os.environ.get(ISA_ENV, "auto"))
 
 
-NATIVE_ENV = "TGSERVE_CPU_NATIVE_KERNELS"  # "0" turns the native weight-only kernels off
+NATIVE_ENV = "TGSERVE_CPU_NATIVE_KERNELS"  # "0" turns every native kernel off (weight-only and attention)
+# "0" turns only the native paged attention off (native_attention.py): the core's torch attention serves
+ATTENTION_ENV = "TGSERVE_CPU_NATIVE_ATTENTION"
 # "0" keeps bf16 / fp16 activations unrounded in the native kernels (native_weight_only.py) at any batch
 INT8_ACTIVATIONS_ENV = "TGSERVE_CPU_INT8_ACTIVATIONS"
 
@@ -70,15 +74,39 @@ def native_ops():
     if os.environ.get(NATIVE_ENV, "1") == "0":
         log.info("native weight-only kernels off (%s=0): torch ops serve quantized layers", NATIVE_ENV)
         return None
-    cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tgserve" / "kernels"
-    isa = "avx2" if cpu_kernels().is_forced_portable else "native"
     try:
-        ops, build_dir, build_s = load_ops(cache_root, isa)
+        ops, build_dir, build_s, isa = _load_native(None)
     except NativeBuildError as error:
         log.warning("native weight-only kernels unavailable, torch ops serve quantized layers instead: %s", error)
         return None
     log.info("native weight-only kernels (%s ISA) loaded from %s in %.1f s", isa, build_dir, build_s)
     return ops
+
+
+@functools.cache
+def native_attention_ops():
+    """torch.ops.tgserve_cpu_attention (native/paged_attention.cpp, built at first use and cached), or None.
+
+    Called at the first model build, never in a step. None when NATIVE_ENV=0, ATTENTION_ENV=0 or the
+    build fails; either way one log line says so, and the core's torch attention serves instead."""
+    for env in (NATIVE_ENV, ATTENTION_ENV):
+        if os.environ.get(env, "1") == "0":
+            log.info("native paged attention off (%s=0): the core's torch attention serves", env)
+            return None
+    try:
+        ops, build_dir, build_s, isa = _load_native(ATTENTION)
+    except NativeBuildError as error:
+        log.warning("native paged attention unavailable, the core's torch attention serves instead: %s", error)
+        return None
+    log.info("native paged attention (%s ISA) loaded from %s in %.1f s", isa, build_dir, build_s)
+    return ops
+
+
+def _load_native(library):
+    """(ops, build folder, build seconds, ISA) of `library` (None: the weight-only GEMM's) for this process."""
+    cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tgserve" / "kernels"
+    isa = "avx2" if cpu_kernels().is_forced_portable else "native"
+    return (*load_ops(cache_root, isa, library), isa)
 
 
 @hookimpl
@@ -183,3 +211,17 @@ def tgserve_make_linear_method(quantize, dtype, device, quantization):
 @hookimpl
 def tgserve_get_block_size():
     return BLOCK_SIZE_TOKENS
+
+
+@hookimpl
+def tgserve_make_attention(model_config, block_size, device, dtype):
+    """The native paged attention (native_attention.py) where it built and passed its probe for `dtype`;
+    else None, and the core's torch reference serves. Decode rows run native, prefill rows the reference."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        return None
+    attention = make_native_attention(native_attention_ops(), model_config.num_attention_heads,
+                                      model_config.num_key_value_heads, model_config.head_dim, block_size, dtype)
+    log.info("paged attention for %s: %s", dtype, attention.name if attention else "the core's torch reference")
+    return attention
