@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from tgserve.core.acceptance import AcceptanceRule, Proposer, accept_matching_prefix
+from tgserve.core.speculation.acceptance import AcceptanceRule, Proposer, accept_matching_prefix
 from tgserve.core.config import ServerConfig
 from tgserve.core.detokenizer import DetokenizerState, final_text, next_text
 from tgserve.core.errors import EngineStopped, GenerationError, RequestRejected  # noqa: F401 (re-exported)
