@@ -284,3 +284,24 @@ def test_blocks_return_after_finished_stopped_and_cancelled_requests(engine, pro
         assert_no_blocks_held(engine)
     assert finished.finish.reason == "length" and stopped.finish.reason == "stop_sequence"
     assert not cancelling.done.is_set() and seen_multi
+
+
+SMOLLM2_PROMPT = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
+                  "Rewrite both functions with type hints:\n\ndef add(a: int, b: int) -> int:\n")
+
+
+def test_smollm2_greedy_equals_speculate_0(smollm2_dir):
+    """The real model on input-grounded code (it copies the functions from the prompt): speculate 2 and
+    4, alone and beside a plain request, give --speculate 0's ids, and guesses are accepted."""
+    with running_engine(smollm2_dir, dtype="float32", max_batch_prefill_tokens=256, max_batch_total_tokens=4096,
+                        max_total_tokens=1024) as engine:
+        prompt = engine.tokenizer.encode(SMOLLM2_PROMPT)
+        other = engine.tokenizer.encode("The capital of France is")
+        ref, other_ref = run(engine, 0, [request(prompt, max_new_tokens=32), request(other, max_new_tokens=16)])
+        for speculate in (2, 4):
+            got, other_got = run(engine, speculate, [request(prompt, max_new_tokens=32),
+                                                     request(other, max_new_tokens=16)])
+            assert_same_tokens(got, ref)
+            assert_same_tokens(other_got, other_ref)
+            assert num_skipped(got) > 0
+        assert_no_blocks_held(engine)
