@@ -98,6 +98,9 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
              f", weights quantized with {quantization.describe()}" if quantization else "")
     loaded = _load_model(quantization, hook, checkpoint, model_config, getattr(torch, dtype_name), progress)
     constraints = hook.tgserve_get_shape_constraints(model_config=model_config, config=config)
+    proposer = make_proposer(config.speculate, constraints, backend.name)
+    if proposer is not None:
+        log.info("Using speculation %s with %d input ids.", proposer.method, config.speculate)  # TGI's line
     policy: WarmupPolicy = hook.tgserve_get_warmup_policy(model_config=model_config, config=config)
     probe = None if policy.is_full_step else _probe(config, hook, loaded, policy, constraints)
     step_s = policy.prefill_step_s
@@ -125,9 +128,6 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
                      model_device_type=loaded.device.type, backend=backend.name,
                      eos_token_ids=tokenizer.eos_token_ids,
                      quantization=quantization.as_info() if quantization else None)
-    proposer = make_proposer(config.speculate)
-    if proposer is not None:
-        log.info("Using speculation %s with %d input ids.", proposer.method, config.speculate)  # TGI's line
     return Engine(config, limits, info, tokenizer, scheduler, runner, on_shutdown=hook.tgserve_on_shutdown,
                   proposer=proposer)
 

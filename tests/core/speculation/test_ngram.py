@@ -7,8 +7,10 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tgserve.core.config import ConfigError
 from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
 from tgserve.core.sequence import Sequence
+from tgserve.core.shape_constraints import ShapeConstraints
 from tgserve.core.speculation import make_proposer
 from tgserve.core.speculation.ngram import NgramProposer
 
@@ -84,7 +86,10 @@ def test_large_ids_still_match():
 
 def test_make_proposer():
     assert make_proposer(None) is None and make_proposer(0) is None
-    proposer = make_proposer(3)
+    proposer = make_proposer(3, ShapeConstraints(prefill_token_buckets=(16, 32)))
     assert isinstance(proposer, NgramProposer) and proposer.num_tokens == 3 and proposer.method == "n-gram"
+    with pytest.raises(ConfigError, match=r"^`--speculate 2` needs .* which the gaudi backend does not support"):
+        make_proposer(2, ShapeConstraints(supports_chunked_prefill=False), "gaudi")
+    assert make_proposer(0, ShapeConstraints(supports_chunked_prefill=False), "gaudi") is None
     with pytest.raises(ValueError):
         NgramProposer(2, max_ngram=4)
