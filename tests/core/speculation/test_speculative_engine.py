@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from tgserve.checkpoints.demo_tokenizer import render_chat
 from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
 from tgserve.core.speculation.ngram import NgramProposer
 
@@ -253,6 +254,30 @@ def test_proposals_shrink_at_the_edge_of_max_total_tokens(engine, long_prompt):
         (got,) = run_all(engine, [request(prompt, max_new_tokens=max_new)])
     assert_same_tokens(got, ref)
     assert sum(n for _, _, n in proposer.calls) > 0
+    assert_no_blocks_held(engine)
+
+
+def test_eos_cuts_inside_an_accepted_run(engine):
+    """A chat answer ends in <|im_end|>; guesses that run past it (the continuation generated with
+    ignore_eos) are accepted up to it, and the request ends there as without speculation."""
+    prompt = engine.tokenizer.encode(render_chat([{"role": "user", "content": "What does the baker do?"}],
+                                                 add_generation_prompt=True))
+
+    def chat_request(ignore_eos):
+        return GenerationRequest(list(prompt), SamplingParams(),
+                                 StoppingParams(max_new_tokens=NEW_TOKENS, ignore_eos_token=ignore_eos))
+
+    (ref,) = run(engine, 0, [chat_request(False)])
+    assert ref.finish.reason == "eos_token", "the demo model did not end its answer: pick another question"
+    (past_eos,) = run(engine, 0, [chat_request(True)])
+    assert past_eos.ids[:len(ref.ids)] == ref.ids and len(past_eos.ids) > len(ref.ids)
+    proposer = RecordingProposer(OracleProposer(past_eos.ids, 4))
+    with speculating(engine, proposer):
+        (got,) = run_all(engine, [chat_request(False)])
+    assert_same_tokens(got, ref)
+    last_step_tokens = got.events[-1].num_step_tokens
+    allowed_last = proposer.calls[-1][2] + 1  # the last step verified this many rows
+    assert last_step_tokens < allowed_last  # the eos came before the step's last accepted token
     assert_no_blocks_held(engine)
 
 
