@@ -14,6 +14,10 @@ TGI_QUANTIZE_METHODS = ("awq", "compressed-tensors", "eetq", "exl2", "gptq", "ma
                         "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8")
 QUANTIZE_METHODS = ("awq", "bitsandbytes-nf4", "compressed-tensors", "eetq", "fp8", "gptq")
 ROPE_SCALINGS = ("linear", "dynamic")  # what TGI's --rope-scaling accepts
+# Most tokens --speculate may propose per step: each one is a verified row of every decoding sequence,
+# and past a few dozen an n-gram guess is almost never right; the bound keeps a typo from planning
+# steps of thousands of rows.
+MAX_SPECULATE = 64
 
 
 class ConfigError(ValueError):
@@ -51,6 +55,9 @@ class ServerConfig:
     graceful_termination_timeout: int = 90  # seconds SIGTERM waits for in-flight requests
     cuda_memory_fraction: float = 1.0  # share of the memory the backend reports that tgserve may use
     kv_cache_gib: float | None = None  # KV-cache budget in GiB; None: the backend's default (cpu: 4)
+    # --speculate: tokens proposed per step and verified in the same forward (n-gram proposals from the
+    # request's own tokens, `tgserve.core.speculation`); None or 0: one token per step, as TGI.
+    speculate: int | None = None
     watermark_gamma: float = 0.5  # share of the vocabulary on each greenlist (Kirchenbauer et al.)
     watermark_delta: float = 2.0  # logit bias added to greenlist tokens
     prometheus_port: int = 9000  # second listener serving only /metrics; 0: none
@@ -76,6 +83,8 @@ class ServerConfig:
         if self.rope_factor is not None and not (math.isfinite(self.rope_factor) and self.rope_factor >= 1.0):
             raise ConfigError("`--rope-factor` must be a number >= 1.0, the times the trained context is stretched. "
                               f"Given: {self.rope_factor}")
+        if self.speculate is not None and not 0 <= self.speculate <= MAX_SPECULATE:
+            raise ConfigError(f"`speculate` must be in [0, {MAX_SPECULATE}]. Given: {self.speculate}")
         if not 0 <= self.prometheus_port <= 65535:
             raise ConfigError(f"`prometheus_port` must be in [0, 65535]. Given: {self.prometheus_port}")
         if not 0.0 < self.watermark_gamma < 1.0:

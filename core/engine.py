@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from tgserve.core.acceptance import AcceptanceRule, Proposer, accept_matching_prefix
+from tgserve.core.speculation.acceptance import AcceptanceRule, Proposer, accept_matching_prefix
 from tgserve.core.config import ServerConfig
 from tgserve.core.detokenizer import DetokenizerState, final_text, next_text
 from tgserve.core.errors import EngineStopped, GenerationError, RequestRejected  # noqa: F401 (re-exported)
@@ -73,7 +73,7 @@ class Engine:
         self._on_shutdown = on_shutdown  # the backend's tgserve_on_shutdown, called once at the end
         self._observer = observer  # told about every step (see `set_observer`)
         self._filter_s = 0.0  # seconds spent freeing finished/cancelled sequences since the last step report
-        # Multi-token steps (tgserve.core.acceptance): guesses verified each step (None: one token per
+        # Multi-token steps (tgserve.core.speculation): guesses verified each step (None: one token per
         # step), and the rule that says how many sampled tokens a sequence keeps. Set before submitting.
         self.proposer = proposer
         self.acceptance = acceptance
@@ -314,10 +314,15 @@ class Engine:
             active.sink(ErrorEvent(message))
 
     def _propose(self, proposer: Proposer) -> None:
-        """Append the proposer's guesses to every decoding sequence; the next step verifies them. At most
-        as many as the sequence's reserved KV slots still hold."""
+        """Append the proposer's guesses to every decoding sequence; the next step verifies them.
+
+        A sequence of L tokens (the last one not yet computed) may still generate max_tokens - L + 1
+        tokens, and a step that verifies k guesses yields at most k + 1: so k <= max_tokens - L - 1.
+        That also keeps every verified position inside the KV slots reserved at admission (positions
+        up to max_tokens - 2), so a request near max_new_tokens / max_total_tokens proposes fewer and
+        never needs a block more than it holds."""
         for seq in self.scheduler.running:
-            room = seq.max_tokens - len(seq.token_ids)
+            room = seq.max_tokens - len(seq.token_ids) - 1
             if seq.num_uncomputed_tokens == 1 and room > 0:
                 proposed = proposer.propose(seq, room)[:room]
                 seq.token_ids.extend(proposed)
@@ -355,12 +360,15 @@ class Engine:
             if active is None:
                 continue
             active.prompt_logprobs.extend(output.prompt_logprobs.get(seq.request_id, ()))
-            for token in tokens[:num_accepted]:
-                if self._append(active, token):
+            for num_emitted, token in enumerate(tokens[:num_accepted], start=1):
+                if self._append(active, token, num_emitted, num_emitted == num_accepted):
                     break  # finished: tokens after a stop or past max_new_tokens are not emitted
 
-    def _append(self, active: _Active, token: SampledToken) -> bool:
-        """Append one accepted token and emit its event; True when it finished the request."""
+    def _append(self, active: _Active, token: SampledToken, num_emitted: int = 1, is_last: bool = True) -> bool:
+        """Append one accepted token and emit its event; True when it finished the request.
+
+        num_emitted: this token's place (1-based) among the tokens the step emits for the request;
+        is_last: no accepted token of the step follows it. The step's last event carries the count."""
         seq, tokenizer = active.seq, self.tokenizer
         seq.token_ids.append(token.id)
         for state in seq.states:
@@ -382,7 +390,8 @@ class Engine:
         active.sink(TokenEvent(
             id=token.id, text=text, logprob=token.logprob, special=tokenizer.is_special(token.id),
             index=len(generated), top_tokens=tuple(self._top(t, p) for t, p in token.top),
-            prefill=self._prefill(active) if len(generated) == 1 else (), finish=finish))
+            prefill=self._prefill(active) if len(generated) == 1 else (), finish=finish,
+            num_step_tokens=num_emitted if is_last or finish is not None else 0))
         return finish is not None
 
     def _finish_reason(self, seq: Sequence, token_id: int, is_stop_found: bool) -> str | None:

@@ -31,6 +31,7 @@ from tgserve.core.request import ModelInfo
 from tgserve.core.rope_scaling import serving_model_config
 from tgserve.core.scheduler import Scheduler
 from tgserve.core.shape_constraints import ShapeConstraints
+from tgserve.core.speculation import make_proposer
 from tgserve.core.step_inputs import StepCapacity, step_capacity
 from tgserve.core.step_memory import StepMemory, step_memory
 from tgserve.core.warmup import ProbeResult, full_step, probe_prefill_speed
@@ -97,6 +98,9 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
              f", weights quantized with {quantization.describe()}" if quantization else "")
     loaded = _load_model(quantization, hook, checkpoint, model_config, getattr(torch, dtype_name), progress)
     constraints = hook.tgserve_get_shape_constraints(model_config=model_config, config=config)
+    proposer = make_proposer(config.speculate, constraints, backend.name)
+    if proposer is not None:
+        log.info("Using speculation %s with %d input ids.", proposer.method, config.speculate)  # TGI's line
     policy: WarmupPolicy = hook.tgserve_get_warmup_policy(model_config=model_config, config=config)
     probe = None if policy.is_full_step else _probe(config, hook, loaded, policy, constraints)
     step_s = policy.prefill_step_s
@@ -124,7 +128,8 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
                      model_device_type=loaded.device.type, backend=backend.name,
                      eos_token_ids=tokenizer.eos_token_ids,
                      quantization=quantization.as_info() if quantization else None)
-    return Engine(config, limits, info, tokenizer, scheduler, runner, on_shutdown=hook.tgserve_on_shutdown)
+    return Engine(config, limits, info, tokenizer, scheduler, runner, on_shutdown=hook.tgserve_on_shutdown,
+                  proposer=proposer)
 
 
 def _load_model(quantization: QuantizationConfig | None, hook, checkpoint: Checkpoint, model_config: ModelConfig,
@@ -180,8 +185,11 @@ def _size(config: ServerConfig, hook, loaded: _Loaded, model_max_length: int | N
     """Check one step's analytic peak, then size the KV cache from what is left and derive the limits."""
     model_config, device = loaded.model_config, loaded.device
     prefill_tokens = config.max_batch_prefill_tokens or default_prefill
+    # Logits rows of a step: every prompt token with prefill logprobs, else one per sequence and one
+    # more per token it verifies (--speculate).
+    rows_per_seq = 1 + (config.speculate or 0)
     sampling_rows = (prefill_tokens if config.enable_prefill_logprobs
-                     else min(prefill_tokens, config.max_batch_size or config.max_concurrent_requests))
+                     else min(prefill_tokens, (config.max_batch_size or config.max_concurrent_requests) * rows_per_seq))
     step = step_memory(model_config, loaded.dtype, prefill_tokens,
                        max_context_bound(config, model_config, model_max_length, constraints), sampling_rows)
     free_bytes = hook.tgserve_get_free_memory_bytes(device=device)

@@ -86,6 +86,10 @@ class TokenEvent:
     top_tokens: tuple[TopToken, ...] = ()
     prefill: tuple[TopToken, ...] = ()  # prompt tokens with logprobs, on the first event only
     finish: Finish | None = None
+    # On the last event one engine step produced for the request: how many events that step produced
+    # (1 + the speculated tokens it accepted, fewer where a stop cut them); 0 on the events before it
+    # from the same step. TGI's `tgi_request_skipped_tokens` observes this less one, once per step.
+    num_step_tokens: int = 1
 
 
 @dataclass(slots=True, frozen=True)

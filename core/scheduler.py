@@ -5,7 +5,9 @@ chunk of a long prompt), then waiting requests join in arrival order while the s
 (`max_batch_prefill_tokens`), the batch size limit and the free KV blocks allow. Admission stops
 at the first request that does not fit, so nobody is overtaken and nobody starves. A request
 reserves the blocks for its whole token budget when admitted, so a running request never runs out
-of cache and nothing is ever preempted. At admission the block manager says how much of the prompt
+of cache and nothing is ever preempted; a speculating sequence's verified positions stay inside that
+reservation (the engine proposes at most max_tokens - L - 1 tokens after L), so speculation needs no
+extra blocks and a request near its end proposes fewer. At admission the block manager says how much of the prompt
 is already computed (0 until prefix caching); only the rest is scheduled.
 
 A backend's `ShapeConstraints` bound every step: never more tokens than its largest prefill bucket

@@ -33,6 +33,9 @@ class Sequence:
     # Tokens at the end of `token_ids` that a proposer guessed and the next step verifies (set by the
     # engine before scheduling, back to 0 when the step's tokens are accepted).
     num_proposed_tokens: int = 0
+    # The proposer's own per-sequence cache (e.g. the n-gram index, `tgserve.core.speculation.ngram`),
+    # created by the proposer on first use; None until then. It leaves with the sequence.
+    proposer_state: object = None
     states: tuple = ()  # the request's `RequestState`s, told about every accepted token
     arrival_s: float = 0.0  # time.monotonic() at submit
     first_scheduled_s: float | None = None  # when it first entered a step (end of its queue time)

@@ -16,7 +16,7 @@ class StepStats:
 
     num_seqs: int  # sequences computed in this step
     num_new_seqs: int  # of those, sequences computed for the first time: they joined the batch now
-    num_tokens: int  # tokens computed in this step: prompt chunks plus one per decoding sequence
+    num_tokens: int  # tokens computed in this step: prompt chunks plus 1 + k per decoding sequence verifying k guesses
     num_prefill_tokens: int  # of those, prompt tokens; > 0 makes this a "prefill" step
     num_running: int  # sequences holding KV blocks after the step: the batch size
     num_waiting: int  # sequences queued for admission after the step

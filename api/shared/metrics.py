@@ -69,6 +69,8 @@ class ServerMetrics:
             "tgi_request_generated_tokens", "Generated tokens per request", linear_buckets(limits.max_total_tokens))
         self.request_max_new_tokens = self._histogram(
             "tgi_request_max_new_tokens", "max_new_tokens per request", linear_buckets(limits.max_total_tokens))
+        # TGI (backends/v3/src/backend.rs): one observation per request per step, the tokens the step
+        # gave it less one; buckets 0..speculate (router/src/server.rs).
         self.request_skipped_tokens = self._histogram(
             "tgi_request_skipped_tokens", "Speculated tokens accepted per step beyond the first",
             tuple(float(n) for n in range(speculate + 1)))
@@ -133,7 +135,10 @@ class ServerMetrics:
         self.request_inference_duration.observe(inference_s)
         self.request_mean_time_per_token_duration.observe(inference_s / max(generated_tokens, 1))
         self.request_generated_tokens.observe(generated_tokens)
-        self.request_skipped_tokens.observe(0)  # one token per step until speculative decoding lands
+
+    def record_step_tokens(self, num_tokens: int) -> None:
+        """One engine step gave a request `num_tokens` tokens (`TokenEvent.num_step_tokens`, >= 1)."""
+        self.request_skipped_tokens.observe(num_tokens - 1)
 
     def render(self) -> bytes:
         """The registry in Prometheus text format (see `render_text`)."""

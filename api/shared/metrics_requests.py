@@ -3,6 +3,7 @@
 Every request's lifecycle (`tgserve.api.shared.lifecycle`) consumes `Engine.stream` through `metered_stream`, which records how the
 request ended exactly once:
 
+- every engine step that gave it tokens: `tgi_request_skipped_tokens` (the step's tokens less one);
 - finished: `tgi_request_success` and the duration / token histograms (timings from `RequestTimer`);
 - the engine failed it: `tgi_request_failure{err="generation"}` (or "validation" when it could
   never fit the KV cache);
@@ -39,6 +40,8 @@ async def metered_stream(metrics: ServerMetrics, events: AsyncIterator[TokenEven
     try:
         async with aclosing(events):
             async for event in events:
+                if event.num_step_tokens:
+                    metrics.record_step_tokens(event.num_step_tokens)
                 if event.finish is not None and not is_recorded:
                     is_recorded = True
                     timer.mark_end()

@@ -29,7 +29,7 @@ class ServerState:
     def from_engine(cls, engine: "Engine") -> "ServerState":
         """Derive the shared state from a built engine's config, limits and model info."""
         config, limits = engine.config, engine.limits
-        metrics = ServerMetrics(limits)
+        metrics = ServerMetrics(limits, config.speculate or 0)
         metrics.watch_kv_cache(lambda: engine.num_used_kv_blocks)
         return cls(
             engine=engine,

@@ -52,5 +52,6 @@ async def info(state: ServerState = Depends(get_state)) -> Response:
         sha=None,
         docker_label=None,
         quantization=model.quantization,
+        speculate=config.speculate or 0,
     )
     return JSONResponse(body.model_dump())

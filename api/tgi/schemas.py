@@ -110,3 +110,6 @@ class Info(BaseModel):
     # tgserve's addition: the weight quantization in use ({"method", "bits", "group_size",
     # "is_prequantized", "description"}), None for float weights.
     quantization: dict | None = None
+    # tgserve's addition: --speculate, the tokens proposed and verified per step (0: none). TGI's shard
+    # reports it in its Info RPC; its HTTP /info does not.
+    speculate: int = 0

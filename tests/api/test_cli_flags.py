@@ -96,3 +96,14 @@ def test_rope_flags_and_their_environment():
         config(["--rope-factor", "0.5"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--rope-scaling", "yarn"])
+
+
+def test_speculate_flag_and_environment():
+    assert config([]).speculate is None
+    assert config(["--speculate", "2"]).speculate == 2
+    assert config([], {"SPECULATE": "4"}).speculate == 4
+    assert config(["--speculate", "0"], {"SPECULATE": "4"}).speculate == 0
+    with pytest.raises(ConfigError, match=r"`speculate` must be in \[0, 64\]. Given: -1"):
+        config(["--speculate", "-1"])
+    with pytest.raises(ConfigError, match="SPECULATE='two' is not a valid int"):
+        config([], {"SPECULATE": "two"})

@@ -86,7 +86,26 @@ def test_request_success_records_the_timer_split():
     assert got["tgi_request_validation_duration_sum"] == 0.1 and got["tgi_request_queue_duration_sum"] == 0.2
     assert got["tgi_request_mean_time_per_token_duration_sum"] == pytest.approx(0.1)
     assert got["tgi_request_input_length_sum"] == 12 and got["tgi_request_max_new_tokens_sum"] == 20
-    assert got["tgi_request_generated_tokens_sum"] == 7 and got["tgi_request_skipped_tokens_count"] == 1
+    assert got["tgi_request_generated_tokens_sum"] == 7
+    assert got["tgi_request_skipped_tokens_count"] == 0  # observed per step, not per request
+
+
+def test_skipped_tokens_are_observed_once_per_step_as_tgi():
+    """Steps gave a request 1, 3, 1 and 2 tokens (events carry 1; 0, 0, 3; 1; 0, 2): TGI observes
+    n - 1 per step, 0 2 0 1, into buckets 0..speculate."""
+    metrics = ServerMetrics(LIMITS, speculate=2)
+    assert bucket_bounds(metrics, "tgi_request_skipped_tokens") == [0.0, 1.0, 2.0]
+
+    async def events():
+        for index, num_step_tokens in enumerate([1, 0, 0, 3, 1, 0, 2], start=1):
+            finish = Finish("length", index, None, "x" * index) if index == 7 else None
+            yield TokenEvent(120, "x", -0.1, False, index, finish=finish, num_step_tokens=num_step_tokens)
+
+    asyncio.run(_consume(metrics, events()))
+    got = samples(metrics)
+    assert got["tgi_request_skipped_tokens_count"] == 4 and got["tgi_request_skipped_tokens_sum"] == 3
+    assert got['tgi_request_skipped_tokens_bucket{le="0.0"}'] == 2
+    assert got['tgi_request_skipped_tokens_bucket{le="1.0"}'] == 3
 
 
 def test_engine_steps_become_prefill_and_decode_batches():

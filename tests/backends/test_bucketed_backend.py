@@ -99,3 +99,35 @@ def test_each_request_keeps_one_slot_while_it_runs(bucketed_run):
 def test_inputs_stay_in_the_same_buffers(bucketed_run):
     journal, _, _ = bucketed_run
     assert len({step.data_ptrs for step in journal}) == 1
+
+
+# Text that repeats itself, so the n-gram proposer finds guesses (six, for the four slots).
+SPECULATION_PROMPTS = ["The river ran past the mill. The river ran past the mill. The river ran",
+                       "The cat sat on the mat and the dog sat on the rug.",
+                       "The baker is already asleep. The bread for the morning is in the oven. The baker is",
+                       "In early spring the garden is still brown and bare. In early spring the garden",
+                       "Once upon a time", "The train moves on. The train moves on. The train"]
+
+
+def test_speculation_fits_the_buckets_and_keeps_the_tokens(demo_model_dir):
+    """--speculate 2 on the bucketed backend: verification steps are padded to the prefill buckets, only
+    real rows get logits, and the greedy tokens equal the cpu backend's without speculation."""
+    with running_engine(demo_model_dir, **LIMITS) as engine:
+        prompts = [engine.tokenizer.encode(text) for text in SPECULATION_PROMPTS]
+        expected = [g.ids for g in run_all(engine, _requests(prompts))]
+    backend = BackendRegistry(extra_plugins={plugin.NAME: plugin}).select(plugin.NAME)
+    plugin.JOURNAL.clear()
+    engine = build_engine(ServerConfig(model_id=str(demo_model_dir), speculate=2, **LIMITS), backend, progress=False)
+    engine.start()
+    try:
+        got = [g.ids for g in run_all(engine, _requests(prompts))]
+    finally:
+        engine.shutdown(drain_timeout_s=5)
+    assert got == expected
+    verifying = [step for step in plugin.JOURNAL if any(k > 1 for k in step.num_sampled)]
+    assert verifying, "no step verified a guess"
+    for step in verifying:
+        num_tokens = sum(step.query_lens)
+        assert step.num_token_rows == min(b for b in plugin.PREFILL_TOKEN_BUCKETS if b >= num_tokens)
+        ends = [sum(step.query_lens[:i + 1]) for i in range(len(step.query_lens))]
+        assert step.logits_indices == [row for end, k in zip(ends, step.num_sampled) for row in range(end - k, end)]

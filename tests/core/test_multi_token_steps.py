@@ -121,15 +121,17 @@ def test_verified_steps_with_rejections_equal_greedy_decoding(engine, prompts, g
     assert blocks.num_free_blocks == blocks.num_usable_blocks
 
 
-def test_max_new_tokens_cuts_inside_an_accepted_append(engine, prompts, greedy):
-    """All guesses right: the prefill gives token 1, the next step keeps 5 (6 in all), the one after
-    would keep 2 (its room for guesses is 1), but max_new_tokens=7 cuts it after one."""
+def test_max_new_tokens_bounds_the_guesses(engine, prompts, greedy):
+    """All guesses right: the prefill gives token 1, the next step keeps 5 (6 in all); with
+    max_new_tokens=8 two are left, so the engine allows one guess, and that step keeps 2 and ends the
+    request exactly: no position past max_new_tokens is ever computed."""
     with proposing(engine, FixedProposer({tuple(prompts[0]): greedy[0]}, engine.runner.vocab_size,
                                          is_wrong_sometimes=False)) as proposer:
-        (got,) = run_all(engine, [_request(prompts[0], max_new_tokens=7)])
+        (got,) = run_all(engine, [_request(prompts[0], max_new_tokens=8)])
     assert _kept_per_step(proposer.calls[tuple(prompts[0])]) == [K + 1]
-    assert got.ids == greedy[0][:7]
-    assert got.finish.reason == "length" and got.finish.generated_tokens == 7
+    assert got.ids == greedy[0][:8]
+    assert [e.num_step_tokens for e in got.events] == [1, 0, 0, 0, 0, 5, 0, 2]
+    assert got.finish.reason == "length" and got.finish.generated_tokens == 8
     (after,) = run_all(engine, [_request(prompts[1], max_new_tokens=2)])  # the engine still serves
     assert after.ids == greedy[1][:2]
 

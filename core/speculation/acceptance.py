@@ -5,7 +5,8 @@ computes the last accepted token and the k guesses, and the runner samples the t
 at each of those k + 1 positions (`ScheduledSequence.num_sampled`). An acceptance rule compares the
 guesses with the sampled tokens and says how many sampled tokens the sequence keeps; the engine rolls
 the rest back (`Engine._update`). Without a proposer every step samples one token and keeps it.
-The speculation issue plugs in real proposers (a draft model, n-grams) and rejection sampling here.
+`tgserve.core.speculation.ngram` is the n-gram proposer `--speculate N` runs; Medusa heads and a draft
+model implement the same `Proposer` (a draft model adds rejection sampling as its acceptance rule).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ class Proposer(Protocol):
     def propose(self, seq: Sequence, max_tokens: int) -> list[int]:
         """Up to `max_tokens` token ids to verify after `seq.token_ids` (its accepted tokens); [] for none.
 
-        Called once per step for each running sequence that has exactly one uncomputed token."""
+        Called once per step for each running sequence that has exactly one uncomputed token. A proposer
+        that needs per-sequence memory keeps it in `seq.proposer_state` (None until it sets it)."""
 
 
 def accept_matching_prefix(proposed: Ids[int], sampled: Ids[int]) -> int:
