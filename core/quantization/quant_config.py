@@ -48,8 +48,9 @@ class QuantizationConfig:
 
     @property
     def is_lm_head_quantized(self) -> bool:
-        """Whether lm_head is quantized: at load, only by AT_LOAD_QUANTIZED_HEAD's methods; in a
-        pre-quantized checkpoint, never by tgserve's loaders (the format keeps it in float)."""
+        """Whether lm_head is quantized at load: only by AT_LOAD_QUANTIZED_HEAD's methods. A pre-quantized
+        checkpoint says so itself (GPTQ's `lm_head: true`, compressed-tensors unless `ignore`d), read by its
+        format's `method_for`."""
         return not self.is_prequantized and self.method in AT_LOAD_QUANTIZED_HEAD
 
     def describe(self) -> str:
@@ -60,8 +61,8 @@ class QuantizationConfig:
         text = " ".join(parts)
         if self.group_size is not None:
             text += ", per output channel" if self.group_size == -1 else f", group size {self.group_size}"
-        if self.is_prequantized:
-            return text
+        if self.is_prequantized:  # GPTQModel's `lm_head: true` (`tgserve quantize --lm-head-bits`) is worth a word
+            return text + (", lm_head quantized" if self.checkpoint_config.get("lm_head") is True else "")
         return text + (" (quantized at load)" if self.is_lm_head_quantized else " (quantized at load, lm_head float)")
 
 

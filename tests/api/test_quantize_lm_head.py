@@ -162,3 +162,4 @@ def test_quantized_head_serves_like_its_dequantized_weights(name, sources, quant
         assert_serves_like_transformers(server.url, reference, sources[name], hf_tokenizer)
         info = httpx.get(f"{server.url}/info", timeout=10).json()["quantization"]
     assert (info["method"], info["bits"], info["is_prequantized"]) == ("gptq", 4, True)
+    assert info["description"].endswith(", lm_head quantized")

@@ -163,7 +163,7 @@ def test_which_layers_stay_float_lm_head_modules_to_not_convert_and_dynamic():
     assert quantized.describe() == "gptq 4-bit, group size 32"
     assert method.method_for(("model.layers.0.mlp.down_proj",)).describe() == "gptq 8-bit, group size 64"
     with_head = gptq_method(quantization_config(4, 32, lm_head=True))
-    assert with_head.method_for(("lm_head",)).describe() == "gptq 4-bit, group size 32"
+    assert with_head.method_for(("lm_head",)).describe() == "gptq 4-bit, group size 32, lm_head quantized"
     with pytest.raises(QuantizationError, match="not quantized alike"):
         method.method_for(("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"))
 
