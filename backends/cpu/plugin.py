@@ -71,16 +71,7 @@ def native_ops():
 
     Called at the first quantized model load, never in a step. None when NATIVE_ENV=0 or the build
     fails; either way one log line says so, and the torch-op kernels serve instead."""
-    if os.environ.get(NATIVE_ENV, "1") == "0":
-        log.info("native weight-only kernels off (%s=0): torch ops serve quantized layers", NATIVE_ENV)
-        return None
-    try:
-        ops, build_dir, build_s, isa = _load_native(None)
-    except NativeBuildError as error:
-        log.warning("native weight-only kernels unavailable, torch ops serve quantized layers instead: %s", error)
-        return None
-    log.info("native weight-only kernels (%s ISA) loaded from %s in %.1f s", isa, build_dir, build_s)
-    return ops
+    return _native_or_none(None, (NATIVE_ENV,), "native weight-only kernels", "torch ops serve quantized layers")
 
 
 @functools.cache
@@ -89,16 +80,23 @@ def native_attention_ops():
 
     Called at the first model build, never in a step. None when NATIVE_ENV=0, ATTENTION_ENV=0 or the
     build fails; either way one log line says so, and the core's torch attention serves instead."""
-    for env in (NATIVE_ENV, ATTENTION_ENV):
+    return _native_or_none(ATTENTION, (NATIVE_ENV, ATTENTION_ENV), "native paged attention",
+                           "the core's torch attention serves")
+
+
+def _native_or_none(library, switches: tuple[str, ...], what: str, instead: str):
+    """The ops of `library` (None: the weight-only GEMM's), or None with one log line saying why and
+    what serves `instead`: a switch in `switches` set to "0", or a failed build."""
+    for env in switches:
         if os.environ.get(env, "1") == "0":
-            log.info("native paged attention off (%s=0): the core's torch attention serves", env)
+            log.info("%s off (%s=0): %s", what, env, instead)
             return None
     try:
-        ops, build_dir, build_s, isa = _load_native(ATTENTION)
+        ops, build_dir, build_s, isa = _load_native(library)
     except NativeBuildError as error:
-        log.warning("native paged attention unavailable, the core's torch attention serves instead: %s", error)
+        log.warning("%s unavailable, %s instead: %s", what, instead, error)
         return None
-    log.info("native paged attention (%s ISA) loaded from %s in %.1f s", isa, build_dir, build_s)
+    log.info("%s (%s ISA) loaded from %s in %.1f s", what, isa, build_dir, build_s)
     return ops
 
 
