@@ -321,12 +321,18 @@ class Engine:
         That also keeps every verified position inside the KV slots reserved at admission (positions
         up to max_tokens - 2), so a request near max_new_tokens / max_total_tokens proposes fewer and
         never needs a block more than it holds."""
+        seqs, limits = [], []
         for seq in self.scheduler.running:
             room = seq.max_tokens - len(seq.token_ids) - 1
             if seq.num_uncomputed_tokens == 1 and room > 0:
-                proposed = proposer.propose(seq, room)[:room]
-                seq.token_ids.extend(proposed)
-                seq.num_proposed_tokens = len(proposed)
+                seqs.append(seq)
+                limits.append(room)
+        if not seqs:
+            return
+        for seq, proposed, limit in zip(seqs, proposer.propose_batch(seqs, limits), limits):
+            proposed = proposed[:limit]
+            seq.token_ids.extend(proposed)
+            seq.num_proposed_tokens = len(proposed)
 
     def _update(self, plan, output) -> None:
         """Apply a step: advance every sequence by its accepted positions and emit its accepted tokens.
@@ -353,6 +359,7 @@ class Engine:
                                                [token.id for token in tokens])
                 if not 1 <= num_accepted <= num_proposed + 1:
                     raise EngineInvariantError(f"accepted {num_accepted} of {num_proposed + 1} sampled tokens")
+                self.proposer.observe(seq, num_proposed, num_accepted)
             # Accepted proposals are still in token_ids here, so the blocks they fill hash right.
             self.scheduler.advance(seq, item.num_new_tokens - (num_proposed - num_accepted + 1))
             del seq.token_ids[len(seq.token_ids) - num_proposed:]  # the kept ones come back as sampled tokens

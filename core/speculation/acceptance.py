@@ -10,7 +10,7 @@ model implement the same `Proposer` (a draft model adds rejection sampling as it
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence as Ids
+from typing import Callable, Sequence as Ids
 
 from tgserve.core.sequence import Sequence
 
@@ -18,14 +18,29 @@ from tgserve.core.sequence import Sequence
 AcceptanceRule = Callable[[Ids[int], Ids[int]], int]
 
 
-class Proposer(Protocol):
-    """Guesses the next tokens of decoding sequences; called on the engine thread before each step."""
+class Proposer:
+    """Guesses the next tokens of decoding sequences; called on the engine thread before each step.
+
+    A proposer implements `propose` (one sequence at a time) or, where guessing is a batched
+    computation (a draft model's forward), `propose_batch`. `observe` hears how each verification
+    went (adaptive lengths, a draft's own cache). A proposer that needs per-sequence memory keeps it
+    in `seq.proposer_state` (None until it sets it)."""
+
+    method = "custom"  # the name TGI's start-up line logs ("Using speculation {method} with N input ids.")
+    num_tokens = 0  # the most tokens it proposes per step (--speculate)
 
     def propose(self, seq: Sequence, max_tokens: int) -> list[int]:
-        """Up to `max_tokens` token ids to verify after `seq.token_ids` (its accepted tokens); [] for none.
+        """Up to `max_tokens` token ids to verify after `seq.token_ids` (its accepted tokens); [] for none."""
+        raise NotImplementedError
 
-        Called once per step for each running sequence that has exactly one uncomputed token. A proposer
-        that needs per-sequence memory keeps it in `seq.proposer_state` (None until it sets it)."""
+    def propose_batch(self, seqs: list[Sequence], limits: list[int]) -> list[list[int]]:
+        """Guesses for each of `seqs` (running, exactly one uncomputed token each), at most `limits[i]`
+        (>= 1) for `seqs[i]`, in order. The default asks `propose` for each sequence."""
+        return [self.propose(seq, limit) for seq, limit in zip(seqs, limits)]
+
+    def observe(self, seq: Sequence, num_proposed: int, num_accepted: int) -> None:
+        """After a step verified `num_proposed` (>= 1) guesses of `seq`: `num_accepted` sampled tokens
+        were kept (1 to num_proposed + 1; the guesses matched num_accepted - 1 of them)."""
 
 
 def accept_matching_prefix(proposed: Ids[int], sampled: Ids[int]) -> int:

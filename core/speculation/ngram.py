@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tgserve.core.sequence import Sequence
+from tgserve.core.speculation.acceptance import Proposer
 
 METHOD = "n-gram"  # the method name TGI logs ("Using speculation n-gram with N input ids.")
 _TOKEN_BITS = 21  # an n-gram key packs each id into 21 bits (vocabularies reach ~256k ids)
@@ -36,7 +37,7 @@ class NgramIndex:
     num_indexed: int = 0  # the n-grams ending at positions < num_indexed are in the dicts
 
 
-class NgramProposer:
+class NgramProposer(Proposer):
     """Proposes up to `num_tokens` tokens per step from n-gram matches (`tgserve.core.speculation.Proposer`)."""
 
     method = METHOD

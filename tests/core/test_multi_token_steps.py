@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
 from tgserve.core.request_state import RequestState
+from tgserve.core.speculation.acceptance import Proposer
 
 from .engine_harness import run_all, running_engine
 
@@ -57,7 +58,7 @@ def greedy(hf, prompts):
     return [_generate(hf, ids) for ids in prompts]
 
 
-class FixedProposer:
+class FixedProposer(Proposer):
     """Proposes K tokens of a known continuation; at its n-th call the guess at index n % (K + 1) is
     wrong (n % (K + 1) == K: all right), so steps keep 1, 2, ..., K + 1 tokens in turn. Records the
     number of accepted generated tokens at every call. Prompts it does not know get no proposals."""

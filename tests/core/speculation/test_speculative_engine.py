@@ -17,6 +17,7 @@ import pytest
 
 from tgserve.checkpoints.demo_tokenizer import render_chat
 from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
+from tgserve.core.speculation.acceptance import Proposer
 from tgserve.core.speculation.ngram import NgramProposer
 
 from ..engine_harness import Collected, run_all, running_engine
@@ -206,7 +207,7 @@ def test_stop_sequence_cuts_inside_an_accepted_run(engine, prompts, greedy_refer
     assert_no_blocks_held(engine)
 
 
-class RecordingProposer:
+class RecordingProposer(Proposer):
     """Wraps a proposer; checks and records what the engine allows it at every call."""
 
     def __init__(self, inner):
@@ -221,7 +222,7 @@ class RecordingProposer:
         return proposed
 
 
-class OracleProposer:
+class OracleProposer(Proposer):
     """Proposes up to `num_tokens` of the known continuation: every guess is right, so proposals run
     to the edge."""
 
