@@ -26,7 +26,7 @@ DEFAULT_NUM_HEADS = 3
 NUM_LAYERS = 1  # residual blocks per head
 WINDOW_TOKENS = 128  # the base model reads the stream in windows of this many tokens
 NUM_TRAIN_STEPS = 150
-BATCH_POSITIONS = 512
+BATCH_POSITIONS = 256
 LEARNING_RATE = 3e-3
 HEAD_DECAY = 0.8  # Medusa's loss weight per head: later heads guess further and matter less
 
