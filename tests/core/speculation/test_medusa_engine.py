@@ -10,6 +10,8 @@ accepted (steps that gave a request more than one token).
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from tgserve.core.config import ConfigError, ServerConfig
 from tgserve.core.engine_builder import build_engine
@@ -17,6 +19,7 @@ from tgserve.core.plugins import BackendRegistry
 from tgserve.core.speculation import MedusaProposer
 
 from ..engine_harness import run_all, running_engine
+from .test_medusa_checkpoint import reference_guesses
 from .test_speculative_engine import (PlanRecorder, assert_no_blocks_held, assert_same_tokens, num_skipped, request,
                                       speculating, step_runs)
 
@@ -64,6 +67,30 @@ def test_a_medusa_checkpoint_serves_its_base_model_with_its_heads(engine, medusa
     assert isinstance(engine.proposer, MedusaProposer) and engine.proposer.num_tokens == NUM_HEADS
     assert engine.runner.heads.num_heads == NUM_HEADS
     assert engine.model_info.model_id == str(medusa_dir)
+
+
+def test_proposals_are_the_heads_guesses_at_the_last_kept_token(engine, prompts, medusa_dir, demo_model_dir):
+    """Every proposal equals the heads' guesses (read independently from the file) on transformers'
+    final hidden state of the token before the sequence's last one (the row that sampled it)."""
+    calls = []
+
+    class Recording(MedusaProposer):
+        def propose(self, seq, max_tokens):
+            proposed = super().propose(seq, max_tokens)
+            calls.append((list(seq.token_ids), max_tokens, proposed))
+            return proposed
+
+    with speculating(engine, Recording(NUM_HEADS)):
+        (got,) = run_all(engine, [request(prompts[0])])
+    ids = prompts[0] + got.ids
+    model = AutoModelForCausalLM.from_pretrained(str(demo_model_dir), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+    expected = reference_guesses(medusa_dir, NUM_HEADS, 1, hidden, model.lm_head.weight)
+    assert len(calls) > 3 and len(calls[0][0]) == len(prompts[0]) + 1  # the first: right after prefill
+    for seen, max_tokens, proposed in calls:
+        assert seen == ids[:len(seen)]
+        assert proposed == expected[len(seen) - 2][:min(NUM_HEADS, max_tokens)]
 
 
 @pytest.mark.parametrize("speculate", [1, 2, NUM_HEADS])
