@@ -9,6 +9,8 @@ accepted (steps that gave a request more than one token).
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -164,3 +166,33 @@ def test_heads_sharing_the_model_lm_head(demo_model_dir, tmp_path_factory):
         for result, expected in zip(got, ref):
             assert_same_tokens(result, expected)
         assert mean_accepted_length(got) > 1.0
+
+
+SMOLLM2_PROMPT = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
+                  "Rewrite both functions with type hints:\n\ndef add(a: int, b: int) -> int:\n")
+
+
+def test_smollm2_with_untrained_shared_lm_head_heads_equals_speculate_0(smollm2_dir, tmp_path):
+    """The real model (tied embeddings) under two near-zero heads in TGI's MedusaHeadV2 layout: whatever
+    the heads guess, --speculate 2 gives --speculate 0's ids, alone and beside a plain request."""
+    from safetensors.torch import save_file
+    hidden_size = json.loads((smollm2_dir / "config.json").read_text())["hidden_size"]
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for head in range(2):
+        tensors[f"{head}.0.linear.weight"] = torch.randn(hidden_size, hidden_size, generator=generator) * 1e-3
+        tensors[f"{head}.0.linear.bias"] = torch.zeros(hidden_size)
+    save_file(tensors, str(tmp_path / "medusa_lm_head.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 2, "medusa_num_layers": 1,
+                                                      "base_model_name_or_path": str(smollm2_dir)}))
+    with running_engine(tmp_path, dtype="float32", max_batch_prefill_tokens=256, max_batch_total_tokens=4096,
+                        max_total_tokens=1024) as engine:
+        assert engine.runner.heads.out_weights is None and engine.config.speculate == 2
+        prompt = engine.tokenizer.encode(SMOLLM2_PROMPT)
+        other = engine.tokenizer.encode("The capital of France is")
+        requests = lambda: [request(prompt, max_new_tokens=32), request(other, max_new_tokens=16)]  # noqa: E731
+        ref = run(engine, 0, requests())
+        got = run(engine, 2, requests())
+        for result, expected in zip(got, ref):
+            assert_same_tokens(result, expected)
+        assert_no_blocks_held(engine)
