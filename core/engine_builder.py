@@ -126,7 +126,8 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
                              sizing.num_blocks, loaded.block_size, constraints)
     runner = _runner(config, hook, loaded, kv_cache, capacity, constraints)
     if medusa is not None and config.speculate:
-        runner.heads = MedusaHeads.load(medusa, config.speculate, loaded.dtype, loaded.device)
+        runner.heads = MedusaHeads.load(medusa, config.speculate, loaded.dtype, loaded.device,
+                                        (model_config.hidden_size, model_config.vocab_size))
     scheduler = Scheduler(BlockManager(sizing.num_blocks, loaded.block_size), limits.max_batch_prefill_tokens,
                           limits.max_batch_size, constraints.supports_chunked_prefill if constraints else True,
                           constraints)

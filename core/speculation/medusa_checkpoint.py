@@ -57,7 +57,8 @@ def find_medusa(path: Path, raw_config: dict) -> MedusaCheckpoint | None:
         raise ConfigError(f"{path}/config.json has medusa_num_heads but no base_model_name_or_path: "
                           "the heads need the model they were trained on")
     if not (path / MEDUSA_HEADS_FILE).is_file():
-        raise ConfigError(f"{path} is a Medusa checkpoint (medusa_num_heads in config.json) without {MEDUSA_HEADS_FILE}")
+        raise ConfigError(f"{path} is a Medusa checkpoint (medusa_num_heads in config.json) "
+                          f"without {MEDUSA_HEADS_FILE}")
     num_heads, num_layers = int(raw_config["medusa_num_heads"]), int(raw_config.get("medusa_num_layers", 1))
     if num_heads < 1 or num_layers < 1:
         raise ConfigError(f"{path}/config.json: medusa_num_heads and medusa_num_layers must be >= 1, "

@@ -30,11 +30,12 @@ class MedusaHeads:
         return self.block_weights.shape[0]
 
     @classmethod
-    def load(cls, checkpoint: MedusaCheckpoint, num_heads: int, dtype: torch.dtype,
-             device: torch.device) -> "MedusaHeads":
+    def load(cls, checkpoint: MedusaCheckpoint, num_heads: int, dtype: torch.dtype, device: torch.device,
+             model_shape: tuple[int, int] | None = None) -> "MedusaHeads":
         """Read heads 0 .. num_heads - 1 (as TGI, only the heads `--speculate` uses) onto `device` as `dtype`.
 
-        Raises ConfigError naming the first tensor the file lacks."""
+        model_shape: the served model's (hidden_size, vocab_size), checked against the heads' tensors.
+        Raises ConfigError naming the first tensor the file lacks, or a shape that does not fit."""
         num_layers = checkpoint.num_layers
         with safe_open(str(checkpoint.heads_file), framework="pt") as handle:
             names = set(handle.keys())
@@ -46,14 +47,27 @@ class MedusaHeads:
                 return handle.get_tensor(name).to(device=device, dtype=dtype)
 
             def stacked(name: str) -> torch.Tensor:  # [num_heads, num_layers, ...]
-                return torch.stack([torch.stack([read(name.format(head=head, layer=layer)) for layer in range(num_layers)])
-                                    for head in range(num_heads)])
+                return torch.stack([torch.stack([read(name.format(head=head, layer=layer))
+                                                 for layer in range(num_layers)]) for head in range(num_heads)])
 
             weights, biases = stacked("{head}.{layer}.linear.weight"), stacked("{head}.{layer}.linear.bias")
             out = None
             if f"0.{num_layers}.weight" in names:  # each head has its own lm_head (else: TGI's MedusaHeadV2)
                 out = torch.stack([read(f"{head}.{num_layers}.weight") for head in range(num_heads)])
-        return cls(weights, biases, out)
+        heads = cls(weights, biases, out)
+        if model_shape is not None:
+            heads._check_fits(model_shape, checkpoint)
+        return heads
+
+    def _check_fits(self, model_shape: tuple[int, int], checkpoint: MedusaCheckpoint) -> None:
+        """Raise ConfigError unless the blocks read the model's hidden size and own lm_heads its vocabulary."""
+        hidden_size, vocab_size = model_shape
+        block_shape = tuple(self.block_weights.shape[2:])
+        out_shape = None if self.out_weights is None else tuple(self.out_weights.shape[1:])
+        if block_shape != (hidden_size, hidden_size) or out_shape not in (None, (vocab_size, hidden_size)):
+            raise ConfigError(f"the Medusa heads in {checkpoint.heads_file} (blocks {block_shape}, lm_heads "
+                              f"{out_shape or 'shared'}) do not fit the base model {checkpoint.base_model_id} "
+                              f"(hidden size {hidden_size}, vocabulary {vocab_size})")
 
     def top_ids(self, hidden: torch.Tensor, compute_logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """int64 [rows, num_heads]: head i's most likely token i + 2 places after each row of `hidden`

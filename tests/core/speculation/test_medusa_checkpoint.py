@@ -112,3 +112,17 @@ def test_speculate_defaults_to_the_head_count_and_may_not_exceed_it(tmp_path):
     assert make_proposer(2, medusa=checkpoint).method == "medusa"
     assert isinstance(make_proposer(2), NgramProposer)
     assert make_proposer(0, medusa=checkpoint) is None
+
+
+@pytest.mark.parametrize("own_lm_head", [True, False], ids=["own-lm-head", "shared-lm-head"])
+def test_heads_that_do_not_fit_the_model_are_refused(tmp_path, own_lm_head):
+    write_heads(tmp_path, 2, 1, own_lm_head)
+    checkpoint = read_medusa(tmp_path)
+    MedusaHeads.load(checkpoint, 2, torch.float32, torch.device("cpu"), (HIDDEN, VOCAB))
+    with pytest.raises(ConfigError, match="do not fit the base model org/base-model"):
+        MedusaHeads.load(checkpoint, 2, torch.float32, torch.device("cpu"), (HIDDEN * 2, VOCAB))
+    if own_lm_head:
+        with pytest.raises(ConfigError, match=r"lm_heads \(40, 16\)"):
+            MedusaHeads.load(checkpoint, 2, torch.float32, torch.device("cpu"), (HIDDEN, VOCAB + 1))
+    else:  # the model's own lm_head serves any vocabulary
+        MedusaHeads.load(checkpoint, 2, torch.float32, torch.device("cpu"), (HIDDEN, VOCAB + 1))
