@@ -10,6 +10,7 @@ accepted (steps that gave a request more than one token).
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from tgserve.core.engine_builder import build_engine
 from tgserve.core.plugins import BackendRegistry
 from tgserve.core.speculation import MedusaProposer
 
-from ..engine_harness import run_all, running_engine
+from ..engine_harness import Collected, run_all, running_engine
 from .test_medusa_checkpoint import reference_guesses
 from .test_speculative_engine import (PlanRecorder, assert_no_blocks_held, assert_same_tokens, num_skipped, request,
                                       speculating, step_runs)
@@ -132,6 +133,59 @@ def test_seeded_sampling_equals_speculate_0(engine, prompts):
         assert result.finish.seed == ref.finish.seed
     assert sum(num_skipped(result) for result in spec) > 0
     assert_no_blocks_held(engine)
+
+
+class EdgeRecording(MedusaProposer):
+    """Checks, at every call, that verified positions stay inside the slots reserved at admission."""
+
+    def __init__(self, num_tokens):
+        super().__init__(num_tokens)
+        self.calls = []
+
+    def propose(self, seq, max_tokens):
+        assert len(seq.token_ids) + max_tokens <= seq.max_tokens - 1
+        proposed = super().propose(seq, max_tokens)
+        self.calls.append((max_tokens, len(proposed)))
+        return proposed
+
+
+def test_edge_of_max_total_tokens_and_cancelled_or_stopped_requests_free_every_block(engine, greedy_reference):
+    """A request of exactly max_total_tokens proposes fewer guesses at its end and keeps the plain
+    output; requests that finish, stop on a stop sequence, or are cancelled right after a multi-token
+    step, all at once, leave no KV block behind."""
+    from tgserve.checkpoints.demo_tokenizer import read_demo_corpus
+    prompt = engine.tokenizer.encode(read_demo_corpus())[:512 - 23]
+    (ref,) = run(engine, 0, [request(prompt, max_new_tokens=23)])
+    proposer = EdgeRecording(NUM_HEADS)
+    with speculating(engine, proposer):
+        (got,) = run_all(engine, [request(prompt, max_new_tokens=23)])
+    assert_same_tokens(got, ref)
+    assert any(0 < allowed < NUM_HEADS for allowed, _ in proposer.calls), "never proposed at the edge"
+    assert_no_blocks_held(engine)
+
+    decode, ref_ids = engine.tokenizer.decode, greedy_reference[1].ids
+    stop = decode(ref_ids[:8])[len(decode(ref_ids[:7])):]
+    cancelled = threading.Event()
+
+    class CancelAfterMultiStep(Collected):
+        def __call__(self, event):
+            super().__call__(event)
+            if event.num_step_tokens > 1 and not cancelled.is_set():
+                engine.cancel(self.request_id)
+                cancelled.set()
+
+    with speculating(engine, MedusaProposer(NUM_HEADS)):
+        prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+        finished, stopped, cancelling = Collected(), Collected(), CancelAfterMultiStep()
+        engine.submit(request(prompts[0]), finished)
+        engine.submit(request(prompts[1], stop=[stop]), stopped)
+        cancelling.request_id = engine.submit(request(prompts[2], max_new_tokens=200), cancelling)
+        for sink in (finished, stopped):
+            assert sink.done.wait(120)
+        assert cancelled.wait(120), "the cancelled request never had a multi-token step"
+        assert_no_blocks_held(engine)
+    assert finished.finish.reason == "length" and stopped.finish.reason == "stop_sequence"
+    assert not cancelling.done.is_set()
 
 
 def build(model_dir, **config):
