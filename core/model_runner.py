@@ -7,7 +7,7 @@ core's runner; a backend may supply its own through `tgserve_make_model_runner`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,9 @@ class StepOutput:
     # position order (the token sampled after its i-th sampled position at index i).
     sampled: list[SampledToken]
     prompt_logprobs: dict[int, list[float]]  # request_id -> logprobs of prompt tokens computed this step
+    # With Medusa heads (`ModelRunner.heads`): per entry of `sampled`, the heads' top-1 guesses at the
+    # num_heads tokens after that entry's token; [] without heads.
+    head_ids: list[list[int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -47,6 +50,9 @@ class ModelRunner:
         self.watermark_gamma = watermark_gamma  # --watermark-gamma: green share of the vocabulary
         self.watermark_delta = watermark_delta  # --watermark-delta: logit bias of green ids
         self.token_history = TokenHistory(device, pad_id=vocab_size)  # ids seen by penalized sequences
+        # Medusa heads (`tgserve.core.speculation.medusa_heads.MedusaHeads`) applied to every sampled
+        # row in the same step, set by start-up after construction; None: no head guesses.
+        self.heads = None
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
@@ -55,13 +61,21 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(plan, hidden, batch)
         if not sampling_rows:
             return StepOutput([], prompt_logprobs)
-        logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+        sampled_hidden = hidden.index_select(0, batch.logits_indices)
+        logits = self.model.compute_logits(sampled_hidden)
         out = sample(logits, self._sampling_batch([plan.scheduled[i] for i in sampling_rows]))
         columns = [out.next_ids.unsqueeze(1).double(), out.logprobs.unsqueeze(1).double()]
         if out.top_ids is not None:
             columns += [out.top_ids.double(), out.top_logprobs.double()]
+        heads = self.heads
+        if heads is not None:  # the last num_heads columns: every head's guess at every sampled row
+            columns.append(heads.top_ids(sampled_hidden, self.model.compute_logits).double())
         rows = torch.cat(columns, dim=1).cpu().tolist()  # the one host sync of the step
-        return StepOutput([_sampled(row) for row in rows], prompt_logprobs)
+        if heads is None:
+            return StepOutput([_sampled(row) for row in rows], prompt_logprobs)
+        width = len(rows[0]) - heads.num_heads
+        return StepOutput([_sampled(row[:width]) for row in rows], prompt_logprobs,
+                          [[int(token_id) for token_id in row[width:]] for row in rows])
 
     def _forward_batch(self, plan: StepPlan) -> tuple[ForwardBatch, list[int]]:
         """The step's device batch (persistent inputs, attention prepared) and its sampling sequences."""

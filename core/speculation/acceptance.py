@@ -42,6 +42,11 @@ class Proposer:
         """After a step verified `num_proposed` (>= 1) guesses of `seq`: `num_accepted` sampled tokens
         were kept (1 to num_proposed + 1; the guesses matched num_accepted - 1 of them)."""
 
+    def take_guesses(self, seq: Sequence, guesses: list[int]) -> None:
+        """After every step that sampled for `seq` while the runner computes guesses of its own
+        (`StepOutput.head_ids`, Medusa heads): the guesses at the tokens after its last kept one, in
+        order. Called after `observe`; the default ignores them."""
+
 
 def accept_matching_prefix(proposed: Ids[int], sampled: Ids[int]) -> int:
     """Keep the proposed tokens while each equals the token sampled at the position before it, then the
