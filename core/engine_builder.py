@@ -175,8 +175,8 @@ def _draft_proposer(config: ServerConfig, hook, draft: _Loaded, num_blocks: int,
                                           model_config=draft.model_config, device=draft.device, dtype=draft.dtype)
     inputs = hook.tgserve_make_step_inputs(capacity=capacity, block_size=draft.block_size, constraints=constraints,
                                            device=draft.device)
-    return DraftProposer(draft.model, draft.attention, kv_cache, inputs, config.speculate, capacity.max_num_tokens,
-                         capacity.max_num_seqs)
+    return DraftProposer(draft.model, draft.attention, kv_cache, inputs, draft.device, config.speculate,
+                         capacity.max_num_tokens, capacity.max_num_seqs)
 
 
 def _runner(config: ServerConfig, hook, loaded: _Loaded, kv_cache, capacity: StepCapacity,

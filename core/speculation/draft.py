@@ -13,10 +13,22 @@ rows give guess 1, then k - 1 batched one-token forwards, each feeding the previ
 computed count per sequence (`DraftState`) then rolls back to what verification accepted (`observe`):
 its K/V at rejected positions are overwritten when those positions are computed again.
 
-Acceptance: the draft's guesses are its argmax, a deterministic function of the accepted tokens, so
-the engine's exact-match rule keeps greedy output identical to `--speculate 0` and sampled output
-exactly distributed as without speculation, seeded draws included (`acceptance.accept_matching_prefix`).
-Each draft forward reads its argmax to the host (k syncs a step): the next forward's inputs are built there.
+Guesses and acceptance: the engine keeps a guess only where it equals the token the target draws at
+that position (`acceptance.accept_matching_prefix`), and the target's draw at a position depends only
+on the accepted tokens before it and the request's seed (the sampler's Gumbel noise is keyed by seed,
+generated-token index and id). So whatever the draft guesses, the output is token for token what
+`--speculate 0` gives, greedy and seeded alike: the distribution is exact and a seed means the same
+text with and without speculation. What the draft's guess decides is only how often it is kept. The
+draft guesses with the target's own draw: greedy rows take its argmax; sampled rows draw from the
+draft's distribution (temperature, top-k, top-p, typical-p of the request applied to its logits)
+with the same Gumbel noise the target's row at that position will use (`sampling.sample`), a coupling
+in which the draft's draw equals the target's with probability near 1 - TV(p, q) (the draft as its
+own target would match every time). This replaces rejection sampling with the draft's probabilities
+(accept x ~ q with min(1, p/q), resample from max(0, p - q)), which accepts at exactly 1 - TV(p, q)
+but whose output depends on the draft: a seeded request would then no longer give `--speculate 0`'s
+text. Penalties, watermarks and grammar masks are left to verification (a guess they would forbid is
+just rejected). Each draft forward reads its guesses to the host (k syncs a step): the next forward's
+inputs are built there; the target's step keeps its one sync.
 """
 from __future__ import annotations
 
@@ -24,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tgserve.core.sampling import SamplingBatch, sample
 from tgserve.core.sequence import Sequence
 from tgserve.core.speculation.acceptance import Proposer
 from tgserve.core.step_inputs import StepInputs
@@ -59,8 +72,8 @@ class DraftProposer(Proposer):
 
     method = METHOD
 
-    def __init__(self, model, attention, kv_cache, inputs: StepInputs, num_tokens: int, max_step_tokens: int,
-                 max_step_seqs: int):
+    def __init__(self, model, attention, kv_cache, inputs: StepInputs, device: torch.device, num_tokens: int,
+                 max_step_tokens: int, max_step_seqs: int):
         """model / attention / kv_cache: the draft's, built through the backend's hooks (kv_cache with the
         target's block count and size); inputs: its own persistent step inputs; num_tokens: --speculate;
         max_step_tokens / max_step_seqs: the most tokens and sequences one draft forward computes."""
@@ -68,6 +81,7 @@ class DraftProposer(Proposer):
         self.attention = attention
         self.kv_cache = kv_cache
         self.inputs = inputs
+        self.device = device
         self.num_tokens = num_tokens
         self.max_step_tokens = max_step_tokens
         self.max_step_seqs = max_step_seqs
@@ -82,14 +96,17 @@ class DraftProposer(Proposer):
                  for seq, state in zip(seqs, states)]
         proposals: list[list[int]] = [[] for _ in seqs]
         try:
-            guesses = self._forward(views)  # catch up; the last row of each sequence gives its guess 1
-            for i, guess in enumerate(guesses):
+            # Catch up; the last row of each sequence draws its guess 1 (its generated-token index first).
+            first_steps = [length - seq.num_prompt_tokens for seq, length in zip(seqs, num_accepted)]
+            for i, guess in enumerate(self._forward(views, seqs, first_steps)):
                 proposals[i].append(guess)
             for j in range(1, max(limits, default=0)):
                 active = [i for i, limit in enumerate(limits) if limit > j]
                 for i in active:
                     seqs[i].token_ids.append(proposals[i][-1])
-                for i, guess in zip(active, self._forward([views[i] for i in active])):
+                guesses = self._forward([views[i] for i in active], [seqs[i] for i in active],
+                                        [first_steps[i] + j for i in active])
+                for i, guess in zip(active, guesses):
                     proposals[i].append(guess)
         finally:
             for seq, length in zip(seqs, num_accepted):
@@ -114,9 +131,10 @@ class DraftProposer(Proposer):
         state.num_fed_proposals = 0  # guesses not verified (dropped by the step's budget) are not kept
         return state
 
-    def _forward(self, views: list[_DraftView]) -> list[int]:
+    def _forward(self, views: list[_DraftView], seqs: list[Sequence], steps: list[int]) -> list[int]:
         """Compute every view's uncomputed tokens in as few draft forwards as the step limits allow;
-        the draft's argmax after each view's last token, in view order."""
+        the draft's guess after each view's last token, in view order (`seqs[i]`'s request's
+        sampling, drawing its generated token number `steps[i]`)."""
         guesses: dict[int, int] = {}
         pending = [i for i, view in enumerate(views) if view.num_computed_tokens < len(view.token_ids)]
         while pending:
@@ -132,20 +150,44 @@ class DraftProposer(Proposer):
             order = sorted(range(len(owners)), key=lambda n: plan.scheduled[n].num_new_tokens != 1)
             plan.scheduled = [plan.scheduled[n] for n in order]  # one-token rows first, as the runner's
             owners = [owners[n] for n in order]
-            for i, guess in zip([i for i, item in zip(owners, plan.scheduled) if item.is_sampling],
-                                self._run(plan)):
+            sampling = [i for i, item in zip(owners, plan.scheduled) if item.is_sampling]
+            for i, guess in zip(sampling, self._run(plan, [seqs[i] for i in sampling], [steps[i] for i in sampling])):
                 guesses[i] = guess
             for i, item in zip(owners, plan.scheduled):
                 views[i].num_computed_tokens += item.num_new_tokens
             pending = [i for i in pending if views[i].num_computed_tokens < len(views[i].token_ids)]
         return [guesses[i] for i in range(len(views))]  # every view had a token to compute
 
-    def _run(self, plan: StepPlan) -> list[int]:
-        """One draft forward of `plan`: the argmax at each sampling item's last row, in plan order."""
+    def _run(self, plan: StepPlan, seqs: list[Sequence], steps: list[int]) -> list[int]:
+        """One draft forward of `plan`: the guess at each sampling item's last row, in plan order
+        (`seqs` and `steps` give each sampling item's sequence and generated-token index)."""
         batch = self.inputs.prepare(plan)
         batch.attention = self.attention.prepare(batch)
         hidden = self.model.forward(batch, self.kv_cache)
-        if not any(item.is_sampling for item in plan.scheduled):
+        if not seqs:
             return []
         logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
-        return logits.argmax(dim=-1).tolist()
+        return sample(logits, self._sampling_batch(seqs, steps)).next_ids.tolist()
+
+    def _sampling_batch(self, seqs: list[Sequence], steps: list[int]) -> SamplingBatch:
+        """The rows' draw as the target's sampler makes it at the same positions (same seed and index,
+        hence the same noise), without penalties, watermark or masks (verification applies those)."""
+        params = [seq.request.sampling for seq in seqs]
+        dev = self.device
+
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(dev)
+
+        greedy = [p.is_greedy for p in params]
+        return SamplingBatch(
+            temperature=column([p.temperature for p in params], torch.float32),
+            top_k=column([p.top_k for p in params], torch.int64),
+            top_p=column([p.top_p for p in params], torch.float32),
+            typical_p=column([p.typical_p for p in params], torch.float32),
+            repetition_penalty=column([1.0] * len(params), torch.float32),
+            frequency_penalty=column([0.0] * len(params), torch.float32),
+            seed=column([p.seed & 0x7FFFFFFFFFFFFFFF for p in params], torch.int64),
+            step=column(steps, torch.int64), is_greedy=column(greedy, torch.bool), token_history=None,
+            any_sampling=not all(greedy), any_top_k=any(p.top_k > 0 for p in params),
+            any_top_p=any(p.top_p < 1.0 for p in params), any_typical_p=any(p.typical_p < 1.0 for p in params),
+            max_top_n=0)

@@ -150,13 +150,20 @@ def test_blocks_return_after_finished_stopped_and_cancelled_requests(engine, pro
     assert not cancelling.done.is_set()
 
 
-def test_own_draft_accepts_every_guess(demo_model_dir, prompts, long_prompt, greedy_reference):
+def test_own_draft_accepts_every_guess(demo_model_dir, prompts, long_prompt):
     """The target as its own draft: each step after the first gives speculate + 1 tokens (fewer only
-    where max_new_tokens cuts), alone and beside a chunked prefill: the draft's K/V stay right across
-    rollbacks and catch-ups."""
+    where max_new_tokens cuts), greedy and sampled (the draft draws with the noise the target's row
+    will use), alone and beside a chunked prefill: the draft's K/V stay right across rollbacks and
+    catch-ups, and the output is --speculate 0's."""
+    sampled = [dict(do_sample=True, temperature=1.0, seed=3), dict(do_sample=True, temperature=0.7, top_k=20,
+                                                                    top_p=0.95, seed=4)]
     with running_engine(demo_model_dir, speculative_model=str(demo_model_dir), speculate=3, **ENGINE_FLAGS) as engine:
-        got = run_all(engine, [request(ids, top_n_tokens=2) for ids in prompts + [long_prompt]])
-        for result, ref in zip(got, greedy_reference):
+        requests = [request(ids, top_n_tokens=2) for ids in prompts + [long_prompt]]
+        requests += [request(prompts[0], top_n_tokens=2, **s) for s in sampled]
+        with speculating(engine, None):
+            refs = [run_all(engine, [r])[0] for r in requests]
+        got = run_all(engine, requests)
+        for result, ref in zip(got, refs):
             assert_same_tokens(result, ref)
             runs = step_runs(result)
             assert len(runs[0]) == 1 and all(len(r) == 4 for r in runs[1:-1]) and 1 <= len(runs[-1]) <= 4
@@ -166,7 +173,7 @@ def test_own_draft_accepts_every_guess(demo_model_dir, prompts, long_prompt, gre
 def test_draft_state_rolls_back_to_the_accepted_guesses():
     """`observe` keeps the draft K/V of accepted guesses only; an unverified proposal keeps none."""
     seq = Sequence(0, request([1, 2, 3], max_new_tokens=27), [1, 2, 3], 3, 30)
-    proposer = DraftProposer(None, None, None, None, num_tokens=4, max_step_tokens=8, max_step_seqs=1)
+    proposer = DraftProposer(None, None, None, None, None, num_tokens=4, max_step_tokens=8, max_step_seqs=1)
     seq.proposer_state = DraftState(num_computed=10, num_fed_proposals=3)  # 4 guesses, 3 of them fed
     proposer.observe(seq, num_proposed=4, num_accepted=3)  # 2 guesses matched
     assert seq.proposer_state.num_computed == 12 and seq.proposer_state.num_fed_proposals == 0
