@@ -24,9 +24,9 @@ from tgserve.core.speculation.draft_checkpoint import DraftVocabularyMismatch
 
 from ..engine_harness import Collected, run_all, running_engine
 from .draft_checkpoints import write_relabelled_tokenizer, write_truncated_draft
-from .test_speculative_engine import (LONG_PROMPT, MAX_BATCH_PREFILL_TOKENS, MAX_TOTAL_TOKENS, PROMPTS, PlanRecorder,
-                                      assert_no_blocks_held, assert_same_tokens, num_skipped, request, speculating,
-                                      step_runs)
+from .test_speculative_engine import (LONG_PROMPT, MAX_BATCH_PREFILL_TOKENS, MAX_TOTAL_TOKENS, PROMPTS,
+                                      SMOLLM2_PROMPT, PlanRecorder, assert_no_blocks_held, assert_same_tokens,
+                                      num_skipped, request, speculating, step_runs)
 
 ENGINE_FLAGS = dict(dtype="float32", max_batch_prefill_tokens=MAX_BATCH_PREFILL_TOKENS, max_batch_total_tokens=8192,
                     max_total_tokens=MAX_TOTAL_TOKENS)
@@ -216,3 +216,21 @@ def test_speculative_model_sets_the_default_and_refuses_speculate_0():
     assert ServerConfig().speculate is None
     with pytest.raises(ConfigError, match="needs `--speculate` >= 1"):
         ServerConfig(speculative_model="d", speculate=0)
+
+
+def test_smollm2_with_its_first_layers_as_draft_equals_speculate_0(smollm2_dir, tmp_path):
+    """The real model (tied embeddings) with its first 6 of 30 layers as the draft, on input-grounded
+    code: speculate 2 and 4, alone and beside a plain request, give --speculate 0's ids."""
+    draft = write_truncated_draft(smollm2_dir, tmp_path / "smollm2-6", num_layers=6)
+    with running_engine(smollm2_dir, speculative_model=str(draft), dtype="float32", max_batch_prefill_tokens=256,
+                        max_batch_total_tokens=4096, max_total_tokens=1024) as engine:
+        prompt = engine.tokenizer.encode(SMOLLM2_PROMPT)
+        other = engine.tokenizer.encode("The capital of France is")
+        requests = [request(prompt, max_new_tokens=32), request(other, max_new_tokens=16)]
+        ref, other_ref = run(engine, 0, requests)
+        for speculate in (2, 4):
+            got, other_got = run(engine, speculate, requests)
+            assert_same_tokens(got, ref)
+            assert_same_tokens(other_got, other_ref)
+            assert num_skipped(got) > 0
+        assert_no_blocks_held(engine)
