@@ -1,17 +1,19 @@
 """`tgserve serve --speculative-model DIR` end to end on the demo model, the draft its first layer
-alone: TGI's start-up line with the draft's default of 4, `/info`, streamed greedy ids equal to
+alone (written by `tgserve demo-model DIR --draft-layers 1`): TGI's start-up line with the draft's default of 4, `/info`, streamed greedy ids equal to
 transformers' float32 greedy continuation while guesses are accepted (`tgi_request_skipped_tokens`),
 the official client, the KV blocks back afterwards, and the flag's environment variable."""
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 
 import httpx
 import pytest
 import text_generation  # installed --no-deps by scripts/test.sh, from tests/no-deps-requirements.txt
 
+from tgserve.api import cli
 from tgserve.api.cli_flags import add_serve_flags, config_from_args
-from tests.core.speculation.draft_checkpoints import write_truncated_draft
 
 from .metrics_scrape import is_released, scrape, value, wait_for_metrics
 from .test_speculate_e2e import NEW_TOKENS, PROMPT, greedy_ids, stream_events  # noqa: F401 (a fixture)
@@ -21,7 +23,19 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the cli
 
 @pytest.fixture(scope="module")
 def draft_dir(model_dir, tmp_path_factory):
-    return write_truncated_draft(model_dir, tmp_path_factory.mktemp("draft") / "one-layer", num_layers=1)
+    """`tgserve demo-model DIR --draft-layers 1`, the demo model's training replaced by a copy of it."""
+    out_dir = tmp_path_factory.mktemp("draft") / "one-layer"
+
+    def write_demo_model(out, shape=None, *, seed=0, progress=False):
+        shutil.copytree(model_dir, out, dirs_exist_ok=True)
+        return out
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr("tgserve.checkpoints.demo_model.write_demo_model", write_demo_model)
+        assert cli.main(["demo-model", str(out_dir), "--draft-layers", "1"]) == 0
+        assert cli.main(["demo-model", str(out_dir.parent / "bad"), "--draft-layers", "2"]) == 1  # all its layers
+    assert json.loads((out_dir / "config.json").read_text())["num_hidden_layers"] == 1
+    return out_dir
 
 
 @pytest.fixture(scope="module")
