@@ -32,16 +32,19 @@ inputs are built there; the target's step keeps its one sync.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from tgserve.core.invariants import EngineInvariantError
 from tgserve.core.sampling import SamplingBatch, sample
 from tgserve.core.sequence import Sequence
 from tgserve.core.speculation.acceptance import Proposer
 from tgserve.core.step_inputs import StepInputs
 from tgserve.core.step_plan import ScheduledSequence, StepPlan
 
+log = logging.getLogger(__name__)
 METHOD = "draft"  # the name in TGI's start-up line ("Using speculation draft with N input ids.")
 
 
@@ -95,6 +98,7 @@ class DraftProposer(Proposer):
         views = [_DraftView(seq.token_ids, state.num_computed, seq.block_ids, seq.batch_slot)
                  for seq, state in zip(seqs, states)]
         proposals: list[list[int]] = [[] for _ in seqs]
+        is_failed = False
         try:
             # Catch up; the last row of each sequence draws its guess 1 (its generated-token index first).
             first_steps = [length - seq.num_prompt_tokens for seq, length in zip(seqs, num_accepted)]
@@ -108,9 +112,16 @@ class DraftProposer(Proposer):
                                         [first_steps[i] + j for i in active])
                 for i, guess in zip(active, guesses):
                     proposals[i].append(guess)
+        except EngineInvariantError:  # the engine's own state is broken: it stops (Engine._stop_broken)
+            raise
+        except Exception:  # a failed draft forward costs this step its guesses, never a request its output
+            log.exception("draft forward failed: this step verifies no guesses")
+            is_failed = True
         finally:
             for seq, length in zip(seqs, num_accepted):
                 del seq.token_ids[length:]  # the engine appends the guesses it keeps itself
+        if is_failed:  # the states still hold what the draft cache held before (later K/V get overwritten)
+            return [[] for _ in seqs]
         for state, length, proposed in zip(states, num_accepted, proposals):
             state.num_computed = length  # the guesses' K/V count once verification accepted them
             state.num_fed_proposals = len(proposed) - 1

@@ -234,3 +234,27 @@ def test_smollm2_with_its_first_layers_as_draft_equals_speculate_0(smollm2_dir, 
             assert_same_tokens(other_got, other_ref)
             assert num_skipped(got) > 0
         assert_no_blocks_held(engine)
+
+
+def test_a_failing_draft_forward_costs_guesses_not_output(engine, prompts, greedy_reference):
+    """The draft's forward raises in two steps: those steps verify no guesses, the requests still get
+    --speculate 0's ids, the engine stays healthy and the draft catches up afterwards."""
+    draft = engine.proposer
+    num_failures = []
+
+    def failing_forward(batch, kv_cache):
+        if len(num_failures) < 2:
+            num_failures.append(1)
+            raise RuntimeError("draft out of memory")
+        return type(draft.model).forward(draft.model, batch, kv_cache)
+
+    draft.model.forward = failing_forward
+    try:
+        got = run(engine, 4, [request(ids, top_n_tokens=2) for ids in prompts])
+    finally:
+        del draft.model.forward
+    assert len(num_failures) == 2 and engine.is_healthy
+    for result, ref in zip(got, greedy_reference):
+        assert_same_tokens(result, ref)
+    assert sum(num_skipped(result) for result in got) > 0
+    assert_no_blocks_held(engine)
