@@ -21,12 +21,14 @@ generated-token index and id). So whatever the draft guesses, the output is toke
 text with and without speculation. What the draft's guess decides is only how often it is kept. The
 draft guesses with the target's own draw: greedy rows take its argmax; sampled rows draw from the
 draft's distribution (temperature, top-k, top-p, typical-p of the request applied to its logits)
-with the same Gumbel noise the target's row at that position will use (`sampling.sample`), a coupling
-in which the draft's draw equals the target's with probability near 1 - TV(p, q) (the draft as its
-own target would match every time). This replaces rejection sampling with the draft's probabilities
-(accept x ~ q with min(1, p/q), resample from max(0, p - q)), which accepts at exactly 1 - TV(p, q)
-but whose output depends on the draft: a seeded request would then no longer give `--speculate 0`'s
-text. Penalties, watermarks and grammar masks are left to verification (a guess they would forbid is
+with the same Gumbel noise the target's row at that position will use (`sampling.sample`): a
+Gumbel-max coupling, in which the draft's draw equals the target's with probability at least
+(1 - TV(p, q)) / (1 + TV(p, q)), and always where the two distributions agree (the draft as its own
+target matches every time). Measured on the demo model with its one-layer draft, --speculate 4, 24
+sampled requests at temperature 1.0: 2.70 tokens per step, against 2.57 guessing the draft's argmax
+(greedy requests: 3.24). This stands in for rejection sampling with the draft's probabilities (accept
+x ~ q with min(1, p/q), else resample from max(0, p - q)), which accepts at exactly 1 - TV(p, q) but
+whose output depends on the draft: a seeded request would then no longer give `--speculate 0`'s text. Penalties, watermarks and grammar masks are left to verification (a guess they would forbid is
 just rejected). Each draft forward reads its guesses to the host (k syncs a step): the next forward's
 inputs are built there; the target's step keeps its one sync.
 """
