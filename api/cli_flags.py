@@ -73,7 +73,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
          "guesses from the request's own prompt and output, or the --speculative-model's (0: none; default "
          "with --speculative-model: 4)"),
     Flag(("--speculative-model",), "speculative_model", str, "Draft model (local directory or hub id, same "
-         "tokenizer as --model-id, loaded with its dtype and device) whose greedy guesses each step verifies"),
+         "tokenizer as --model-id, loaded with its dtype and device) whose guesses, drawn with each request's "
+         "sampling settings and seed, each step verifies; the output stays --speculate 0's"),
     Flag(("--watermark-gamma",), "watermark_gamma", float, "Greenlist share of the vocabulary for watermarking"),
     Flag(("--watermark-delta",), "watermark_delta", float, "Logit bias of greenlist tokens for watermarking"),
     Flag(("--prometheus-port",), "prometheus_port", int, "Port of a second listener serving /metrics (0: none)"),

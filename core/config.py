@@ -60,7 +60,7 @@ class ServerConfig:
     # --speculate: tokens proposed per step and verified in the same forward (n-gram proposals from the
     # request's own tokens, `tgserve.core.speculation`); None or 0: one token per step, as TGI.
     speculate: int | None = None
-    # --speculative-model: a smaller checkpoint with the same tokenizer whose greedy guesses are verified
+    # --speculative-model: a smaller checkpoint with the same vocabulary whose guesses are verified
     # (`tgserve.core.speculation.draft`); --speculate then defaults to DEFAULT_DRAFT_SPECULATE.
     speculative_model: str | None = None
     watermark_gamma: float = 0.5  # share of the vocabulary on each greenlist (Kirchenbauer et al.)
