@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
 from tgserve.api.cli_flags import add_serve_flags, config_from_args
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "demo model, whose base_model_name_or_path is tgserve/demo-qwen2; serve it with --model-id DIR")
     demo.add_argument("--medusa-shared-lm-head", action="store_true",
                       help="with --medusa-heads: heads without lm_heads of their own (they use the model's)")
+    demo.add_argument("--draft-layers", type=int, default=None, metavar="N",
+                      help="write only the model's first N decoder layers (same tokenizer, embeddings and head): "
+                           "a draft for --speculative-model")
     demo.set_defaults(handler=_demo_model)
     add_benchmark_parser(commands)
     add_quantize_parser(commands)
@@ -102,20 +107,38 @@ def _backends(_: argparse.Namespace) -> int:
 
 
 def _demo_model(args: argparse.Namespace) -> int:
+    if args.medusa_heads is not None:
+        if args.draft_layers is not None:
+            return fail("--medusa-heads and --draft-layers write different checkpoints; give one of them")
+        return _demo_medusa(args)
+    if args.draft_layers is None:
+        path = _write_checkpoint(args, args.dir)
+    else:  # the whole model first, then its first layers
+        from tgserve.checkpoints.truncated_draft import write_truncated_draft
+        with tempfile.TemporaryDirectory() as whole:
+            path = _write_checkpoint(args, whole)
+            if isinstance(path, Path):
+                try:
+                    path = write_truncated_draft(path, args.dir, args.draft_layers)
+                except ValueError as error:
+                    return fail(error)
+    if not isinstance(path, Path):
+        return fail(path)
+    print(path)
+    return 0
+
+
+def _write_checkpoint(args: argparse.Namespace, out_dir: str) -> Path | Exception:
+    """The checkpoint `demo-model` asked for, written into `out_dir`; the error where it cannot be built."""
     from tgserve.checkpoints.demo_model import write_demo_model
     from tgserve.checkpoints.smollm2 import SmolLM2Unavailable, write_smollm2
 
-    if args.medusa_heads is not None:
-        return _demo_medusa(args)
     if args.real == "smollm2-135m":
         try:
-            path = write_smollm2(args.dir)
+            return Path(write_smollm2(out_dir))
         except SmolLM2Unavailable as error:
-            return fail(error)
-    else:
-        path = write_demo_model(args.dir, args.shape, seed=args.seed, progress=True)
-    print(path)
-    return 0
+            return error
+    return Path(write_demo_model(out_dir, args.shape, seed=args.seed, progress=True))
 
 
 def _demo_medusa(args: argparse.Namespace) -> int:

@@ -70,8 +70,11 @@ SERVE_FLAGS: tuple[Flag, ...] = (
          "Most memory in GiB the KV cache may take; unset: the backend's default (cpu: 4 GiB, as vLLM-CPU's "
          "VLLM_CPU_KVCACHE_SPACE, at most half the available RAM; GPUs: the free memory, as TGI)"),
     Flag(("--speculate",), "speculate", int, "Tokens proposed per step and verified in the same forward: the "
-         "Medusa heads' guesses for a Medusa checkpoint (default: its head count), else n-gram guesses from the "
-         "request's own prompt and output (0: none)"),
+         "Medusa heads' guesses for a Medusa checkpoint (default: its head count), the --speculative-model's "
+         "(default: 4), else n-gram guesses from the request's own prompt and output (0: none)"),
+    Flag(("--speculative-model",), "speculative_model", str, "Draft model (local directory or hub id, same "
+         "tokenizer as --model-id, loaded with its dtype and device) whose guesses, drawn with each request's "
+         "sampling settings and seed, each step verifies; the output stays --speculate 0's"),
     Flag(("--watermark-gamma",), "watermark_gamma", float, "Greenlist share of the vocabulary for watermarking"),
     Flag(("--watermark-delta",), "watermark_delta", float, "Logit bias of greenlist tokens for watermarking"),
     Flag(("--prometheus-port",), "prometheus_port", int, "Port of a second listener serving /metrics (0: none)"),

@@ -18,6 +18,8 @@ ROPE_SCALINGS = ("linear", "dynamic")  # what TGI's --rope-scaling accepts
 # and past a few dozen an n-gram guess is almost never right; the bound keeps a typo from planning
 # steps of thousands of rows.
 MAX_SPECULATE = 64
+# --speculate when --speculative-model is given without it: draft proposals per step (vLLM's examples use 4-5).
+DEFAULT_DRAFT_SPECULATE = 4
 
 
 class ConfigError(ValueError):
@@ -58,6 +60,9 @@ class ServerConfig:
     # --speculate: tokens proposed per step and verified in the same forward (n-gram proposals from the
     # request's own tokens, `tgserve.core.speculation`); None or 0: one token per step, as TGI.
     speculate: int | None = None
+    # --speculative-model: a smaller checkpoint with the same vocabulary whose guesses are verified
+    # (`tgserve.core.speculation.draft`); --speculate then defaults to DEFAULT_DRAFT_SPECULATE.
+    speculative_model: str | None = None
     watermark_gamma: float = 0.5  # share of the vocabulary on each greenlist (Kirchenbauer et al.)
     watermark_delta: float = 2.0  # logit bias added to greenlist tokens
     prometheus_port: int = 9000  # second listener serving only /metrics; 0: none
@@ -85,6 +90,12 @@ class ServerConfig:
                               f"Given: {self.rope_factor}")
         if self.speculate is not None and not 0 <= self.speculate <= MAX_SPECULATE:
             raise ConfigError(f"`speculate` must be in [0, {MAX_SPECULATE}]. Given: {self.speculate}")
+        if self.speculative_model is not None:
+            if self.speculate == 0:
+                raise ConfigError("`--speculative-model` needs `--speculate` >= 1 (the draft's proposals per step). "
+                                  "Given: 0")
+            if self.speculate is None:  # the flag's documented default, settled while constructing
+                object.__setattr__(self, "speculate", DEFAULT_DRAFT_SPECULATE)
         if not 0 <= self.prometheus_port <= 65535:
             raise ConfigError(f"`prometheus_port` must be in [0, 65535]. Given: {self.prometheus_port}")
         if not 0.0 < self.watermark_gamma < 1.0:

@@ -34,6 +34,9 @@ from tgserve.core.shape_constraints import ShapeConstraints
 from tgserve.core.speculation import make_proposer
 from tgserve.core.speculation.medusa_checkpoint import find_medusa
 from tgserve.core.speculation.medusa_heads import MedusaHeads
+from tgserve.core.speculation.acceptance import Proposer
+from tgserve.core.speculation.draft import DraftProposer
+from tgserve.core.speculation.draft_checkpoint import open_draft
 from tgserve.core.step_inputs import StepCapacity, step_capacity
 from tgserve.core.step_memory import StepMemory, step_memory
 from tgserve.core.warmup import ProbeResult, full_step, probe_prefill_speed
@@ -92,6 +95,9 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     source = resolve_source(config)
     checkpoint = open_checkpoint(source)
     medusa = None if source.gguf_file else find_medusa(source.path, checkpoint.raw_config)
+    if medusa is not None and config.speculative_model:
+        raise ConfigError(f"{source.model_id} is a Medusa checkpoint, which guesses with its own heads; "
+                          "it does not combine with --speculative-model")
     if medusa is not None:  # as TGI: serve the heads' base model; --speculate defaults to the head count
         config = replace(config, speculate=medusa.speculate(config.speculate))
         source = replace(resolve_source(replace(config, model_id=medusa.base_model_id, revision=None)),
@@ -107,15 +113,14 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     loaded = _load_model(quantization, hook, checkpoint, model_config, getattr(torch, dtype_name), progress)
     constraints = hook.tgserve_get_shape_constraints(model_config=model_config, config=config)
     proposer = make_proposer(config.speculate, constraints, backend.name, medusa)
-    if proposer is not None:
-        log.info("Using speculation %s with %d input ids.", proposer.method, config.speculate)  # TGI's line
+    draft = _load_draft(config, hook, loaded, tokenizer, progress) if config.speculative_model else None
     policy: WarmupPolicy = hook.tgserve_get_warmup_policy(model_config=model_config, config=config)
     probe = None if policy.is_full_step else _probe(config, hook, loaded, policy, constraints)
     step_s = policy.prefill_step_s
     default_prefill = (DEFAULT_MAX_BATCH_PREFILL_TOKENS if probe is None
                        else prefill_tokens_for_speed(probe.tokens_per_s_over(step_s), step_s))
     sizing = _size(config, hook, loaded, tokenizer.model_max_length, constraints, default_prefill,
-                   logits_per_row=1 + (config.speculate if medusa else 0))
+                   logits_per_row=1 + (config.speculate if medusa else 0), draft=draft)
     limits = sizing.limits
     log.info("KV-cache blocks: %d, size: %d (%d MiB)", sizing.num_blocks, loaded.block_size,
              sizing.kv_cache_bytes // _MIB)
@@ -128,6 +133,10 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     if medusa is not None and config.speculate:
         runner.heads = MedusaHeads.load(medusa, config.speculate, loaded.dtype, loaded.device,
                                         (model_config.hidden_size, model_config.vocab_size))
+    if draft is not None:
+        proposer = _draft_proposer(config, hook, draft, sizing.num_blocks, capacity, constraints)
+    if proposer is not None:
+        log.info("Using speculation %s with %d input ids.", proposer.method, config.speculate)  # TGI's line
     scheduler = Scheduler(BlockManager(sizing.num_blocks, loaded.block_size), limits.max_batch_prefill_tokens,
                           limits.max_batch_size, constraints.supports_chunked_prefill if constraints else True,
                           constraints)
@@ -164,6 +173,27 @@ def _load_model(quantization: QuantizationConfig | None, hook, checkpoint: Check
     return _Loaded(model, attention, model_config, device, dtype, block_size)
 
 
+def _load_draft(config: ServerConfig, hook, loaded: _Loaded, tokenizer, progress: bool) -> _Loaded:
+    """The --speculative-model on the target's device and dtype, through the same hooks (its vocabulary
+    checked first: ConfigError where it differs)."""
+    draft = open_draft(config, loaded.model_config, tokenizer)
+    quantization = resolve_quantization(None, draft.checkpoint.raw_config)
+    log.info("Loading speculation draft %s (%s, %d layers)", draft.model_id, draft.model_config.model_type,
+             draft.model_config.num_hidden_layers)
+    return _load_model(quantization, hook, draft.checkpoint, draft.model_config, loaded.dtype, progress)
+
+
+def _draft_proposer(config: ServerConfig, hook, draft: _Loaded, num_blocks: int, capacity: StepCapacity,
+                    constraints: ShapeConstraints | None) -> Proposer:
+    """The draft's proposer: its KV cache indexed by the target's block ids, its own step inputs."""
+    kv_cache = hook.tgserve_make_kv_cache(num_blocks=num_blocks, block_size=draft.block_size,
+                                          model_config=draft.model_config, device=draft.device, dtype=draft.dtype)
+    inputs = hook.tgserve_make_step_inputs(capacity=capacity, block_size=draft.block_size, constraints=constraints,
+                                           device=draft.device)
+    return DraftProposer(draft.model, draft.attention, kv_cache, inputs, draft.device, config.speculate,
+                         capacity.max_num_tokens, capacity.max_num_seqs)
+
+
 def _runner(config: ServerConfig, hook, loaded: _Loaded, kv_cache, capacity: StepCapacity,
             constraints: ShapeConstraints | None) -> ModelRunner:
     """The backend's step inputs and model runner (the core's unless the backend supplies its own)."""
@@ -193,11 +223,13 @@ def _synchronizer(hook, loaded: _Loaded):
 
 
 def _size(config: ServerConfig, hook, loaded: _Loaded, model_max_length: int | None, constraints,
-          default_prefill: int, logits_per_row: int = 1) -> _Sizing:
+          default_prefill: int, logits_per_row: int = 1, draft: _Loaded | None = None) -> _Sizing:
     """Check one step's analytic peak, then size the KV cache from what is left and derive the limits.
 
-    logits_per_row: vocabulary-wide logits rows per sampled row (1 + N with N Medusa heads)."""
+    logits_per_row: vocabulary-wide logits rows per sampled row (1 + N with N Medusa heads). A block
+    holds the draft's K/V too, where there is a draft (--speculative-model)."""
     model_config, device = loaded.model_config, loaded.device
+    block_bytes = _bytes_per_block(loaded) + (_bytes_per_block(draft) if draft is not None else 0)
     prefill_tokens = config.max_batch_prefill_tokens or default_prefill
     # Logits rows of a step: every prompt token with prefill logprobs, else one per sequence and one
     # more per token it verifies (--speculate).
@@ -209,7 +241,7 @@ def _size(config: ServerConfig, hook, loaded: _Loaded, model_max_length: int | N
                        max_context_bound(config, model_config, model_max_length, constraints), sampling_rows)
     free_bytes = hook.tgserve_get_free_memory_bytes(device=device)
     check_step_fits(config, free_bytes, step.total_bytes, prefill_tokens)
-    num_blocks = num_kv_blocks(config, free_bytes, _bytes_per_block(loaded), loaded.block_size, step.total_bytes,
+    num_blocks = num_kv_blocks(config, free_bytes, block_bytes, loaded.block_size, step.total_bytes,
                                hook.tgserve_get_default_kv_cache_bytes(device=device))
 
     def limits_for(num_blocks: int) -> RuntimeLimits:
@@ -222,7 +254,7 @@ def _size(config: ServerConfig, hook, loaded: _Loaded, model_max_length: int | N
         # More cache than every allowed request at full length could ever fill is memory thrown away.
         num_blocks = usable_blocks
         limits = limits_for(num_blocks)
-    return _Sizing(num_blocks, limits, num_blocks * _bytes_per_block(loaded), step, usable_bytes(config, free_bytes))
+    return _Sizing(num_blocks, limits, num_blocks * block_bytes, step, usable_bytes(config, free_bytes))
 
 
 def _log_probe(config: ServerConfig, probe: ProbeResult, policy: WarmupPolicy, sizing: _Sizing,
