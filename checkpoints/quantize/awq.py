@@ -12,7 +12,7 @@ Groups, as AutoAWQ's Llama/Qwen2 definitions (its `get_layers_for_scaling`):
   v_proj -> o_proj, only when v_proj and o_proj have the same shape (no grouped-query attention)
   post_attention_layernorm -> gate_proj, up_proj   (block: mlp)
   up_proj -> down_proj   (block: down_proj)
-The search covers AutoAWQ's `duo_scaling=False` and `True` candidates (see `search_scale`). Then, as AutoAWQ's `apply_clip`, each linear except
+This is AutoAWQ's `duo_scaling=False` search. Then, as AutoAWQ's `apply_clip`, each linear except
 q_proj and k_proj (whose errors pass through the softmax) has its weights clipped to the shrink of
 max |w| per (row, group), among 1, 0.95, ... 0.55, that best reproduces the group's partial outputs.
 """
@@ -31,47 +31,30 @@ MAX_CLIP_TOKENS = 512  # clip search: tokens sampled evenly from the calibration
 
 def search_scale(x: torch.Tensor, linears: list[torch.nn.Linear], block: Callable[[torch.Tensor], torch.Tensor],
                  spec: QuantSpec) -> tuple[torch.Tensor, list[float]]:
-    """The per-input-channel scale s [in] minimising the block's output error, and the loss per candidate.
+    """The per-input-channel scale s [in] minimising the block's output error, and the loss per alpha.
 
-    Candidates: s = mean|x|^alpha (AutoAWQ's duo_scaling=False), then s = mean|x|^alpha / mean|w|^(1 - alpha)
-    (its duo_scaling=True; mean|w| is each input channel's |w| relative to its (row, group) maximum,
-    averaged over the linears' rows), alpha on the same grid; the lowest loss of both families wins.
     x: [..., in] the float input the linears share; block(x) runs the inspected module with the
     linears' current weights. The linears' weights are restored before returning.
     """
     x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(dim=0)
     originals = [linear.weight.data.clone() for linear in linears]
-    w_mean = _relative_weight_mean(originals, spec.group_size)
     with torch.no_grad():
         reference = block(x)
         losses: list[float] = []
         best_scale, best_loss = torch.ones_like(x_mean), float("inf")
-        for is_duo in (False, True):
-            for step in range(NUM_GRID_POINTS):
-                alpha = step / NUM_GRID_POINTS
-                s = x_mean.pow(alpha)
-                if is_duo:
-                    s = s / (w_mean.pow(1 - alpha) + 1e-4)
-                s = s.clamp(min=1e-4)
-                s = s / (s.max() * s.min()).sqrt()
-                for linear, weight in zip(linears, originals):
-                    linear.weight.data = (fake_quantize(weight * s, spec) / s).to(weight.dtype)
-                loss = float((block(x) - reference).float().pow(2).mean())
-                losses.append(loss)
-                if loss < best_loss:
-                    best_loss, best_scale = loss, s.clone()
+        for step in range(NUM_GRID_POINTS):
+            alpha = step / NUM_GRID_POINTS
+            s = x_mean.pow(alpha).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            for linear, weight in zip(linears, originals):
+                linear.weight.data = (fake_quantize(weight * s, spec) / s).to(weight.dtype)
+            loss = float((block(x) - reference).float().pow(2).mean())
+            losses.append(loss)
+            if loss < best_loss:
+                best_loss, best_scale = loss, s.clone()
         for linear, weight in zip(linears, originals):
             linear.weight.data = weight
     return best_scale, losses
-
-
-def _relative_weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
-    """[in]: |w| / max |w| of its (row, group), averaged over all rows of `weights` (which share inputs)."""
-    weight = torch.cat(weights).float().abs()
-    rows, features = weight.shape
-    size = group_size if group_size > 0 and features % group_size == 0 else features
-    grouped = weight.reshape(rows, features // size, size)
-    return (grouped / (grouped.amax(dim=2, keepdim=True) + 1e-6)).reshape(rows, features).mean(dim=0)
 
 
 def fold_scale(previous: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor) -> None:
