@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, fields
@@ -181,6 +182,9 @@ def run_engine_cells(engine, ids: dict[str, list[list[int]]], config: Speculatio
                                      "speculate": speculate, "method": method if speculate else "none",
                                      "lengths": lengths, **metrics,
                                      "same_ids_as_speculate_0": None if same is None else outputs == same})
+                        print(f"{workload}, batch {batch}, speculate {speculate} ({lengths}): "
+                              f"{metrics['tokens_per_s']:.1f} tokens/s, {metrics['mean_accepted_length']:.2f} "
+                              "tokens per step", file=sys.stderr, flush=True)  # a long run shows progress
     finally:
         engine.proposer = default
     return rows

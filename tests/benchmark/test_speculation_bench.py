@@ -82,3 +82,27 @@ def test_workloads_render_as_one_user_turn():
     Templated.chat_template = None
     assert render(Templated(), "hi") == "User: hi\nAssistant:"
     assert set(WORKLOADS) == {"input-grounded", "open-ended"} and all(len(p) >= 4 for p in WORKLOADS.values())
+
+
+def test_each_cell_runs_the_built_proposer_at_its_n():
+    from tgserve.benchmark.speculation_bench import proposer_for
+    from tgserve.core.speculation.acceptance import Proposer
+    from tgserve.core.speculation.adaptive import AdaptiveProposer
+    from tgserve.core.speculation.ngram import NgramProposer
+
+    built = AdaptiveProposer(NgramProposer(4), knee_rows=10.0)
+    adaptive = proposer_for(built, 2, "adaptive")
+    assert isinstance(adaptive, AdaptiveProposer) and adaptive.knee_rows == 10.0
+    assert isinstance(adaptive.inner, NgramProposer) and adaptive.num_tokens == adaptive.inner.num_tokens == 2
+    fixed = proposer_for(built, 2, "fixed")
+    assert isinstance(fixed, NgramProposer) and fixed.num_tokens == 2
+    assert proposer_for(built, 0, "-") is None and proposer_for(None, 2, "adaptive") is None
+
+    class Heads(Proposer):  # a Medusa or draft proposer: its own N
+        method, num_tokens = "medusa", 4
+
+    heads = AdaptiveProposer(Heads(), knee_rows=10.0)
+    assert proposer_for(heads, 2, "fixed") is None  # only adaptive lengths can cap its N
+    assert isinstance(proposer_for(heads, 4, "fixed"), Heads)
+    capped = proposer_for(heads, 2, "adaptive")
+    assert isinstance(capped.inner, Heads) and capped.num_tokens == 2
