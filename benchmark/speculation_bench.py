@@ -47,6 +47,7 @@ class SpeculationBenchConfig:
     is_transformers_run: bool = True  # transformers' generate beside, batch 1
     assistant_model: str | None = None  # transformers' assisted generation with this draft (a folder)
     speculative_model: str | None = None  # tgserve's draft model (--speculative-model), where this build has one
+    knee_rows: float | None = None  # the adaptive rule's row cost (adaptive.py); None: what the engine measured
 
     def __post_init__(self) -> None:
         if not self.speculates or min(self.speculates) < 0:
@@ -55,6 +56,8 @@ class SpeculationBenchConfig:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
         if not set(self.lengths) <= set(LENGTHS) or not self.lengths:
             raise ValueError(f"lengths must be among {', '.join(LENGTHS)}, got {self.lengths}")
+        if self.knee_rows is not None and self.knee_rows <= 0:
+            raise ValueError(f"--knee-rows must be > 0, got {self.knee_rows}")
         if self.max_new_tokens < 1 or self.runs < 1 or (self.max_prompts is not None and self.max_prompts < 1):
             raise ValueError("--max-new-tokens, --max-prompts and --runs must be >= 1")
 
@@ -139,9 +142,9 @@ def run_cell(engine, prompts: list[list[int]], batch: int, config: SpeculationBe
     return metrics, [[e.id for e in events] for events in cell.events]
 
 
-def proposer_for(base, speculate: int, lengths: str):
+def proposer_for(base, speculate: int, lengths: str, knee_rows: float | None = None):
     """The proposer a cell runs, from the one the engine was built with (`base`); None for --speculate 0
-    or a fixed-length cell `base` cannot run."""
+    or a fixed-length cell `base` cannot run. knee_rows: the adaptive rule's, instead of `base`'s."""
     from tgserve.core.speculation.adaptive import DEFAULT_KNEE_ROWS, AdaptiveProposer
     from tgserve.core.speculation.ngram import NgramProposer
 
@@ -154,7 +157,8 @@ def proposer_for(base, speculate: int, lengths: str):
         return None  # a Medusa or draft proposer guesses its own N; only adaptive lengths cap it
     if lengths == "fixed":
         return inner
-    return AdaptiveProposer(inner, getattr(base, "knee_rows", DEFAULT_KNEE_ROWS), max_tokens=speculate)
+    knee_rows = knee_rows or getattr(base, "knee_rows", DEFAULT_KNEE_ROWS)
+    return AdaptiveProposer(inner, knee_rows, max_tokens=speculate)
 
 
 def run_engine_cells(engine, ids: dict[str, list[list[int]]], config: SpeculationBenchConfig) -> list[dict]:
@@ -168,7 +172,7 @@ def run_engine_cells(engine, ids: dict[str, list[list[int]]], config: Speculatio
             for batch in config.batch_sizes:
                 for speculate in config.speculates:
                     for lengths in (("-",) if speculate == 0 else config.lengths):
-                        proposer = proposer_for(default, speculate, lengths)
+                        proposer = proposer_for(default, speculate, lengths, config.knee_rows)
                         if speculate and proposer is None:
                             continue
                         engine.proposer = proposer
@@ -213,7 +217,7 @@ def run_speculation_bench(config: SpeculationBenchConfig) -> dict:
         ids = {name: prompts[:config.max_prompts]
                for name, prompts in workload_ids(engine.tokenizer, config.workloads).items()}
         rows = run_engine_cells(engine, ids, config)
-        knee_rows = getattr(engine.proposer, "knee_rows", None)
+        knee_rows = config.knee_rows or getattr(engine.proposer, "knee_rows", None)
     finally:
         engine.shutdown(drain_timeout_s=0)  # never started: this only calls the backend's shutdown hook
     notes = ["tokens/s include prefill; mean accepted length = tokens per step that emitted tokens"]

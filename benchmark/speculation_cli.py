@@ -54,6 +54,9 @@ def add_speculation_parser(benchmark_commands: argparse._SubParsersAction) -> No
                       help="draft checkpoint folder for transformers' assisted generation (same tokenizer)")
     spec.add_argument("--speculative-model", default=None,
                       help="draft checkpoint folder for tgserve's --speculative-model, where this build has it")
+    spec.add_argument("--knee-rows", type=float, default=None,
+                      help="the adaptive rule's rows at which a step costs twice a one-row step "
+                           "(default: what start-up measured; the table's header shows it)")
     spec.add_argument("--result-file", default=None, help="write the results as JSON here")
     spec.set_defaults(handler=run_speculation_command)
 
@@ -92,7 +95,7 @@ def run_speculation_command(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts, runs=args.runs,
             is_eos_ignored=args.ignore_eos,
             is_transformers_run=not args.no_transformers, assistant_model=args.assistant_model,
-            speculative_model=args.speculative_model)
+            speculative_model=args.speculative_model, knee_rows=args.knee_rows)
         report = run_speculation_bench(config)
     except (*_run_errors(), RuntimeError) as error:
         return _error(error)

@@ -15,7 +15,7 @@ while that holds; the threshold only grows as rows are added. At batch 1 every g
 a^j > ~1 / knee_rows is taken (extra rows are nearly free); at a batch well past the knee
 (compute-bound) only guesses that are close to certain are (verification rows are no longer free).
 The engine sizes `knee_rows` from its start-up probe (`knee_rows_from_probe`: the probe's fitted fixed
-cost over its per-token cost) or uses `DEFAULT_KNEE_ROWS`.
+cost over its per-token cost); see `DEFAULT_KNEE_ROWS` and `UNFITTED_PROBE_KNEE_ROWS` for the rest.
 
 Zero and probes. A sequence whose guesses are not worth a row gets k = 0: nothing is proposed for it.
 After `probe_interval` steps at 0 it is given one guess anyway (a probe), so text that turns
@@ -43,6 +43,10 @@ MAX_PROBE_INTERVAL = 64  # the longest wait between probes of a sequence whose p
 # data-centre GPU streams its weights in ~5 ms and computes a row in ~0.02-0.05 ms (knee 100-250); a
 # small model on a CPU has knees of ~5-30. 64 is between, and only decides how big a batch still speculates.
 DEFAULT_KNEE_ROWS = 64.0
+# A probe with no usable fit timed one step only, because that step was slow (a 64-token prefill of
+# 0.75 s or more: a slow CPU path or a big model) or noisy: per-row compute dominates there, and CPUs
+# have knees of about 2 x FLOP/s over bytes/s of f32 weights (~5-10; bf16 with AMX more).
+UNFITTED_PROBE_KNEE_ROWS = 8.0
 MIN_KNEE_ROWS, MAX_KNEE_ROWS = 1.0, 1024.0
 
 
@@ -75,13 +79,16 @@ def choose_lengths(rates: list[float], limits: list[int], knee_rows: float) -> l
 
 def knee_rows_from_probe(probe) -> float:
     """T0 / t from the start-up probe (`tgserve.core.warmup.ProbeResult`): the fitted fixed cost of a
-    step over its per-token cost, clamped to [MIN_KNEE_ROWS, MAX_KNEE_ROWS]; DEFAULT_KNEE_ROWS
-    without a probe or without a usable fit (one timed step, or a longer step that was not slower)."""
-    if probe is None or not probe.short_tokens or probe.num_tokens <= probe.short_tokens:
+    step over its per-token cost, clamped to [MIN_KNEE_ROWS, MAX_KNEE_ROWS]. DEFAULT_KNEE_ROWS
+    without a probe (TGI's full warmup step); UNFITTED_PROBE_KNEE_ROWS without a usable fit (one
+    timed step, or a longer step that was not slower)."""
+    if probe is None:
         return DEFAULT_KNEE_ROWS
+    if not probe.short_tokens or probe.num_tokens <= probe.short_tokens:
+        return UNFITTED_PROBE_KNEE_ROWS
     per_token_s = (probe.step_s - probe.short_step_s) / (probe.num_tokens - probe.short_tokens)
     if per_token_s <= 0:
-        return DEFAULT_KNEE_ROWS
+        return UNFITTED_PROBE_KNEE_ROWS
     fixed_s = probe.short_step_s - probe.short_tokens * per_token_s
     return min(MAX_KNEE_ROWS, max(MIN_KNEE_ROWS, fixed_s / per_token_s))
 

@@ -97,6 +97,7 @@ def test_each_cell_runs_the_built_proposer_at_its_n():
     fixed = proposer_for(built, 2, "fixed")
     assert isinstance(fixed, NgramProposer) and fixed.num_tokens == 2
     assert proposer_for(built, 0, "-") is None and proposer_for(None, 2, "adaptive") is None
+    assert proposer_for(built, 2, "adaptive", knee_rows=3.0).knee_rows == 3.0
 
     class Heads(Proposer):  # a Medusa or draft proposer: its own N
         method, num_tokens = "medusa", 4

@@ -11,8 +11,9 @@ from hypothesis import given, settings, strategies as st
 from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
 from tgserve.core.sequence import Sequence
 from tgserve.core.speculation.acceptance import Proposer
-from tgserve.core.speculation.adaptive import (MAX_PROBE_INTERVAL, MIN_PROBE_INTERVAL, AdaptiveProposer,
-                                               choose_lengths, knee_rows_from_probe)
+from tgserve.core.speculation.adaptive import (DEFAULT_KNEE_ROWS, MAX_PROBE_INTERVAL, MIN_PROBE_INTERVAL,
+                                               UNFITTED_PROBE_KNEE_ROWS, AdaptiveProposer, choose_lengths,
+                                               knee_rows_from_probe)
 from tgserve.core.warmup import ProbeResult
 
 N = 4
@@ -142,10 +143,11 @@ def test_knee_from_the_probe_fit():
     # 64 tokens in 40 ms, 256 in 100 ms: 0.3125 ms per token, 20 ms fixed: knee 64 rows.
     probe = ProbeResult(num_tokens=256, step_s=0.100, elapsed_s=0.2, short_tokens=64, short_step_s=0.040)
     assert knee_rows_from_probe(probe) == pytest.approx(64.0)
-    one_step = ProbeResult(num_tokens=64, step_s=0.04, elapsed_s=0.1)
-    assert knee_rows_from_probe(one_step) == knee_rows_from_probe(None) > 0
+    assert knee_rows_from_probe(None) == DEFAULT_KNEE_ROWS  # TGI's full warmup step: nothing timed
+    one_step = ProbeResult(num_tokens=64, step_s=0.8, elapsed_s=1.6)  # too slow for the long step
+    assert knee_rows_from_probe(one_step) == UNFITTED_PROBE_KNEE_ROWS < DEFAULT_KNEE_ROWS
     not_slower = ProbeResult(num_tokens=256, step_s=0.03, elapsed_s=0.2, short_tokens=64, short_step_s=0.040)
-    assert knee_rows_from_probe(not_slower) == knee_rows_from_probe(None)
+    assert knee_rows_from_probe(not_slower) == UNFITTED_PROBE_KNEE_ROWS
     all_per_token = ProbeResult(num_tokens=256, step_s=0.256, elapsed_s=0.2, short_tokens=64, short_step_s=0.064)
     assert knee_rows_from_probe(all_per_token) == 1.0  # clamped: a zero fixed cost still leaves one row
 
