@@ -32,6 +32,7 @@ from tgserve.core.rope_scaling import serving_model_config
 from tgserve.core.scheduler import Scheduler
 from tgserve.core.shape_constraints import ShapeConstraints
 from tgserve.core.speculation import make_proposer
+from tgserve.core.speculation.adaptive import AdaptiveProposer, knee_rows_from_probe
 from tgserve.core.speculation.medusa_checkpoint import find_medusa
 from tgserve.core.speculation.medusa_heads import MedusaHeads
 from tgserve.core.speculation.acceptance import Proposer
@@ -145,6 +146,8 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     else:
         _log_probe(config, probe, policy, sizing, backend.name)
     hook.tgserve_on_model_ready(model=loaded.model, kv_cache=kv_cache, limits=limits)
+    if proposer is not None:  # lengths follow each sequence's acceptance and the batch's size
+        proposer = AdaptiveProposer(proposer, knee_rows_from_probe(probe))
     info = ModelInfo(model_id=source.model_id, model_sha=source.sha, model_dtype=dtype_name,
                      model_device_type=loaded.device.type, backend=backend.name,
                      eos_token_ids=tokenizer.eos_token_ids,

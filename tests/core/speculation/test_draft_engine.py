@@ -19,6 +19,7 @@ from tgserve.core.config import ConfigError, ServerConfig
 from tgserve.core.engine_builder import build_engine
 from tgserve.core.plugins import BackendRegistry
 from tgserve.core.sequence import Sequence
+from tgserve.core.speculation.adaptive import AdaptiveProposer
 from tgserve.core.speculation.draft import DraftProposer, DraftState
 from tgserve.core.speculation.draft_checkpoint import DraftVocabularyMismatch
 
@@ -41,6 +42,10 @@ def draft_dir(demo_model_dir, tmp_path_factory):
 def engine(demo_model_dir, draft_dir):
     """The demo model with the one-layer draft, --speculate left to its default with a draft."""
     with running_engine(demo_model_dir, speculative_model=str(draft_dir), **ENGINE_FLAGS) as engine:
+        # --speculate serves adaptive lengths over the draft; these tests pin the draft's own lengths
+        # (test_adaptive_lengths_over_the_draft_keep_the_output runs the wrapper).
+        assert isinstance(engine.proposer, AdaptiveProposer)
+        engine.proposer = engine.proposer.inner
         yield engine
 
 
@@ -257,4 +262,15 @@ def test_a_failing_draft_forward_costs_guesses_not_output(engine, prompts, greed
     for result, ref in zip(got, greedy_reference):
         assert_same_tokens(result, ref)
     assert sum(num_skipped(result) for result in got) > 0
+    assert_no_blocks_held(engine)
+
+
+def test_adaptive_lengths_over_the_draft_keep_the_output(engine, prompts, long_prompt, greedy_reference):
+    """As served: adaptive lengths over the draft, with a knee so small that most steps give few or no
+    guesses, so the draft skips sequences for steps and must catch up on the tokens accepted meanwhile."""
+    adaptive = AdaptiveProposer(engine.proposer, knee_rows=0.5)
+    with speculating(engine, adaptive):
+        got = run_all(engine, [request(ids, top_n_tokens=2) for ids in prompts + [long_prompt]])
+    for result, ref in zip(got, greedy_reference):
+        assert_same_tokens(result, ref)
     assert_no_blocks_held(engine)

@@ -20,6 +20,7 @@ from tgserve.core.config import ConfigError, ServerConfig
 from tgserve.core.engine_builder import build_engine
 from tgserve.core.plugins import BackendRegistry
 from tgserve.core.speculation import MedusaProposer
+from tgserve.core.speculation.adaptive import AdaptiveProposer
 
 from ..engine_harness import Collected, run_all, running_engine
 from .test_medusa_checkpoint import reference_guesses
@@ -41,6 +42,10 @@ def engine(medusa_dir):
     """--model-id MEDUSA_DIR with no --speculate: N is the head count."""
     with running_engine(medusa_dir, dtype="float32", max_batch_prefill_tokens=MAX_BATCH_PREFILL_TOKENS,
                         max_batch_total_tokens=8192, max_total_tokens=512) as engine:
+        # --speculate serves adaptive lengths over the heads; these tests pin the heads' own lengths
+        # (test_adaptive_lengths_over_the_heads_keep_the_output runs the wrapper).
+        assert isinstance(engine.proposer, AdaptiveProposer)
+        engine.proposer = engine.proposer.inner
         yield engine
 
 
@@ -250,3 +255,13 @@ def test_smollm2_with_untrained_shared_lm_head_heads_equals_speculate_0(smollm2_
         for result, expected in zip(got, ref):
             assert_same_tokens(result, expected)
         assert_no_blocks_held(engine)
+
+
+def test_adaptive_lengths_over_the_heads_keep_the_output(engine, prompts, greedy_reference):
+    """As served: adaptive lengths over the heads (which still get every step's guesses through the
+    wrapper), concurrent, with a small knee so lengths vary; greedy ids stay --speculate 0's."""
+    adaptive = AdaptiveProposer(engine.proposer, knee_rows=0.5)
+    with speculating(engine, adaptive):
+        got = run_all(engine, [request(ids, top_n_tokens=2) for ids in prompts])
+    for result, ref in zip(got, greedy_reference):
+        assert_same_tokens(result, ref)

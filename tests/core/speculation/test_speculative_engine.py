@@ -18,6 +18,7 @@ import pytest
 from tgserve.checkpoints.demo_tokenizer import render_chat
 from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
 from tgserve.core.speculation.acceptance import Proposer
+from tgserve.core.speculation.adaptive import AdaptiveProposer
 from tgserve.core.speculation.ngram import NgramProposer
 
 from ..engine_harness import Collected, run_all, running_engine
@@ -120,8 +121,10 @@ def greedy_reference(engine, prompts):
     return [run(engine, 0, [request(ids, top_n_tokens=2)])[0] for ids in prompts]
 
 
-def test_the_flag_builds_an_ngram_proposer(engine):
-    assert isinstance(engine.proposer, NgramProposer) and engine.proposer.num_tokens == 4
+def test_the_flag_builds_an_adaptive_ngram_proposer(engine):
+    assert isinstance(engine.proposer, AdaptiveProposer) and engine.proposer.num_tokens == 4
+    assert isinstance(engine.proposer.inner, NgramProposer) and engine.proposer.inner.num_tokens == 4
+    assert engine.proposer.knee_rows > 0
     assert engine.config.speculate == 4
 
 
@@ -167,6 +170,31 @@ def test_greedy_concurrent_with_prefill_chunks_equals_speculate_0(engine, prompt
         assert sum(num_skipped(result) for result in got) > 0
         # One forward held a mid-prompt chunk (nothing sampled) and a verification (k + 1 sampled).
         assert any(any(s == 0 for _, s in plan) and any(s > 1 for _, s in plan) for plan in recorder.plans)
+    assert_no_blocks_held(engine)
+
+
+def extra_rows(recorder: PlanRecorder) -> int:
+    """Verification rows beyond one per sampling sequence, over every recorded plan."""
+    return sum(max(0, sampled - 1) for plan in recorder.plans for _, sampled in plan)
+
+
+def test_adaptive_lengths_keep_greedy_output_and_ration_rows(engine, prompts, long_prompt, greedy_reference):
+    """The proposer `--speculate` builds (adaptive lengths) with a cheap and a dear row cost: the same
+    ids as --speculate 0 with prefill chunks beside; the dear one (knee 1 row: every extra row costs
+    as much as the step) verifies fewer extra rows."""
+    (long_ref,) = run(engine, 0, [request(long_prompt, top_n_tokens=2)])
+    rows = {}
+    for knee_rows in (64.0, 1.0):
+        with speculating(engine, AdaptiveProposer(NgramProposer(4), knee_rows=knee_rows)):
+            with PlanRecorder(engine.scheduler) as recorder:
+                *got, long_got = run_all(engine, [request(ids, top_n_tokens=2) for ids in prompts]
+                                         + [request(long_prompt, top_n_tokens=2)])
+        for result, ref in zip(got + [long_got], greedy_reference + [long_ref]):
+            assert_same_tokens(result, ref)
+        rows[knee_rows] = extra_rows(recorder)
+        if knee_rows == 64.0:
+            assert sum(num_skipped(result) for result in got) > 0
+    assert rows[1.0] < rows[64.0]
     assert_no_blocks_held(engine)
 
 
