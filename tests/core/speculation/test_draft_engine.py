@@ -163,6 +163,7 @@ def test_own_draft_accepts_every_guess(demo_model_dir, prompts, long_prompt):
     sampled = [dict(do_sample=True, temperature=1.0, seed=3), dict(do_sample=True, temperature=0.7, top_k=20,
                                                                     top_p=0.95, seed=4)]
     with running_engine(demo_model_dir, speculative_model=str(demo_model_dir), speculate=3, **ENGINE_FLAGS) as engine:
+        engine.proposer = engine.proposer.inner  # the draft's own lengths (not adaptive ones)
         requests = [request(ids, top_n_tokens=2) for ids in prompts + [long_prompt]]
         requests += [request(prompts[0], top_n_tokens=2, **s) for s in sampled]
         with speculating(engine, None):
@@ -229,6 +230,7 @@ def test_smollm2_with_its_first_layers_as_draft_equals_speculate_0(smollm2_dir, 
     draft = write_truncated_draft(smollm2_dir, tmp_path / "smollm2-6", num_layers=6)
     with running_engine(smollm2_dir, speculative_model=str(draft), dtype="float32", max_batch_prefill_tokens=256,
                         max_batch_total_tokens=4096, max_total_tokens=1024) as engine:
+        engine.proposer = engine.proposer.inner  # the draft's own lengths (not adaptive ones)
         prompt = engine.tokenizer.encode(SMOLLM2_PROMPT)
         other = engine.tokenizer.encode("The capital of France is")
         requests = [request(prompt, max_new_tokens=32), request(other, max_new_tokens=16)]
