@@ -92,29 +92,13 @@ class ModelRunner:
             seqs += [item.seq] * item.num_sampled
             offsets += range(item.num_sampled)
         params = [s.request.sampling for s in seqs]
-        dev = self.device
-
-        def column(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(dev)
-
         is_penalized = [p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 for p in params]
         history = None
         if any(is_penalized):  # rows without a penalty see no history (neutral values change nothing)
             history = self.token_history.rows(seqs, [len(s.token_ids) - s.num_proposed_tokens + j if is_p else 0
                                                      for s, j, is_p in zip(seqs, offsets, is_penalized)])
-        greedy = [p.is_greedy for p in params]
-        return SamplingBatch(
-            temperature=column([p.temperature for p in params], torch.float32),
-            top_k=column([p.top_k for p in params], torch.int64),
-            top_p=column([p.top_p for p in params], torch.float32),
-            typical_p=column([p.typical_p for p in params], torch.float32),
-            repetition_penalty=column([p.repetition_penalty for p in params], torch.float32),
-            frequency_penalty=column([p.frequency_penalty for p in params], torch.float32),
-            seed=column([p.seed & 0x7FFFFFFFFFFFFFFF for p in params], torch.int64),
-            step=column([s.num_generated_tokens + j for s, j in zip(seqs, offsets)], torch.int64),
-            is_greedy=column(greedy, torch.bool), token_history=history,
-            any_sampling=not all(greedy), any_top_k=any(p.top_k > 0 for p in params),
-            any_top_p=any(p.top_p < 1.0 for p in params), any_typical_p=any(p.typical_p < 1.0 for p in params),
+        return SamplingBatch.from_params(
+            params, [s.num_generated_tokens + j for s, j in zip(seqs, offsets)], self.device, token_history=history,
             max_top_n=max(s.request.top_n_tokens for s in seqs),
             watermark=self._watermark_batch(seqs, offsets) if any(p.watermark for p in params) else None,
             allowed=self._allowed(seqs, offsets) if any(s.states for s in seqs) else None)

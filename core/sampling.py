@@ -48,6 +48,34 @@ class SamplingBatch:
     allowed: torch.Tensor | None = None
 
 
+    @classmethod
+    def from_params(cls, params: list, steps: list[int], device: torch.device, with_penalties: bool = True,
+                    **extras) -> "SamplingBatch":
+        """One row per entry of `params` (each a request's `SamplingParams`), drawing token `steps[i]`.
+
+        with_penalties=False sets neutral penalties (a draft's guesses; verification applies the real
+        ones). extras: token_history, max_top_n (default 0), watermark, allowed."""
+
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device)
+
+        greedy = [p.is_greedy for p in params]
+        return cls(
+            temperature=column([p.temperature for p in params], torch.float32),
+            top_k=column([p.top_k for p in params], torch.int64),
+            top_p=column([p.top_p for p in params], torch.float32),
+            typical_p=column([p.typical_p for p in params], torch.float32),
+            repetition_penalty=column([p.repetition_penalty if with_penalties else 1.0 for p in params],
+                                      torch.float32),
+            frequency_penalty=column([p.frequency_penalty if with_penalties else 0.0 for p in params],
+                                     torch.float32),
+            seed=column([p.seed & 0x7FFFFFFFFFFFFFFF for p in params], torch.int64),
+            step=column(steps, torch.int64), is_greedy=column(greedy, torch.bool),
+            token_history=extras.pop("token_history", None),
+            any_sampling=not all(greedy), any_top_k=any(p.top_k > 0 for p in params),
+            any_top_p=any(p.top_p < 1.0 for p in params), any_typical_p=any(p.typical_p < 1.0 for p in params),
+            max_top_n=extras.pop("max_top_n", 0), **extras)
+
 @dataclass(slots=True)
 class SamplerOutput:
     next_ids: torch.Tensor  # int64 [S]

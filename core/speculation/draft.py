@@ -185,22 +185,5 @@ class DraftProposer(Proposer):
     def _sampling_batch(self, seqs: list[Sequence], steps: list[int]) -> SamplingBatch:
         """The rows' draw as the target's sampler makes it at the same positions (same seed and index,
         hence the same noise), without penalties, watermark or masks (verification applies those)."""
-        params = [seq.request.sampling for seq in seqs]
-        dev = self.device
-
-        def column(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(dev)
-
-        greedy = [p.is_greedy for p in params]
-        return SamplingBatch(
-            temperature=column([p.temperature for p in params], torch.float32),
-            top_k=column([p.top_k for p in params], torch.int64),
-            top_p=column([p.top_p for p in params], torch.float32),
-            typical_p=column([p.typical_p for p in params], torch.float32),
-            repetition_penalty=column([1.0] * len(params), torch.float32),
-            frequency_penalty=column([0.0] * len(params), torch.float32),
-            seed=column([p.seed & 0x7FFFFFFFFFFFFFFF for p in params], torch.int64),
-            step=column(steps, torch.int64), is_greedy=column(greedy, torch.bool), token_history=None,
-            any_sampling=not all(greedy), any_top_k=any(p.top_k > 0 for p in params),
-            any_top_p=any(p.top_p < 1.0 for p in params), any_typical_p=any(p.typical_p < 1.0 for p in params),
-            max_top_n=0)
+        return SamplingBatch.from_params([seq.request.sampling for seq in seqs], steps, self.device,
+                                         with_penalties=False)
