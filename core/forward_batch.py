@@ -30,7 +30,7 @@ class ForwardBatch:
     max_query_len: int  # host int, max(query_lens)
     max_context_len: int  # host int, max(context_lens)
     # Host ints that let attention treat decode rows apart from prefill rows in a mixed step: the
-    # first `num_decode_seqs` sequences compute one token each (the runner puts them first).
+    # first `num_decode_seqs` sequences compute one token each (the scheduler orders them by query length).
     num_decode_seqs: int
     max_decode_context_len: int  # max(context_lens[:num_decode_seqs]), 0 when there are none
     max_prefill_context_len: int  # max(context_lens[num_decode_seqs:]), 0 when there are none

@@ -95,8 +95,9 @@ class Scheduler:
             self.running.append(seq)
             plan.scheduled.append(ScheduledSequence(seq, num_tokens))
             budget -= num_tokens
-        # Sequences computing one token first (stable): attention runs them apart from the prefill rows.
-        plan.scheduled.sort(key=lambda item: item.num_new_tokens != 1)
+        # Shortest queries first (stable): decodes, then verifications of a few guesses, then prompt chunks;
+        # attention runs the leading short ones apart from the prefill rows.
+        plan.scheduled.sort(key=lambda item: item.num_new_tokens)
         plan.max_block_id = self.blocks.max_block_id
         return plan
 

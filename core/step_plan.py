@@ -36,7 +36,8 @@ class ScheduledSequence:
 class StepPlan:
     """Everything the scheduler decided for one step (host side).
 
-    Sequences that compute exactly one token come first, so the device batch can split them off."""
+    Sequences come in ascending order of tokens computed (decodes first, then speculative verifications,
+    then prompt chunks), so attention can split the short queries off."""
 
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     # The highest KV block id the block manager has handed out so far (`BlockManager.max_block_id`):

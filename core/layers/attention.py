@@ -69,21 +69,24 @@ class TorchPagedAttention(PagedAttention):
         bias.masked_fill_(~is_key.unsqueeze(1), float("-inf"))
         return bias.repeat_interleave(self.num_kv_heads, dim=0)
 
-    def _prefill_layout(self, batch: ForwardBatch, num_decode: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded-row index of each prefill token and the causal mask of the prefill sequences."""
+    def _prefill_layout(self, batch: ForwardBatch, first_seq: int,
+                        first_token: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded-row index of each prefill token and the causal mask of the prefill sequences: those from
+        `first_seq` on, whose rows start at `first_token` (default `first_seq`: one row per earlier sequence)."""
         device = batch.input_ids.device
-        query_lens = batch.query_lens[num_decode:batch.num_seqs]
-        context_lens = batch.context_lens[num_decode:batch.num_seqs]
-        num_seqs, num_tokens = query_lens.shape[0], batch.num_tokens - num_decode
+        first_token = first_seq if first_token is None else first_token
+        query_lens = batch.query_lens[first_seq:batch.num_seqs]
+        context_lens = batch.context_lens[first_seq:batch.num_seqs]
+        num_seqs, num_tokens = query_lens.shape[0], batch.num_tokens - first_token
         max_q, max_ctx = batch.max_query_len, batch.max_prefill_context_len
         seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens,
                                                output_size=num_tokens)
-        cu_seqlens_q = batch.cu_seqlens_q[num_decode:] - num_decode  # decode tokens are the first rows
+        cu_seqlens_q = batch.cu_seqlens_q[first_seq:] - first_token  # the earlier sequences' rows come first
         offset = torch.arange(num_tokens, device=device) - cu_seqlens_q[seq_of_token]
         unpad_index = seq_of_token * max_q + offset
         # Position of each padded query row; padding rows get -1 and are fixed up below.
         q_pos = torch.full((num_seqs * max_q,), -1, dtype=torch.int64, device=device)
-        q_pos = q_pos.index_copy(0, unpad_index, batch.positions[num_decode:batch.num_tokens]).view(num_seqs, max_q, 1)
+        q_pos = q_pos.index_copy(0, unpad_index, batch.positions[first_token:batch.num_tokens]).view(num_seqs, max_q, 1)
         k_pos = torch.arange(max_ctx, device=device).view(1, 1, max_ctx)
         mask = (k_pos <= q_pos) & (k_pos < context_lens.view(num_seqs, 1, 1))
         mask = mask | ((q_pos < 0) & (k_pos == 0))  # padding rows see one key, so no row is all -inf
