@@ -109,7 +109,7 @@ def test_later_small_request_never_overtakes_earlier_big_one():
     while a.status is not SequenceStatus.FINISHED:
         assert set(_tokens(_step(scheduler))) == {0}
     plan = _step(scheduler)
-    assert [item.seq for item in plan.scheduled] == [b, c]
+    assert scheduler.running == [b, c]  # admitted in arrival order (the plan lists shorter queries first)
     assert _tokens(plan) == {1: 12, 2: 2}
 
 
@@ -444,7 +444,27 @@ def test_proposed_tokens_are_verified_in_one_step_or_dropped_to_fit_the_budget()
         seq.token_ids += [11, 12, 13, 14]
         seq.num_proposed_tokens = 4
     plan = scheduler.schedule()
-    assert [(item.num_new_tokens, item.num_sampled) for item in plan.scheduled] == [(5, 5), (3, 3)]
+    assert {item.seq.request_id: (item.num_new_tokens, item.num_sampled) for item in plan.scheduled} == {
+        0: (5, 5), 1: (3, 3)}
     assert a.token_ids[-4:] == [11, 12, 13, 14] and a.num_proposed_tokens == 4
     assert b.token_ids[-3:] == [_NEXT_TOKEN, 11, 12] and b.num_proposed_tokens == 2
     assert len(b.token_ids) == 3 + 1 + 2
+
+
+def test_a_step_lists_shorter_queries_first():
+    """Decodes, then verifications of a few guesses, then prompt chunks (stable among equals): attention
+    takes the leading short queries apart from the prefill rows (backends/cpu/native_attention.py)."""
+    scheduler = _scheduler(max_step_tokens=64)
+    a, b, c = _seq(0, 3, 20), _seq(1, 3, 20), _seq(2, 3, 20)
+    for seq in (a, b, c):
+        scheduler.add(seq)
+    _step(scheduler)
+    a.token_ids += [11, 12, 13]
+    a.num_proposed_tokens = 3
+    d, e = _seq(3, 9, 4), _seq(4, 2, 4)
+    scheduler.add(d)
+    scheduler.add(e)
+    plan = scheduler.schedule()
+    assert [(item.seq.request_id, item.num_new_tokens) for item in plan.scheduled] == [
+        (1, 1), (2, 1), (4, 2), (0, 4), (3, 9)]
+    assert scheduler.running == [a, b, c, d, e]
