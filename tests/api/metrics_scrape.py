@@ -64,6 +64,11 @@ def num_dropped(samples: Samples) -> float:
     return value(samples, "tgi_request_failure", err="dropped")
 
 
+def num_succeeded(samples: Samples) -> float:
+    """Requests that ran to their last token."""
+    return value(samples, "tgi_request_success")
+
+
 def num_used_kv_blocks(samples: Samples) -> float:
     """KV-cache blocks that requests hold, read from the block manager at scrape time."""
     return value(samples, "tgserve_kv_cache_blocks_used")

@@ -10,16 +10,20 @@ shape of an engine bug that reaches the API synchronously (a failing step reache
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 from contextlib import aclosing
 
 import pytest
 
 from tests.core.engine_harness import running_engine
+from tgserve.api.shared.concurrency import ConcurrencyLimiter
 from tgserve.api.shared.errors import ApiError
 from tgserve.api.shared.lifecycle import RequestLifecycle
 from tgserve.api.shared.prepare import PreparedRequest
 from tgserve.api.shared.state import ServerState
+from tgserve.api.shared.tasks import gather_or_cancel
 from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams, TokenEvent
 
 LIMITS = {"max_batch_prefill_tokens": 64, "max_batch_total_tokens": 4096, "max_total_tokens": 512,
@@ -132,3 +136,71 @@ def test_a_request_the_client_leaves_is_dropped_once_wherever_it_was(state):
         asyncio.run(leave())
         assert num_dropped(state) - before == 1
         assert state.limiter.num_in_flight == 0
+
+
+class StepCounter:
+    """A `StepObserver` that counts the engine's steps: running a request to its end takes one per token."""
+
+    def __init__(self):
+        self.num_steps = 0
+
+    def on_step(self, stats) -> None:
+        self.num_steps += 1
+
+    def on_idle(self) -> None:
+        pass
+
+
+def wait_until_engine_empty(state: ServerState, timeout_s: float = 120.0) -> None:
+    """Block until no request is queued or running in the engine (cancels are applied between steps)."""
+    deadline = time.monotonic() + timeout_s
+    while state.engine.num_in_flight or state.engine.num_running or state.engine.num_waiting:
+        assert time.monotonic() < deadline, "the engine never emptied"
+        time.sleep(0.01)
+
+
+def test_the_prompts_of_a_request_the_client_leaves_are_dropped_wherever_each_was(state):
+    """A multi-prompt /v1/completions runs one lifecycle per prompt under `gather_or_cancel`; a
+    hang-up cancels the gather while its prompts are at different stages. Here one generates in
+    the engine and the other is still in its prepare step, then the same with the first one already
+    finished: every prompt that had not ended counts `dropped` once and leaves the engine long
+    before its last token, the finished one counts a success, both permits come back and the
+    engine frees every KV block."""
+    two_permits = dataclasses.replace(state, limiter=ConcurrencyLimiter(2, state.metrics))
+    metrics = state.metrics.registry
+    max_new_tokens = 400  # the prompt that is still generating: ~400 steps if it were not cancelled
+
+    def num_succeeded() -> float:
+        return metrics.get_sample_value("tgi_request_success_total") or 0.0
+
+    async def leave(num_tokens: int, is_first_finished: bool) -> None:
+        in_prepare = asyncio.Event()
+
+        async def prepare_forever(timer) -> PreparedRequest:
+            in_prepare.set()
+            await asyncio.Event().wait()  # tokenizing forever: the client leaves first
+
+        first = asyncio.ensure_future(RequestLifecycle(two_permits, prepare_ids([1, 2, 3], num_tokens)).run())
+        work = asyncio.ensure_future(gather_or_cancel([first, RequestLifecycle(two_permits, prepare_forever).run()]))
+        await in_prepare.wait()
+        while not (first.done() if is_first_finished else state.engine.num_running):
+            await asyncio.sleep(0.01)
+        assert two_permits.limiter.num_in_flight == 2 - is_first_finished
+        work.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await work
+
+    for num_tokens, is_first_finished in ((max_new_tokens, False), (3, True)):
+        dropped_before, succeeded_before = num_dropped(state), num_succeeded()
+        steps = StepCounter()
+        state.engine.set_observer(steps)
+        try:
+            asyncio.run(leave(num_tokens, is_first_finished))
+            wait_until_engine_empty(state)
+        finally:
+            state.engine.set_observer(None)
+        assert (num_dropped(state) - dropped_before, num_succeeded() - succeeded_before) == \
+            ((1, 1) if is_first_finished else (2, 0))
+        assert steps.num_steps < max_new_tokens // 2  # cut short by the cancel, not run to its end
+        assert two_permits.limiter.num_in_flight == 0
+        assert state.engine.num_used_kv_blocks == 0
