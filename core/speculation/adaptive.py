@@ -4,7 +4,11 @@ Gain. A sequence's guesses are accepted one after another, each with probability
 rate), up to the first miss; verifying k guesses yields on average E(k) = 1 + a + ... + a^k =
 (1 - a^(k+1)) / (1 - a) tokens, so guess j adds a^j. `a` is estimated per sequence from its recent
 verifications: exponentially decayed counts of accepted guesses over guesses tried up to and
-including the first miss (the geometric model's estimate), starting from `PRIOR_RATE`.
+including the first miss (the geometric model's estimate). A new sequence starts from the rate of the
+server's recent verifications (all sequences, decayed slower: `POOL_DECAY`), `PRIOR_RATE` before any:
+on a server answering open-ended chat a new request starts where chat requests end up (no guesses, a
+probe after 8 steps) instead of paying for a few doomed guesses first (~3% of a 16-request batch's rows
+here), and one serving code edits starts ready to guess.
 
 Cost, and the step's budget of extra rows. A step costs about T0 + t * rows: T0 streams the weights
 once (memory-bound, the same for 1 row or 20), t is one row's compute. `knee_rows` = T0 / t, the rows
@@ -35,9 +39,10 @@ from dataclasses import dataclass
 from tgserve.core.sequence import Sequence
 from tgserve.core.speculation.acceptance import Proposer
 
-PRIOR_RATE = 0.7  # a new sequence's acceptance rate: optimistic, so it proposes and is measured
-PRIOR_WEIGHT = 1.0  # the prior counts as this many tried guesses
+PRIOR_RATE = 0.7  # the first sequences' acceptance rate: optimistic, so they propose and are measured
+PRIOR_WEIGHT = 1.0  # a new sequence's prior (the server's recent rate) counts as this many tried guesses
 DECAY = 0.75  # each verification keeps this share of the older counts (memory of ~4 verifications)
+POOL_DECAY = 0.97  # the server-wide counts: each verification keeps this share (memory of ~30)
 MIN_PROBE_INTERVAL = 8  # steps at k = 0 before the first probe
 MAX_PROBE_INTERVAL = 128  # the longest wait between probes of a sequence whose probes keep missing
 # Without a probe (a backend that warms up with TGI's full step, e.g. a GPU): a 7B model in bf16 on a
@@ -108,6 +113,12 @@ class AdaptiveState:
     def rate(self) -> float:
         return self.num_accepted / self.num_tried
 
+    def count(self, num_proposed: int, num_matched: int, decay: float) -> None:
+        """Decay the counts, then add one verification: `num_matched` of `num_proposed` guesses matched
+        (a miss, when there is one, counts as a tried guess)."""
+        self.num_accepted = decay * self.num_accepted + num_matched
+        self.num_tried = decay * self.num_tried + num_matched + (num_matched < num_proposed)
+
 
 class AdaptiveProposer(Proposer):
     """`inner`'s guesses, at the lengths `choose_lengths` gives each step (`tgserve.core.speculation.Proposer`).
@@ -126,6 +137,7 @@ class AdaptiveProposer(Proposer):
         self.method = inner.method
         self.num_tokens = inner.num_tokens if max_tokens is None else min(max_tokens, inner.num_tokens or max_tokens)
         self._states: dict[int, AdaptiveState] = {}
+        self._pool = AdaptiveState()  # every sequence's verifications, decayed by POOL_DECAY: new ones' prior
 
     def propose(self, seq: Sequence, max_tokens: int) -> list[int]:
         """One sequence at its adaptive length (the engine calls `propose_batch`)."""
@@ -133,7 +145,7 @@ class AdaptiveProposer(Proposer):
 
     def propose_batch(self, seqs: list[Sequence], limits: list[int]) -> list[list[int]]:
         """The inner proposer's guesses for the sequences whose chosen length is >= 1, cut to it."""
-        states = {seq.request_id: self._states.get(seq.request_id) or AdaptiveState() for seq in seqs}
+        states = {seq.request_id: self._states.get(seq.request_id) or self._new_state() for seq in seqs}
         self._states = states
         limits = [min(limit, self.num_tokens) if self.num_tokens else limit for limit in limits]
         lengths = choose_lengths([states[seq.request_id].rate for seq in seqs], limits, self.knee_rows)
@@ -156,16 +168,20 @@ class AdaptiveProposer(Proposer):
     def observe(self, seq: Sequence, num_proposed: int, num_accepted: int) -> None:
         """Update `seq`'s rate (num_accepted - 1 guesses matched; a miss counts as a tried guess) and
         its probe interval, then tell the inner proposer."""
-        state = self._states.setdefault(seq.request_id, AdaptiveState())
+        state = self._states.get(seq.request_id) or self._states.setdefault(seq.request_id, self._new_state())
         num_matched = num_accepted - 1
-        state.num_accepted = DECAY * state.num_accepted + num_matched
-        state.num_tried = DECAY * state.num_tried + num_matched + (num_matched < num_proposed)
+        state.count(num_proposed, num_matched, DECAY)
+        self._pool.count(num_proposed, num_matched, POOL_DECAY)
         if num_matched:
             state.probe_interval = MIN_PROBE_INTERVAL
         elif state.is_probing:
             state.probe_interval = min(MAX_PROBE_INTERVAL, 2 * state.probe_interval)
         state.is_probing = False
         self.inner.observe(seq, num_proposed, num_accepted)
+
+    def _new_state(self) -> AdaptiveState:
+        """A new sequence's state: the server's recent acceptance rate, weighted as PRIOR_WEIGHT guesses."""
+        return AdaptiveState(num_accepted=self._pool.rate * PRIOR_WEIGHT, num_tried=PRIOR_WEIGHT)
 
     def take_guesses(self, seq: Sequence, guesses: list[int]) -> None:
         """The runner's own guesses (Medusa heads) go to the inner proposer."""

@@ -158,3 +158,17 @@ def test_knee_from_the_probe_fit():
 def test_max_tokens_caps_below_the_inner_proposer():
     proposer = AdaptiveProposer(FixedProposer(), knee_rows=16, max_tokens=2)
     assert proposer.num_tokens == 2 and proposer.propose_batch([sequence(0)], [N]) == [[7, 7]]
+
+
+def test_a_new_sequence_starts_from_the_servers_recent_acceptance():
+    """After requests whose guesses all missed, a new request proposes nothing at first (it waits for its
+    probe); after requests whose guesses all matched, a new one proposes N at once."""
+    for accepts, expected in ((lambda _, k: 0, 0), (lambda _, k: k, N)):
+        proposer = AdaptiveProposer(FixedProposer(), knee_rows=16)
+        for request_id in range(40):  # one after another, each verified a few times
+            seq = sequence(request_id)
+            for _ in range(4):
+                step(proposer, [seq], accepts)
+        assert step(proposer, [sequence(99)], accepts) == [expected]
+    fresh = AdaptiveProposer(FixedProposer(), knee_rows=16)
+    assert step(fresh, [sequence(0)], lambda _, k: 0) == [N]  # before any verification: the optimistic prior
