@@ -141,10 +141,13 @@ class GptqLinearMethod(QuantizedLinearMethod):
                 raise QuantizationError(f"gptq: {names[part]} differs from {names[0]} (or one is missing); "
                                         f"fused modules must share one input order")
         in_order = torch.arange(g_idx.shape[1], device=g_idx.device) // group
-        # Groups numbered from this tensor's first: a row-parallel rank's slice of g_idx holds the global
-        # numbers of its own groups (rank 1 of 2 over 4 groups: 2, 3), while its scales / qzeros slice
-        # holds just those groups, from row 0. A whole g_idx always contains group 0, so it is unchanged.
-        groups = g_idx[0].long() - g_idx[0].min()
+        groups = g_idx[0].long()
+        if not self.quantization.checkpoint_config.get("desc_act"):
+            # Without act-order g_idx is input // group, so a row-parallel rank's slice holds the global
+            # numbers of its own groups (rank 1 of 2 over 4 groups: 2, 3) while its scales / qzeros slice
+            # holds just those groups from row 0: number them from the first. A whole g_idx starts at 0.
+            # Under act-order a slice's groups are not the rank's scale rows, so no renumbering is right.
+            groups = groups - groups.min()
         if torch.equal(groups, in_order):
             return None
         perm = torch.argsort(groups, stable=True)
