@@ -11,6 +11,7 @@ third prompt's prefill, over scattered KV blocks of 4 tokens, so attention reads
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -84,16 +85,20 @@ def run_steps(case: dict, tp: TensorParallel) -> list[torch.Tensor | None]:
     return logits
 
 
-def rank_main(rank: int, world_size: int, port: int, cases_path: str, result_path: str) -> None:
-    """One spawned rank: join the gloo group, run every case, rank 0 saves {case name: logits per step}."""
+def rank_main(rank: int, world_size: int, port: int, cases_path: str, out_dir: str) -> None:
+    """One spawned rank: join the gloo group, run every case, rank 0 saves {case name: logits per step} to
+    out_dir/logits.pt. A rank that fails writes its error to out_dir/rank-<r>.error for the parent to show."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))  # a dead peer fails the collectives, not hangs them
     try:
         tp = TensorParallel.from_group()
         results = {name: run_steps(case, tp) for name, case in torch.load(cases_path).items()}
         if rank == 0:
-            torch.save(results, result_path)
+            torch.save(results, Path(out_dir) / "logits.pt")
         else:
             assert all(step is None for steps in results.values() for step in steps), "only rank 0 gets logits"
+    except BaseException as error:
+        (Path(out_dir) / f"rank-{rank}.error").write_text(f"{type(error).__name__}: {error}")
+        raise
     finally:
         dist.destroy_process_group()

@@ -100,33 +100,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class RankFailed(AssertionError):
+    """A spawned rank exited non-zero or overran its time; the message carries the ranks' own errors."""
+
+
 def run_ranks(world_size: int, cases: dict, tmp_path) -> dict[str, list[torch.Tensor]]:
-    """Spawn `world_size` ranks over gloo; rank 0's logits per case and step. Fails, never hangs, when a
-    rank dies or overruns RANK_TIMEOUT_S, and leaves no rank process behind either way."""
-    cases_path, result_path = tmp_path / "cases.pt", tmp_path / "logits.pt"
+    """Spawn `world_size` ranks over gloo; rank 0's logits per case and step. Raises RankFailed, never
+    hangs, when a rank dies or overruns RANK_TIMEOUT_S, and leaves no rank process behind either way."""
+    cases_path = tmp_path / "cases.pt"
     torch.save(cases, cases_path)
     context, port = multiprocessing.get_context("spawn"), free_port()
-    ranks = [context.Process(target=rank_main, args=(rank, world_size, port, str(cases_path), str(result_path)),
+    ranks = [context.Process(target=rank_main, args=(rank, world_size, port, str(cases_path), str(tmp_path)),
                              name=f"tp-rank-{rank}") for rank in range(world_size)]
     for process in ranks:
         process.start()
     try:
         deadline = time.monotonic() + RANK_TIMEOUT_S
         while any(process.is_alive() for process in ranks):
-            failed = [p for p in ranks if p.exitcode not in (None, 0)]
-            if failed:
-                pytest.fail(f"{', '.join(f'{p.name} exited {p.exitcode}' for p in failed)} (see its traceback above)")
-            if time.monotonic() > deadline:
-                pytest.fail(f"ranks still running after {RANK_TIMEOUT_S} s: "
-                            f"{[p.name for p in ranks if p.is_alive()]}")
+            if any(p.exitcode not in (None, 0) for p in ranks) or time.monotonic() > deadline:
+                break
             time.sleep(0.2)
-        assert [p.exitcode for p in ranks] == [0] * world_size
     finally:
         for process in ranks:
             if process.is_alive():
                 process.kill()
             process.join(timeout=10)
-    return torch.load(result_path)
+    assert not any(process.is_alive() for process in ranks), "a rank survived SIGKILL"
+    if any(process.exitcode != 0 for process in ranks):
+        errors = [path.read_text() for path in sorted(tmp_path.glob("rank-*.error"))]
+        raise RankFailed(f"exit codes {[p.exitcode for p in ranks]} (negative: killed, after {RANK_TIMEOUT_S} s "
+                         f"at most); rank errors: {errors}")
+    return torch.load(tmp_path / "logits.pt")
 
 
 @pytest.mark.parametrize("world_size", [2, 4], ids=["2-ranks", "4-ranks-kv-replicated"])
@@ -138,6 +142,14 @@ def test_sharded_logits_equal_the_unsharded_model(world_size, cases, reference, 
             assert got.shape == expected.shape, (name, step)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=f"{name}, step {step}")
             assert torch.equal(got.argmax(-1), expected.argmax(-1)), (name, step)
+
+
+def test_ranks_building_a_model_their_heads_do_not_split_over_all_fail_with_the_counts_that_work(cases, tmp_path):
+    """3 ranks, 8 query heads: every rank raises ShardCountError while building, before any collective,
+    so none waits on another; the ranks exit and the error names the shard counts that work."""
+    with pytest.raises(RankFailed, match=r"exit codes \[1, 1, 1\].*ShardCountError: cannot shard this model "
+                                         r"over 3 ranks.*shard counts that work: 1, 2, 4, 8"):
+        run_ranks(3, {"qwen2-unquantized": cases["qwen2-unquantized"]}, tmp_path)
 
 
 def test_shard_counts_the_heads_do_not_split_over_are_refused_with_the_counts_that_work():
