@@ -113,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
         seen_lm_head, embedding = False, None
         for name, tensor in weights:
             seen_lm_head |= name.startswith("lm_head.")
-            if name == "model.embed_tokens.weight":
+            if name == "model.embed_tokens.weight" and self.config.tie_word_embeddings:
                 embedding = tensor  # the whole [vocab, hidden]: a tied lm_head takes its own rank's slice of it
             self._load_one(name, tensor)
         if not seen_lm_head:
