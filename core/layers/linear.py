@@ -110,23 +110,31 @@ class Linear(nn.Module):
     outputs, ROW 1/world of the inputs. A ROW layer's bias lives on rank 0 only, so summing the
     ranks' partial outputs (issue 14's all-reduce) adds it exactly once. `prefixes` names the
     checkpoint modules fused here, one per part, so a quantized method can keep float layers float.
+
+    `part_shards` (COLUMN only) says into how many distinct slices each part is cut, default
+    `world_size` for every part. Fewer slices than ranks replicate a part: rank r holds slice
+    r * shards // world_size, so consecutive ranks share one (the KV heads of a model with fewer KV
+    heads than ranks, issue 14). It is a count of slices, not a format property, so it works the same
+    through every method's packed axes.
     """
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool, method: LinearMethod,
                  dtype: torch.dtype, device: torch.device, parallel: Parallel = Parallel.REPLICATED,
-                 rank: int = 0, world_size: int = 1, prefixes: tuple[str, ...] = ()):
+                 rank: int = 0, world_size: int = 1, prefixes: tuple[str, ...] = (),
+                 part_shards: list[int] | None = None):
         super().__init__()
         if prefixes and len(prefixes) != len(output_sizes):
             raise LinearLoadError(f"{len(prefixes)} checkpoint names {prefixes} for {len(output_sizes)} fused parts")
         method = method.method_for(prefixes)
-        split = world_size if parallel is Parallel.COLUMN else 1
-        if any(size % split for size in output_sizes) or (parallel is Parallel.ROW and in_features % world_size):
+        self.part_shards = _part_shards(parallel, world_size, len(output_sizes), part_shards)
+        if (any(size % shards for size, shards in zip(output_sizes, self.part_shards))
+                or (parallel is Parallel.ROW and in_features % world_size)):
             raise LinearLoadError(f"{parallel.value}-parallel layer [{in_features} -> {output_sizes}] does not "
-                                  f"split over {world_size} ranks")
+                                  f"split over {world_size} ranks (slices per part: {self.part_shards})")
         self.output_sizes = output_sizes
         self.prefixes = prefixes
         self.parallel, self.rank, self.world_size = parallel, rank, world_size
-        self.local_output_sizes = [size // split for size in output_sizes]
+        self.local_output_sizes = [size // shards for size, shards in zip(output_sizes, self.part_shards)]
         self.local_in_features = in_features // world_size if parallel is Parallel.ROW else in_features
         self.method = method
         self.is_bias_elsewhere = bias and parallel is Parallel.ROW and rank != 0
@@ -166,7 +174,7 @@ class Linear(nn.Module):
                                   f"expects {'a float' if target.dtype.is_floating_point else 'an integer'} dtype")
         if param.output_dim is not None:
             size = self.local_output_sizes[part]
-            start = self.rank * size if self.parallel is Parallel.COLUMN else 0
+            start = self.rank * self.part_shards[part] // self.world_size * size  # this rank's slice of the part
             target = target.narrow(param.output_dim, sum(self.local_output_sizes[:part]) // param.output_pack,
                                    size // param.output_pack)
             source = source.narrow(param.output_dim, start // param.output_pack, size // param.output_pack)
@@ -191,6 +199,18 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self.prepared, x)
+
+
+def _part_shards(parallel: Parallel, world_size: int, num_parts: int, part_shards: list[int] | None) -> list[int]:
+    """Distinct output slices of each fused part: `world_size` for COLUMN unless given, 1 otherwise.
+    A given count must divide the ranks evenly, so each slice is shared by the same number of them."""
+    if part_shards is None:
+        return [world_size if parallel is Parallel.COLUMN else 1] * num_parts
+    if parallel is not Parallel.COLUMN or len(part_shards) != num_parts:
+        raise LinearLoadError(f"slices per part {part_shards} need a column-parallel layer of {num_parts} parts")
+    if any(shards < 1 or world_size % shards for shards in part_shards):
+        raise LinearLoadError(f"slices per part {part_shards} do not divide {world_size} ranks evenly")
+    return list(part_shards)
 
 
 def _check_packing(name: str, param: LinearParam, local_output_sizes: list[int], local_in_features: int,

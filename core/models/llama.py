@@ -2,8 +2,11 @@
 
 Constructors allocate; `load_weights` fills tensors from checkpoint names; `finalize` hands linear
 weights to the linear method (packing, quantizing) once everything is loaded. Linears declare their
-tensor-parallel style (q/k/v and gate/up column, o and down row, lm_head column over the vocabulary);
-at one rank, today's only case, every style holds the whole layer.
+tensor-parallel style (q/k/v and gate/up column, o and down row, lm_head column over the vocabulary)
+and get this rank's place from a `TensorParallel` context: each rank holds its query heads and KV
+heads (KV heads replicated when ranks outnumber them), sums o and down's partial outputs, embeds
+its vocabulary rows and hands its logits slice to be gathered on rank 0. At one rank the same code
+runs: every layer holds the whole tensor and both collectives return at once.
 """
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgserve.core.distributed.head_sharding import shard_heads
+from tgserve.core.distributed.tensor_parallel import TensorParallel
+from tgserve.core.distributed.vocab_parallel_embedding import VocabParallelEmbedding
 from tgserve.core.forward_batch import ForwardBatch
 from tgserve.core.layers.attention import PagedAttention
 from tgserve.core.layers.linear import Linear, LinearMethod, Parallel
@@ -23,17 +29,19 @@ from tgserve.core.model_config import ModelConfig
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, method: LinearMethod, attention: PagedAttention,
-                 dtype: torch.dtype, device: torch.device, prefix: str):
+                 dtype: torch.dtype, device: torch.device, prefix: str, tp: TensorParallel):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        heads = shard_heads(cfg, tp.world_size)
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, d  # this rank's
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
-        kw = dict(method=method, dtype=dtype, device=device)
+        kw = dict(method=method, dtype=dtype, device=device, rank=tp.rank, world_size=tp.world_size)
         attn, mlp = prefix + "self_attn.", prefix + "mlp."
-        self.qkv_proj = Linear(h, [self.q_size, self.kv_size, self.kv_size], cfg.attention_bias,
-                               parallel=Parallel.COLUMN, prefixes=(attn + "q_proj", attn + "k_proj", attn + "v_proj"),
-                               **kw)
-        self.o_proj = Linear(self.q_size, [h], False, parallel=Parallel.ROW, prefixes=(attn + "o_proj",), **kw)
+        full_q, full_kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+        self.qkv_proj = Linear(h, [full_q, full_kv, full_kv], cfg.attention_bias, parallel=Parallel.COLUMN,
+                               prefixes=(attn + "q_proj", attn + "k_proj", attn + "v_proj"),
+                               part_shards=[tp.world_size, heads.num_kv_shards, heads.num_kv_shards], **kw)
+        self.o_proj = Linear(full_q, [h], False, parallel=Parallel.ROW, prefixes=(attn + "o_proj",), **kw)
         self.gate_up_proj = Linear(h, [cfg.intermediate_size] * 2, False, parallel=Parallel.COLUMN,
                                    prefixes=(mlp + "gate_proj", mlp + "up_proj"), **kw)
         self.down_proj = Linear(cfg.intermediate_size, [h], False, parallel=Parallel.ROW,
@@ -41,7 +49,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
         self.attention = attention
-        self.intermediate_size = cfg.intermediate_size
+        self.intermediate_size = cfg.intermediate_size // tp.world_size  # this rank's gate / up width
+        self.tp = tp
 
     def forward(self, x: torch.Tensor, cos_sin, layer_cache, batch: ForwardBatch) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]; cos_sin: this step's rotary tables, [T, 1, head_dim] each."""
@@ -50,9 +59,9 @@ class DecoderLayer(nn.Module):
         qk = apply_rotary(cos_sin, qk.unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim)))
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         attn = self.attention.forward(q, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim)), layer_cache, batch)
-        x = x + self.o_proj(attn)
+        x = x + self.tp.all_reduce(self.o_proj(attn))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).split(self.intermediate_size, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        return x + self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 # checkpoint sub-name -> (our attribute, its fused part inside that layer)
@@ -64,51 +73,62 @@ _LAYER_WEIGHTS = {
 
 
 class LlamaForCausalLM(nn.Module):
-    """Token ids in, hidden states out; `compute_logits` turns selected hidden states into logits."""
+    """Token ids in, hidden states out; `compute_logits` turns selected hidden states into logits.
+
+    `tp` places this process among the ranks sharing the model (default: unsharded). `attention`
+    must be sized for this rank's heads (`core.distributed.head_sharding.local_model_config`), and so
+    must the KV cache `forward` is given. Raises ShardCountError when the heads do not split over the ranks.
+    """
 
     def __init__(self, cfg: ModelConfig, method: LinearMethod, attention: PagedAttention,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, tp: TensorParallel | None = None):
         super().__init__()
-        self.config = cfg
-        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device),
-                                         requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, method, attention, dtype, device, f"model.layers.{index}.")
+        tp = tp or TensorParallel.single()
+        shard_heads(cfg, tp.world_size)  # the named error before any layer's own, less helpful one
+        self.config, self.tp = cfg, tp
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, method, attention, dtype, device, f"model.layers.{index}.", tp)
                                     for index in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.lm_head = Linear(cfg.hidden_size, [cfg.vocab_size], False, method, dtype, device, Parallel.COLUMN,
-                              prefixes=("lm_head",))
+                              tp.rank, tp.world_size, prefixes=("lm_head",))
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.num_rope_positions, cfg.rope_theta,
                                       cfg.rope_scaling, dtype, device)
 
     def forward(self, batch: ForwardBatch, kv_cache) -> torch.Tensor:
         """Run every layer over the packed tokens of `batch`; returns hidden states [T, hidden]."""
-        x = F.embedding(batch.input_ids, self.embed_tokens)
+        x = self.embed_tokens(batch.input_ids)
         cos_sin = self.rotary.lookup(batch.positions)
         for layer, layer_cache in zip(self.layers, kv_cache.layers):
             x = layer(x, cos_sin, layer_cache, batch)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> float32 logits [N, vocab]."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, hidden] -> float32 logits [N, vocab] on rank 0, None on the other ranks (which must
+        call it too: each computes its vocabulary slice and the slices are gathered to rank 0)."""
+        return self.tp.gather_logits(self.lm_head(hidden).float())
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill parameters from (checkpoint name, tensor) pairs, then hand linears to their method."""
-        seen_lm_head = False
+        seen_lm_head, embedding = False, None
         for name, tensor in weights:
             seen_lm_head |= name.startswith("lm_head.")
+            if name == "model.embed_tokens.weight" and self.config.tie_word_embeddings:
+                embedding = tensor  # the whole [vocab, hidden]: a tied lm_head takes its own rank's slice of it
             self._load_one(name, tensor)
         if not seen_lm_head:
             if not self.config.tie_word_embeddings:
                 raise ValueError("checkpoint has no lm_head.weight and tie_word_embeddings is false")
-            self.lm_head.load(0, "weight", self.embed_tokens.data)
+            if embedding is None:
+                raise ValueError("checkpoint has neither lm_head.weight nor model.embed_tokens.weight")
+            self.lm_head.load(0, "weight", embedding)
         for module in self.modules():
             if isinstance(module, Linear):
                 module.finalize()
 
     def _load_one(self, name: str, tensor: torch.Tensor) -> None:
         if name == "model.embed_tokens.weight":
-            self.embed_tokens.data.copy_(tensor)
+            self.embed_tokens.load(tensor)
         elif name == "model.norm.weight":
             self.norm.weight.data.copy_(tensor)
         elif name.startswith("lm_head."):  # "weight", or a quantized format's tensors

@@ -21,7 +21,7 @@ class RunnableModel(Protocol):
         """Run the packed tokens of `batch` [T], writing their K/V into `kv_cache`; hidden states [T, hidden]."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> float32 logits [N, vocab]."""
+        """hidden [N, hidden] -> float32 logits [N, vocab]; None on tensor-parallel ranks other than 0."""
 
 
 MODELS = {

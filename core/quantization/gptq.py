@@ -142,6 +142,12 @@ class GptqLinearMethod(QuantizedLinearMethod):
                                         f"fused modules must share one input order")
         in_order = torch.arange(g_idx.shape[1], device=g_idx.device) // group
         groups = g_idx[0].long()
+        if not self.quantization.checkpoint_config.get("desc_act"):
+            # Without act-order g_idx is input // group, so a row-parallel rank's slice holds the global
+            # numbers of its own groups (rank 1 of 2 over 4 groups: 2, 3) while its scales / qzeros slice
+            # holds just those groups from row 0: number them from the first. A whole g_idx starts at 0.
+            # Under act-order a slice's groups are not the rank's scale rows, so no renumbering is right.
+            groups = groups - groups.min()
         if torch.equal(groups, in_order):
             return None
         perm = torch.argsort(groups, stable=True)

@@ -80,7 +80,7 @@ def test_every_loaded_weight_equals_transformers_dequantization(checkpoint, hf_m
     def close(actual, *names):
         torch.testing.assert_close(actual, torch.cat([expected[name] for name in names]), rtol=1e-5, atol=1e-6)
 
-    torch.testing.assert_close(model.embed_tokens.data, expected["model.embed_tokens.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(model.embed_tokens.weight.data, expected["model.embed_tokens.weight"], rtol=0, atol=0)
     torch.testing.assert_close(model.norm.weight.data, expected["model.norm.weight"], rtol=0, atol=0)
     close(weight(model.lm_head, 8), "lm_head.weight")
     for index, layer in enumerate(model.layers):

@@ -78,9 +78,10 @@ def checkpoint(method: LinearMethod, output_sizes: list[int], has_bias: bool, se
     return parts, torch.cat(weights), torch.cat(biases) if has_bias else None
 
 
-def build(method, output_sizes, has_bias, parts, parallel=Parallel.REPLICATED, rank=0, world_size=1) -> Linear:
+def build(method, output_sizes, has_bias, parts, parallel=Parallel.REPLICATED, rank=0, world_size=1,
+          part_shards=None) -> Linear:
     layer = Linear(IN_FEATURES, output_sizes, has_bias, method, torch.float32, torch.device("cpu"),
-                   parallel, rank, world_size)
+                   parallel, rank, world_size, part_shards=part_shards)
     for index, tensors in enumerate(parts):
         for name, tensor in tensors.items():
             layer.load(index, name, tensor)
@@ -123,6 +124,29 @@ def test_column_parallel_ranks_hold_their_slice_of_every_fused_part(method, x):
         got = build(method, QKV_SIZES, True, parts, Parallel.COLUMN, rank, WORLD_SIZE)(x)
         expected = torch.cat([part.chunk(WORLD_SIZE, dim=-1)[rank] for part in (q, k, v)], dim=-1)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_parts_cut_into_fewer_slices_than_ranks_are_shared_by_consecutive_ranks(method, x):
+    """KV-head replication (issue 14): at 4 ranks q is cut in 4, k and v in 2, rank r holding slice r * 2 // 4."""
+    parts, _, _ = checkpoint(method, QKV_SIZES, True, seed=4)
+    q, k, v = build(method, QKV_SIZES, True, parts)(x).split(QKV_SIZES, dim=-1)
+    for rank in range(4):
+        got = build(method, QKV_SIZES, True, parts, Parallel.COLUMN, rank, 4, part_shards=[4, 2, 2])(x)
+        expected = torch.cat([q.chunk(4, dim=-1)[rank], k.chunk(2, dim=-1)[rank // 2], v.chunk(2, dim=-1)[rank // 2]],
+                             dim=-1)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("part_shards, parallel, match", [
+    ([4, 3, 3], Parallel.COLUMN, "do not divide 4 ranks"),
+    ([4, 2], Parallel.COLUMN, "3 parts"),
+    ([1, 1, 1], Parallel.ROW, "column-parallel"),
+])
+def test_slices_per_part_that_cannot_spread_evenly_over_the_ranks_are_refused(part_shards, parallel, match):
+    with pytest.raises(LinearLoadError, match=match):
+        Linear(IN_FEATURES, QKV_SIZES, False, LinearMethod(), torch.float32, torch.device("cpu"), parallel, 0, 4,
+               part_shards=part_shards)
 
 
 def test_checkpoint_tensors_the_method_does_not_have_or_that_do_not_fit_are_refused():

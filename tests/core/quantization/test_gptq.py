@@ -191,3 +191,23 @@ def test_a_g_idx_whose_groups_are_not_group_size_inputs_is_an_error_naming_it():
     with pytest.raises(QuantizationError, match=r"m\.g_idx does not put 32 inputs in each group"):
         load_layer(gptq_method(quantization_config(4, 32, desc_act=True)), [checkpoint], IN_FEATURES,
                    [OUT_FEATURES], ("m",))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_row_parallel_ranks_with_g_idx_sum_to_the_whole_layer(bits):
+    """A rank's slice of g_idx holds its groups' global numbers (rank 1 of 4: groups 2, 3); its scales
+    and zeros slice holds just those groups. The ranks' partial outputs must sum to the whole layer."""
+    tensors = gptq_quantize(torch.randn(OUT_FEATURES, IN_FEATURES, generator=torch.Generator().manual_seed(5)),
+                            bits, 32, False, False)
+    x, world_size = x_for(IN_FEATURES), 4
+    width = IN_FEATURES // world_size
+    partials = []
+    for rank in range(world_size):
+        layer = Linear(IN_FEATURES, [OUT_FEATURES], False, gptq_method(quantization_config(bits, 32, sym=False)),
+                       torch.float32, CPU, Parallel.ROW, rank, world_size, prefixes=("m",))
+        for name, tensor in tensors.as_checkpoint().items():
+            layer.load(0, name, tensor)
+        layer.finalize()
+        partials.append(layer(x[:, rank * width:(rank + 1) * width]).double())
+    expected = F.linear(x.double(), tensors.dequantized)
+    torch.testing.assert_close(sum(partials), expected, rtol=1e-5, atol=1e-4)
