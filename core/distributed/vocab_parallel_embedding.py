@@ -5,8 +5,8 @@ model (Qwen2-7B: 152k x 3584, 1.1 GB in bf16; Qwen2-0.5B: 136M of its 494M param
 rank holding all of it would undo much of what sharding saves. The price is one all-reduce of the
 step's [T, hidden] input per step, next to the two per layer: each rank embeds the ids in its
 rows, writes zeros for the others, and the sum over ranks is the full embedding (exactly: one
-rank contributes each row, the rest add zeros). At one rank the rows are the whole vocabulary, the
-mask is all false and the all-reduce returns at once.
+rank contributes each row, the rest add zeros). At one rank the rows are the whole vocabulary and
+`forward` is a plain embedding lookup.
 """
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.data.copy_(tensor.narrow(0, self.first_row, self.num_local_rows))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:  # the whole vocabulary: no mask ops on an unsharded server's every step
+            return F.embedding(input_ids, self.weight)
         local_ids = input_ids - self.first_row
         is_elsewhere = (local_ids < 0) | (local_ids >= self.num_local_rows)  # [T]: another rank's row
         embedded = F.embedding(local_ids.masked_fill(is_elsewhere, 0), self.weight)
