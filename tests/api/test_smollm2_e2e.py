@@ -35,7 +35,7 @@ NUM_CONCURRENT = 8
 # pick either token, and the rest of the sequence is another, equally valid, continuation.
 NEAR_TIE_LOGITS = 0.01
 MEAN_BF16_ERROR_NATS = 0.1  # top-5 logprobs of a bfloat16 server against float32 transformers
-MAX_BF16_ERROR_NATS = 0.3
+MAX_BF16_ERROR_NATS = 0.4
 TOP_N_TOKENS = 5
 BF16_PREFILL_BUDGET = 128  # the bf16 server's --max-batch-prefill-tokens: a 350-token prompt takes 3 chunks
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -168,10 +168,12 @@ def bf16_server(start_smollm2) -> ServerProcess:
 
 
 def test_bfloat16_top5_logprobs_are_within_a_tenth_of_a_nat_of_float32(bf16_server, references):
-    """Mean error of the top-5 logprobs under 0.1 nats, and no single one off by more than 0.3.
+    """Mean error of the top-5 logprobs under 0.1 nats, and no single one off by more than 0.4.
 
-    Not every one under 0.1: bf16 rounding of the weights alone moves the tail of the top 5 (logprobs
-    near -5) by up to 0.18 nats in transformers' own bf16 run of these prompts (mean 0.03-0.05).
+    Not every one under 0.1: bf16 moves the tail of the top 5 (logprobs near -5) by up to 0.18 nats in
+    transformers' own one-forward bf16 run of these prompts (mean 0.03-0.05) and by up to 0.22 in its
+    bf16 decode with a KV cache (AMD Zen 5, AVX512-BF16 without AMX); tgserve's bf16 decode differs from
+    that by one bf16 step of a logit (0.125 at logits 16-32), up to 0.34 in all on that CPU.
     """
     bf16 = bf16_server
     errors = []
