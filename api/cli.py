@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="training / init seed (default: 0)")
     demo.add_argument("--medusa-heads", type=int, default=None, metavar="K",
                       help="instead: write a Medusa checkpoint (TGI's layout) of K heads briefly trained on the "
-                           "demo model, whose base_model_name_or_path is tgserve/demo-qwen2; serve it with --model-id DIR")
+                           "demo model (base_model_name_or_path tgserve/demo-qwen2), or with --real smollm2-135m "
+                           "self-distilled on SmolLM2's own chat answers (a few CPU-minutes; base "
+                           "HuggingFaceTB/SmolLM2-135M-Instruct, the default model); serve it with --model-id DIR")
     demo.add_argument("--medusa-shared-lm-head", action="store_true",
                       help="with --medusa-heads: heads without lm_heads of their own (they use the model's)")
     demo.add_argument("--draft-layers", type=int, default=None, metavar="N",
@@ -142,16 +144,38 @@ def _write_checkpoint(args: argparse.Namespace, out_dir: str) -> Path | Exceptio
 
 
 def _demo_medusa(args: argparse.Namespace) -> int:
+    if args.shape:
+        return fail("--medusa-heads trains heads for the demo model or --real smollm2-135m; "
+                    "it does not combine with --shape")
+    if args.medusa_heads < 1:
+        return fail(f"--medusa-heads must be >= 1, got {args.medusa_heads}")
+    if args.real == "smollm2-135m":
+        return _smollm2_medusa(args)
     from tgserve.checkpoints.demo_medusa import write_demo_medusa
     from tgserve.checkpoints.demo_model import ensure_demo_model
     from tgserve.core.engine_builder import DEMO_MODEL_ID
 
-    if args.shape or args.real:
-        return fail("--medusa-heads trains heads for the demo model; it does not combine with --shape or --real")
-    if args.medusa_heads < 1:
-        return fail(f"--medusa-heads must be >= 1, got {args.medusa_heads}")
     print(write_demo_medusa(args.dir, ensure_demo_model(), DEMO_MODEL_ID, args.medusa_heads,
                             shared_lm_head=args.medusa_shared_lm_head, seed=args.seed, progress=True))
+    return 0
+
+
+def _smollm2_medusa(args: argparse.Namespace) -> int:
+    """Self-distilled heads for the default model; their held-out accuracies go to stderr."""
+    from tgserve.checkpoints.smollm2 import SMOLLM2_MODEL_ID, SmolLM2Unavailable, ensure_smollm2
+    from tgserve.checkpoints.smollm2_medusa import write_smollm2_medusa
+
+    try:
+        base_dir = ensure_smollm2()
+    except SmolLM2Unavailable as error:
+        return fail(error)
+    heads = write_smollm2_medusa(args.dir, base_dir, SMOLLM2_MODEL_ID, args.medusa_heads,
+                                 shared_lm_head=args.medusa_shared_lm_head, seed=args.seed, progress=True)
+    accuracies = ", ".join(f"{accuracy:.3f}" for accuracy in heads.heldout_accuracies)
+    print(f"trained on {heads.num_train_positions} answer positions; held-out top-1 accuracy per head "
+          f"(token i + 2 ahead) over {heads.num_heldout_positions} positions: {accuracies} "
+          f"(guessing a repeat of the last token: {heads.repeat_last_accuracy:.3f})", file=sys.stderr, flush=True)
+    print(heads.path)
     return 0
 
 

