@@ -77,7 +77,7 @@ def server_config(config: SpeculationBenchConfig):
                         speculate=max(config.speculates), max_batch_size=max_batch,
                         max_concurrent_requests=max(max_batch, 128), max_input_tokens=MAX_INPUT_TOKENS,
                         max_total_tokens=max_total, max_batch_prefill_tokens=2 * MAX_INPUT_TOKENS,
-                        max_batch_total_tokens=max_batch * max_total, **extra)
+                        max_batch_total_tokens=max(max_batch * max_total, 2 * MAX_INPUT_TOKENS), **extra)
 
 
 class _Cell:
