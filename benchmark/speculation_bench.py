@@ -144,7 +144,8 @@ def run_cell(engine, prompts: list[list[int]], batch: int, config: SpeculationBe
 
 def proposer_for(base, speculate: int, lengths: str, knee_rows: float | None = None):
     """The proposer a cell runs, from the one the engine was built with (`base`); None for --speculate 0
-    or a fixed-length cell `base` cannot run. knee_rows: the adaptive rule's, instead of `base`'s."""
+    or a fixed-length cell `base` cannot run. knee_rows: the adaptive rule's, fixed, instead of the one
+    `base` learned from the steps so far (and goes on learning, with every adaptive cell)."""
     from tgserve.core.speculation.adaptive import DEFAULT_KNEE_ROWS, AdaptiveProposer
     from tgserve.core.speculation.ngram import NgramProposer
 
@@ -157,8 +158,10 @@ def proposer_for(base, speculate: int, lengths: str, knee_rows: float | None = N
         return None  # a Medusa or draft proposer guesses its own N; only adaptive lengths cap it
     if lengths == "fixed":
         return inner
-    knee_rows = knee_rows or getattr(base, "knee_rows", DEFAULT_KNEE_ROWS)
-    return AdaptiveProposer(inner, knee_rows, max_tokens=speculate)
+    if knee_rows:
+        return AdaptiveProposer(inner, knee_rows, max_tokens=speculate, is_knee_fixed=True)
+    return AdaptiveProposer(inner, getattr(base, "knee_rows", DEFAULT_KNEE_ROWS), max_tokens=speculate,
+                            step_cost=getattr(base, "step_cost", None))
 
 
 def run_engine_cells(engine, ids: dict[str, list[list[int]]], config: SpeculationBenchConfig) -> list[dict]:
@@ -184,7 +187,8 @@ def run_engine_cells(engine, ids: dict[str, list[list[int]]], config: Speculatio
                         same = reference.get((workload, batch))
                         rows.append({"engine": "tgserve", "workload": workload, "batch_size": batch,
                                      "speculate": speculate, "method": method if speculate else "none",
-                                     "lengths": lengths, **metrics,
+                                     "lengths": lengths, "knee_rows": getattr(proposer, "knee_rows", None),
+                                     **metrics,
                                      "same_ids_as_speculate_0": None if same is None else outputs == same})
                         print(f"{workload}, batch {batch}, speculate {speculate} ({lengths}): "
                               f"{metrics['tokens_per_s']:.1f} tokens/s, {metrics['mean_accepted_length']:.2f} "

@@ -67,7 +67,7 @@ def format_speculation_report(report: dict) -> str:
 
     meta = report["meta"]
     header = ["workload", "engine", "method", "lengths", "N", "batch", "tokens", "tokens/s", "x N=0",
-              "accepted/step", "rows/token", "same ids"]
+              "accepted/step", "rows/token", "knee", "same ids"]
     rows = []
     for r in report["results"]:
         rows.append([r["workload"], r["engine"], r["method"], r["lengths"], r["speculate"], r["batch_size"],
@@ -75,10 +75,11 @@ def format_speculation_report(report: dict) -> str:
                      "-" if r.get("speedup") is None else f"{r['speedup']:.2f}",
                      f"{r['mean_accepted_length']:.2f}",
                      "-" if r["decode_rows_per_token"] is None else f"{r['decode_rows_per_token']:.2f}",
+                     "-" if r.get("knee_rows") is None else f"{r['knee_rows']:.1f}",
                      {True: "yes", False: "no", None: "-"}[r["same_ids_as_speculate_0"]]])
     knee = meta.get("knee_rows")
     lines = [f"{meta['model_id']} ({meta['dtype']}, {meta['backend']}, {meta['cpu_model']}, "
-             f"{meta['torch_threads']} threads){'' if knee is None else f', knee {knee:.1f} rows'}",
+             f"{meta['torch_threads']} threads){'' if knee is None else f', start knee {knee:.1f} rows'}",
              _table(header, rows)]
     return "\n".join(lines + [f"note: {note}" for note in report["notes"]])
 

@@ -261,6 +261,8 @@ class Engine:
         self._is_healthy = True
         forwarded_s = time.perf_counter()
         self._update(plan, output)
+        if self.proposer is not None and num_prefill_tokens == 0:  # what a decoding row costs here
+            self.proposer.observe_step(plan.num_tokens, forwarded_s - scheduled_s)
         self._report(plan, num_new_seqs, num_prefill_tokens, (started_s, scheduled_s, forwarded_s), True)
 
     def _report(self, plan, num_new_seqs: int, num_prefill_tokens: int,

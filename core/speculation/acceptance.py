@@ -42,6 +42,10 @@ class Proposer:
         """After a step verified `num_proposed` (>= 1) guesses of `seq`: `num_accepted` sampled tokens
         were kept (1 to num_proposed + 1; the guesses matched num_accepted - 1 of them)."""
 
+    def observe_step(self, num_rows: int, step_s: float) -> None:
+        """After each step that computed no prompt tokens: its rows (decodes plus verified guesses) and
+        the seconds its forward took, sampling included. The default ignores them."""
+
     def take_guesses(self, seq: Sequence, guesses: list[int]) -> None:
         """After every step that sampled for `seq` while the runner computes guesses of its own
         (`StepOutput.head_ids`, Medusa heads): the guesses at the tokens after its last kept one, in

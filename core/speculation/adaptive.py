@@ -4,11 +4,14 @@ Gain. A sequence's guesses are accepted one after another, each with probability
 rate), up to the first miss; verifying k guesses yields on average E(k) = 1 + a + ... + a^k =
 (1 - a^(k+1)) / (1 - a) tokens, so guess j adds a^j. `a` is estimated per sequence from its recent
 verifications: exponentially decayed counts of accepted guesses over guesses tried up to and
-including the first miss (the geometric model's estimate). A new sequence starts from the rate of the
-server's recent verifications (all sequences, decayed slower: `POOL_DECAY`), `PRIOR_RATE` before any:
-on a server answering open-ended chat a new request starts where chat requests end up (no guesses, a
-probe after 8 steps) instead of paying for a few doomed guesses first (~3% of a 16-request batch's rows
-here), and one serving code edits starts ready to guess.
+including the first miss (the geometric model's estimate), shrunk towards the rate of the server's
+recent verifications (all sequences, decayed slower: `POOL_DECAY`; `PRIOR_RATE` before any) by
+`PRIOR_WEIGHT` pseudo-guesses. A new sequence so starts where the server's requests are: on a server
+answering open-ended chat it starts with no guesses (a probe after 8 steps) instead of paying for a few
+doomed guesses first (~3% of a 16-request batch's rows here); one serving code edits starts ready to
+guess. The shrinkage is for the sequences the rule picks: picking the highest of many noisy rates
+picks the lucky ones (measured on open-ended chat, 16 concurrent, SmolLM2: sequences picked at an
+unshrunk rate of 0.5-0.9 then accepted their first guess 0.45 of the time).
 
 Cost, and the step's budget of extra rows. A step costs about T0 + t * rows: T0 streams the weights
 once (memory-bound, the same for 1 row or 20), t is one row's compute. `knee_rows` = T0 / t, the rows
@@ -18,8 +21,10 @@ gain g iff g > (B + G) / (knee_rows + B + R). The rule gives guesses in order of
 while that holds; the threshold only grows as rows are added. At batch 1 every guess with
 a^j > ~1 / knee_rows is taken (extra rows are nearly free); at a batch well past the knee
 (compute-bound) only guesses that are close to certain are (verification rows are no longer free).
-The engine sizes `knee_rows` from its start-up probe (`knee_rows_from_probe`: the probe's fitted fixed
-cost over its per-token cost); see `DEFAULT_KNEE_ROWS` and `UNFITTED_PROBE_KNEE_ROWS` for the rest.
+The engine starts `knee_rows` at its start-up probe's (`knee_rows_from_probe`: the probe's fitted fixed
+cost over its per-token cost; see `DEFAULT_KNEE_ROWS` and `UNFITTED_PROBE_KNEE_ROWS` for the rest),
+then follows the decoding steps it runs (`tgserve.core.speculation.step_cost`: a decoding row costs
+more than the probe's prefill token).
 
 Zero and probes. A sequence whose guesses are not worth a row gets k = 0: nothing is proposed for it.
 After `probe_interval` steps at 0 it is given one guess anyway (a probe), so text that turns
@@ -38,9 +43,10 @@ from dataclasses import dataclass
 
 from tgserve.core.sequence import Sequence
 from tgserve.core.speculation.acceptance import Proposer
+from tgserve.core.speculation.step_cost import StepCostFit
 
 PRIOR_RATE = 0.7  # the first sequences' acceptance rate: optimistic, so they propose and are measured
-PRIOR_WEIGHT = 1.0  # a new sequence's prior (the server's recent rate) counts as this many tried guesses
+PRIOR_WEIGHT = 2.0  # the server's recent rate counts as this many tried guesses in every sequence's rate
 DECAY = 0.75  # each verification keeps this share of the older counts (memory of ~4 verifications)
 POOL_DECAY = 0.97  # the server-wide counts: each verification keeps this share (memory of ~30)
 MIN_PROBE_INTERVAL = 8  # steps at k = 0 before the first probe
@@ -103,15 +109,15 @@ def knee_rows_from_probe(probe) -> float:
 class AdaptiveState:
     """One sequence's recent acceptance, host side, kept by `AdaptiveProposer` on the engine thread."""
 
-    num_accepted: float = PRIOR_RATE * PRIOR_WEIGHT  # decayed count of accepted guesses
-    num_tried: float = PRIOR_WEIGHT  # decayed count of guesses up to and including each first miss
+    num_accepted: float = 0.0  # decayed count of accepted guesses
+    num_tried: float = 0.0  # decayed count of guesses up to and including each first miss
     num_idle_steps: int = 0  # consecutive steps given k = 0
     probe_interval: int = MIN_PROBE_INTERVAL  # idle steps before the next probe
     is_probing: bool = False  # the last proposal was a probe, not yet observed
 
-    @property
-    def rate(self) -> float:
-        return self.num_accepted / self.num_tried
+    def rate(self, prior_rate: float) -> float:
+        """The acceptance rate estimate: these counts plus `prior_rate` as PRIOR_WEIGHT tried guesses."""
+        return (self.num_accepted + PRIOR_WEIGHT * prior_rate) / (self.num_tried + PRIOR_WEIGHT)
 
     def count(self, num_proposed: int, num_matched: int, decay: float) -> None:
         """Decay the counts, then add one verification: `num_matched` of `num_proposed` guesses matched
@@ -123,21 +129,26 @@ class AdaptiveState:
 class AdaptiveProposer(Proposer):
     """`inner`'s guesses, at the lengths `choose_lengths` gives each step (`tgserve.core.speculation.Proposer`).
 
-    knee_rows: T0 / t of this model on this backend (`knee_rows_from_probe`); max_tokens: a lower cap
-    than the inner proposer's own (`tgserve benchmark speculation` runs --speculate 2 over a proposer
-    built for 4). The per-sequence states live here keyed by request id (the inner proposer owns
+    knee_rows: T0 / t of this model on this backend until the decoding steps place a fit
+    (`knee_rows_from_probe`); max_tokens: a lower cap than the inner proposer's own (`tgserve benchmark
+    speculation` runs --speculate 2 over a proposer built for 4); step_cost: the fit of decoding steps
+    to follow (another proposer's, to go on from what it learned; a new one by default);
+    is_knee_fixed: keep `knee_rows` as given (the benchmark's --knee-rows). The per-sequence states live here keyed by request id (the inner proposer owns
     `seq.proposer_state`); each step keeps only those of the sequences it is asked about, so finished
     requests leave nothing behind."""
 
-    def __init__(self, inner: Proposer, knee_rows: float = DEFAULT_KNEE_ROWS, max_tokens: int | None = None):
+    def __init__(self, inner: Proposer, knee_rows: float = DEFAULT_KNEE_ROWS, max_tokens: int | None = None,
+                 step_cost: StepCostFit | None = None, is_knee_fixed: bool = False):
         if knee_rows <= 0:
             raise ValueError(f"knee_rows must be > 0, got {knee_rows}")
         self.inner = inner
         self.knee_rows = knee_rows
+        self.step_cost = None if is_knee_fixed else step_cost or StepCostFit()
+        self._follow_step_cost()
         self.method = inner.method
         self.num_tokens = inner.num_tokens if max_tokens is None else min(max_tokens, inner.num_tokens or max_tokens)
         self._states: dict[int, AdaptiveState] = {}
-        self._pool = AdaptiveState()  # every sequence's verifications, decayed by POOL_DECAY: new ones' prior
+        self._pool = AdaptiveState()  # every sequence's verifications, decayed by POOL_DECAY: the shared prior
 
     def propose(self, seq: Sequence, max_tokens: int) -> list[int]:
         """One sequence at its adaptive length (the engine calls `propose_batch`)."""
@@ -145,10 +156,11 @@ class AdaptiveProposer(Proposer):
 
     def propose_batch(self, seqs: list[Sequence], limits: list[int]) -> list[list[int]]:
         """The inner proposer's guesses for the sequences whose chosen length is >= 1, cut to it."""
-        states = {seq.request_id: self._states.get(seq.request_id) or self._new_state() for seq in seqs}
+        states = {seq.request_id: self._states.get(seq.request_id) or AdaptiveState() for seq in seqs}
         self._states = states
         limits = [min(limit, self.num_tokens) if self.num_tokens else limit for limit in limits]
-        lengths = choose_lengths([states[seq.request_id].rate for seq in seqs], limits, self.knee_rows)
+        prior_rate = self._pool.rate(PRIOR_RATE)
+        lengths = choose_lengths([states[seq.request_id].rate(prior_rate) for seq in seqs], limits, self.knee_rows)
         for i, (seq, limit) in enumerate(zip(seqs, limits)):
             state = states[seq.request_id]
             if lengths[i] or limit <= 0:
@@ -168,7 +180,7 @@ class AdaptiveProposer(Proposer):
     def observe(self, seq: Sequence, num_proposed: int, num_accepted: int) -> None:
         """Update `seq`'s rate (num_accepted - 1 guesses matched; a miss counts as a tried guess) and
         its probe interval, then tell the inner proposer."""
-        state = self._states.get(seq.request_id) or self._states.setdefault(seq.request_id, self._new_state())
+        state = self._states.setdefault(seq.request_id, AdaptiveState())
         num_matched = num_accepted - 1
         state.count(num_proposed, num_matched, DECAY)
         self._pool.count(num_proposed, num_matched, POOL_DECAY)
@@ -179,9 +191,16 @@ class AdaptiveProposer(Proposer):
         state.is_probing = False
         self.inner.observe(seq, num_proposed, num_accepted)
 
-    def _new_state(self) -> AdaptiveState:
-        """A new sequence's state: the server's recent acceptance rate, weighted as PRIOR_WEIGHT guesses."""
-        return AdaptiveState(num_accepted=self._pool.rate * PRIOR_WEIGHT, num_tried=PRIOR_WEIGHT)
+    def observe_step(self, num_rows: int, step_s: float) -> None:
+        """A decoding step's rows and seconds: `knee_rows` follows their fit once it has one."""
+        if self.step_cost is not None:
+            self.step_cost.add(num_rows, step_s)
+            self._follow_step_cost()
+
+    def _follow_step_cost(self) -> None:
+        knee_rows = self.step_cost.knee_rows() if self.step_cost is not None else None
+        if knee_rows is not None:
+            self.knee_rows = min(MAX_KNEE_ROWS, max(MIN_KNEE_ROWS, knee_rows))
 
     def take_guesses(self, seq: Sequence, guesses: list[int]) -> None:
         """The runner's own guesses (Medusa heads) go to the inner proposer."""

@@ -128,7 +128,7 @@ def test_big_batch_gets_fewer_rows_through_the_proposer():
 
 def test_inner_proposer_sees_only_sequences_given_guesses_and_states_leave_with_them():
     inner = FixedProposer()
-    proposer = AdaptiveProposer(inner, knee_rows=16)
+    proposer = AdaptiveProposer(inner, knee_rows=2)  # rows cost: a guess needs a rate > 0.5 at batch 2
     good, bad = sequence(0), sequence(1)
     for _ in range(10):
         step(proposer, [good, bad], lambda request_id, k: k if request_id == 0 else 0)
@@ -172,3 +172,22 @@ def test_a_new_sequence_starts_from_the_servers_recent_acceptance():
         assert step(proposer, [sequence(99)], accepts) == [expected]
     fresh = AdaptiveProposer(FixedProposer(), knee_rows=16)
     assert step(fresh, [sequence(0)], lambda _, k: 0) == [N]  # before any verification: the optimistic prior
+
+
+def test_one_lucky_guess_among_misses_is_not_a_trend():
+    """On a server whose guesses miss, 16 new sequences; the first probe of one of them matches. One
+    match is not evidence enough at batch 16 (its rate is shrunk towards the server's), but matches
+    every time it is verified bring it back to guessing."""
+    proposer = AdaptiveProposer(FixedProposer(), knee_rows=16)
+    for _ in range(30):
+        step(proposer, [sequence(100 + i) for i in range(16)], lambda _, k: 0)
+    seqs = [sequence(i) for i in range(16)]
+
+    def lucky(request_id, k):
+        return k if request_id == 0 else 0
+
+    history = [step(proposer, seqs, lucky)[0] for _ in range(4 * MIN_PROBE_INTERVAL)]
+    first = history.index(1)
+    assert history[first + 1] == 0  # the probe matched, and still no guess the step after
+    later = [step(proposer, seqs, lucky)[0] for _ in range(8 * MIN_PROBE_INTERVAL)]
+    assert later[-MIN_PROBE_INTERVAL:].count(0) == 0  # matching every probe: guessing every step

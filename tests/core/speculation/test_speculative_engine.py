@@ -185,7 +185,7 @@ def test_adaptive_lengths_keep_greedy_output_and_ration_rows(engine, prompts, lo
     (long_ref,) = run(engine, 0, [request(long_prompt, top_n_tokens=2)])
     rows = {}
     for knee_rows in (64.0, 1.0):
-        with speculating(engine, AdaptiveProposer(NgramProposer(4), knee_rows=knee_rows)):
+        with speculating(engine, AdaptiveProposer(NgramProposer(4), knee_rows=knee_rows, is_knee_fixed=True)):
             with PlanRecorder(engine.scheduler) as recorder:
                 *got, long_got = run_all(engine, [request(ids, top_n_tokens=2) for ids in prompts]
                                          + [request(long_prompt, top_n_tokens=2)])
@@ -195,6 +195,35 @@ def test_adaptive_lengths_keep_greedy_output_and_ration_rows(engine, prompts, lo
         if knee_rows == 64.0:
             assert sum(num_skipped(result) for result in got) > 0
     assert rows[1.0] < rows[64.0]
+    assert_no_blocks_held(engine)
+
+
+def test_the_proposer_hears_every_decoding_step_and_its_rows(engine, prompts, long_prompt):
+    """`observe_step` once per step that computed no prompt token, with that step's rows; the adaptive
+    proposer's knee then follows the fit of those steps (tests/core/speculation/test_step_cost.py)."""
+    heard, decoding_rows = [], []
+
+    class Hearing(NgramProposer):
+        def observe_step(self, num_rows, step_s):
+            assert step_s > 0
+            heard.append(num_rows)
+
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        plan = schedule()
+        if plan and all(item.seq.num_computed_tokens >= item.seq.num_prompt_tokens for item in plan.scheduled):
+            decoding_rows.append(plan.num_tokens)
+        return plan
+
+    engine.scheduler.schedule = recording_schedule
+    try:
+        with speculating(engine, Hearing(4)):
+            got = run_all(engine, [request(ids) for ids in prompts] + [request(long_prompt)])
+    finally:
+        del engine.scheduler.schedule
+    assert sum(num_skipped(result) for result in got) > 0  # verification rows were among them
+    assert heard == decoding_rows and max(heard) > len(prompts) + 1
     assert_no_blocks_held(engine)
 
 
