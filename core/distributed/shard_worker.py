@@ -24,16 +24,18 @@ import torch
 from tgserve.core.config import ServerConfig
 from tgserve.core.distributed.ranks import join_ranks, leave_ranks
 from tgserve.core.distributed.step_broadcast import MessageKind, StepMessage, StepReceiver
+from tgserve.core.model_loading import LoadedModel, load_shard
+from tgserve.core.plugins import BackendRegistry
 
 log = logging.getLogger(__name__)
 PARENT_POLL_S = 1.0  # how often a rank checks that the server process that spawned it still runs
 
 
 @torch.inference_mode()
-def serve_steps(receiver: StepReceiver, loaded, make_kv_cache: Callable) -> int:
+def serve_steps(receiver: StepReceiver, loaded: LoadedModel, make_kv_cache: Callable) -> int:
     """Follow rank 0's messages until SHUTDOWN; returns the steps run.
 
-    loaded: this rank's `engine_builder.LoadedModel`; make_kv_cache: the backend's
+    loaded: this rank's shard (`load_shard`); make_kv_cache: the backend's
     `tgserve_make_kv_cache` hook (called with its keyword arguments)."""
     kv_cache, num_steps = None, 0
     while True:
@@ -49,7 +51,7 @@ def serve_steps(receiver: StepReceiver, loaded, make_kv_cache: Callable) -> int:
         num_steps += 1
 
 
-def _run_step(loaded, kv_cache, message: StepMessage) -> None:
+def _run_step(loaded: LoadedModel, kv_cache, message: StepMessage) -> None:
     """Rank 0's `ModelRunner.execute` without sampling: forward, then its logits calls in its order."""
     batch, model = message.batch, loaded.model
     kv_cache.initialize_blocks(message.max_block_id)
@@ -69,9 +71,6 @@ def rank_main(config: ServerConfig, rank: int, errors, log_setup: Callable[[], N
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: rank 0 alone decides
     _exit_with_parent()
     log_setup()
-    from tgserve.core.engine_builder import load_shard  # the model stack, imported in the rank process only
-    from tgserve.core.plugins import BackendRegistry
-
     try:
         backend = BackendRegistry().select(config.backend)
         tp, control_group = join_ranks(rank, config.num_shard, config.master_addr, config.master_port,
