@@ -50,7 +50,7 @@ def run_server(config: ServerConfig) -> int:
             logger.info("Backend: %s (%s)", backend.name, backend.status.device_name)
             config = replace(config, num_shard=find_num_shards(config.sharded, config.num_shard,
                                                                backend.hook.tgserve_get_device_count()))
-            ranks = processes = None
+            ranks = None
             if config.num_shard > 1:
                 logger.info("Sharding model on %d processes", config.num_shard)  # TGI's launcher line
                 processes = RankProcesses(config, functools.partial(configure_logging, config.json_output,

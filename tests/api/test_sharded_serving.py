@@ -106,9 +106,12 @@ def test_two_shards_serve_one_shard_ids_and_stop_on_sigterm(start_server, one_sh
     assert wait_group_empty(sharded) == []
 
 
-def test_two_shards_with_ngram_speculation(start_server, one_shard):
-    sharded = start_server(*shard_flags(2), "--speculate", "2")
+def test_four_shards_replicating_kv_heads_with_ngram_speculation(start_server, one_shard):
+    """4 ranks over 2 KV heads: each KV head (and its cache) lives on two ranks; verification rows of
+    n-gram guesses are just more rows of the broadcast step."""
+    sharded = start_server(*shard_flags(4), "--speculate", "2")
     assert "Using speculation n-gram with 2 input ids." in sharded.log()
+    assert len(rank_processes(sharded)) == 3
     assert_same_generation(generate_all(sharded.url), generate_all(one_shard.url))
 
 
