@@ -4,7 +4,8 @@ processes over gloo, real HTTP.
 Oracle: the same server with one shard. Sharding changes only the summation order of float32
 partial sums, so greedy ids are identical and logprobs agree to float32 rounding. Requests run
 concurrently (prefills and decodes share steps), one asks for prompt logprobs (the rows the other
-ranks compute logits for before the sampled rows) and one for top tokens. The failure drills: 3 shards
+ranks compute logits for before the sampled rows) and one for top tokens; TGI's and OpenAI's clients
+read the sharded server too. The failure drills: 3 shards
 cannot split 4 heads (start fails with the counts that work), a rank killed with SIGKILL ends the
 server within 10 s naming the rank, and SIGTERM stops every rank. Each server runs in its own session,
 so "no process left behind" is "its process group is empty".
@@ -18,8 +19,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import psutil
 import pytest
+import text_generation  # installed --no-deps by scripts/test.sh, from tests/no-deps-requirements.txt
 
 from .conftest import TEST_SERVER_FLAGS, ServerProcess, free_port
 
@@ -29,6 +32,7 @@ PROMPTS = ("Hello there", "The river ran past the mill. The river ran past the m
 NEW_TOKENS = 24
 LOST_RANK_EXIT_S = 10.0  # the issue's bound: a rank killed while serving ends the server within this
 GROUP_EMPTY_S = 5.0  # after the server exits, its process group may take this long to be empty
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # text_generation calls pydantic's .dict()
 
 
 def shard_flags(num_shard: int) -> tuple[str, ...]:
@@ -70,6 +74,16 @@ def assert_same_generation(sharded: list[dict], reference: list[dict]) -> None:
     assert top == [[alt["id"] for alt in alternatives] for alternatives in reference[1]["top_tokens"]]
 
 
+def client_outputs(server: ServerProcess) -> tuple[list[int], list[int], str]:
+    """Greedy ids from TGI's `text_generation` client (whole and streamed) and OpenAI's completion text."""
+    client = text_generation.Client(server.url, timeout=120)
+    ids = [t.id for t in client.generate(PROMPTS[2], max_new_tokens=NEW_TOKENS).details.tokens]
+    streamed = [r.token.id for r in client.generate_stream(PROMPTS[2], max_new_tokens=NEW_TOKENS)]
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0) as oai:
+        completion = oai.completions.create(model="tgi", prompt=PROMPTS[2], max_tokens=NEW_TOKENS, temperature=0)
+    return ids, streamed, completion.choices[0].text
+
+
 def group_processes(server: ServerProcess) -> list[psutil.Process]:
     """Live processes of the server's process group (it runs in its own session)."""
     found = []
@@ -101,7 +115,11 @@ def test_two_shards_serve_one_shard_ids_and_stop_on_sigterm(start_server, one_sh
     assert httpx.get(f"{sharded.url}/info", timeout=10).json()["num_shard"] == 2
     assert httpx.get(f"{one_shard.url}/info", timeout=10).json()["num_shard"] == 1
     assert len(rank_processes(sharded)) == 1
-    assert_same_generation(generate_all(sharded.url), generate_all(one_shard.url))
+    reference = generate_all(one_shard.url)
+    assert_same_generation(generate_all(sharded.url), reference)
+    ids, streamed, text = client_outputs(sharded)
+    assert ids == streamed == [t["id"] for t in reference[2]["tokens"]]
+    assert (ids, streamed, text) == client_outputs(one_shard)
     assert sharded.terminate() == 0
     assert wait_group_empty(sharded) == []
 
