@@ -61,8 +61,6 @@ def run_server(config: ServerConfig) -> int:
             engine = start_engine(config, backend, progress=sys.stderr.isatty() and not config.json_output,
                                   ranks=ranks)
         except STARTUP_ERRORS as error:
-            if processes is not None:
-                processes.stop(grace_s=0.0)  # they wait for a first message that will not come
             return fail(error)
         except Exception:
             if processes is not None:  # a rank that died makes rank 0's collectives fail: say which one

@@ -56,9 +56,13 @@ class RankProcesses:
                                        dist_backend)
         return Ranks(tp, control_group, self._is_stopping.set)
 
-    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """Stop watching, give the ranks `grace_s` to exit (they do on SHUTDOWN), kill those that do not,
-        leave the groups. Safe to call twice."""
+    def stop(self) -> None:
+        """Stop watching, let the ranks exit, kill those that do not, leave the groups. Safe to call twice.
+
+        Ranks told to stop (the engine's shutdown sent SHUTDOWN after `Ranks.on_stopping`) get
+        STOP_GRACE_S to exit by themselves; ranks never told (rank 0 failed at start, or was interrupted)
+        wait for a message that will not come, and are killed at once."""
+        grace_s = STOP_GRACE_S if self._is_stopping.is_set() else 0.0
         self._is_stopping.set()
         deadline = time.monotonic() + grace_s
         for process in self._processes.values():
