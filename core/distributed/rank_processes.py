@@ -10,7 +10,6 @@ itself when rank 0's process is gone (`shard_worker`), so no rank outlives the s
 """
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import signal
 import threading
@@ -22,7 +21,6 @@ from tgserve.core.config import ServerConfig
 from tgserve.core.distributed.ranks import Ranks, join_ranks, leave_ranks
 from tgserve.core.distributed.shard_worker import rank_main
 
-log = logging.getLogger(__name__)
 STOP_GRACE_S = 10.0  # how long stopping ranks may take to exit after SHUTDOWN (or SIGTERM) before SIGKILL
 
 
