@@ -13,6 +13,16 @@ _TRUE = ("1", "true", "yes", "on", "y", "t")
 _FALSE = ("0", "false", "no", "off", "n", "f")
 
 
+def boolean(raw: str) -> bool:
+    """A flag value of TGI's `--sharded true|false` kind (clap's bool): true / false and their usual spellings."""
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"{raw!r} is not true or false")
+
+
 @dataclass(slots=True, frozen=True)
 class Flag:
     """One launcher flag; `dest` is the `ServerConfig` field (or the legacy `max_input_length`)."""
@@ -83,6 +93,12 @@ SERVE_FLAGS: tuple[Flag, ...] = (
          "none: any origin)", is_repeatable=True),
     Flag(("--otlp-endpoint",), "otlp_endpoint", str, "OpenTelemetry collector (OTLP/gRPC) to send request spans to"),
     Flag(("--otlp-service-name",), "otlp_service_name", str, "service.name of the exported spans"),
+    Flag(("--sharded",), "sharded", boolean, "true: shard the model over the devices (one rank per device unless "
+         "--num-shard says); false: one rank"),
+    Flag(("--num-shard",), "num_shard", int, "Tensor-parallel ranks sharing the model; the server starts them "
+         "itself, rank 0 serving HTTP (default: one per device; the cpu backend counts one)"),
+    Flag(("--master-addr",), "master_addr", str, "Address of rank 0 for the ranks' torch.distributed rendezvous"),
+    Flag(("--master-port",), "master_port", int, "Port of that rendezvous"),
 )
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}

@@ -20,6 +20,7 @@ ROPE_SCALINGS = ("linear", "dynamic")  # what TGI's --rope-scaling accepts
 MAX_SPECULATE = 64
 # --speculate when --speculative-model is given without it: draft proposals per step (vLLM's examples use 4-5).
 DEFAULT_DRAFT_SPECULATE = 4
+DEFAULT_MASTER_PORT = 29500  # TGI's --master-port: torch.distributed's rendezvous of the shards
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,12 @@ class ServerConfig:
     cors_allow_origin: tuple[str, ...] = ()  # origins browsers may call from; empty: any origin
     otlp_endpoint: str | None = None  # OpenTelemetry collector (OTLP/gRPC) receiving one span per request
     otlp_service_name: str = "text-generation-inference.router"  # service.name of those spans
+    # --num-shard: tensor-parallel ranks sharing the model (`tgserve.core.distributed`); None: settled at
+    # start by `find_num_shards` from --sharded and the backend's device count, as TGI's launcher.
+    num_shard: int | None = None
+    sharded: bool | None = None  # --sharded true|false; false keeps the model on one rank
+    master_addr: str = "localhost"  # rank 0's address for the ranks' rendezvous (MASTER_ADDR)
+    master_port: int = DEFAULT_MASTER_PORT  # its port (MASTER_PORT)
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
@@ -104,8 +111,37 @@ class ServerConfig:
             raise ConfigError(f"`cuda_memory_fraction` must be in (0, 1]. Given: {self.cuda_memory_fraction}")
         if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
             raise ConfigError(f"`kv_cache_gib` must be > 0. Given: {self.kv_cache_gib}")
+        if not 1 <= self.master_port <= 65535:
+            raise ConfigError(f"`master_port` must be in [1, 65535]. Given: {self.master_port}")
+        if self.num_shard is not None or self.sharded is not None:
+            find_num_shards(self.sharded, self.num_shard, device_count=2)  # the flags' own consistency
+        if self.speculative_model is not None and (self.num_shard or 1) > 1:
+            raise ConfigError("`--num-shard` does not combine with `--speculative-model` yet: the draft model "
+                              "runs on rank 0 alone; use n-gram speculation (`--speculate N`) when sharded")
         check_token_limits(self.max_input_tokens, self.max_total_tokens,
                            self.max_batch_prefill_tokens, self.max_batch_total_tokens)
+
+
+def find_num_shards(sharded: bool | None, num_shard: int | None, device_count: int) -> int:
+    """The shard count, as TGI's launcher settles it: --num-shard when given; --sharded true alone: one
+    per device (`device_count`, the backend's answer), which must be more than one; neither: the
+    device count. Raises ConfigError with TGI's messages (and for --sharded false with --num-shard > 1,
+    which TGI documents as switching sharding off: a contradiction is refused rather than guessed)."""
+    if num_shard is not None and num_shard < 1:
+        raise ConfigError("`num_shard` cannot be < 1")
+    if sharded is True and num_shard is None:
+        if device_count <= 1:
+            raise ConfigError(f"`sharded` is true but only found {device_count} device(s); "
+                              "give the shard count with `--num-shard N`")
+        return device_count
+    if sharded is True and num_shard <= 1:
+        raise ConfigError("`sharded` is true but `num_shard` <= 1")
+    if sharded is False:
+        if num_shard is not None and num_shard > 1:
+            raise ConfigError(f"`sharded` is false but `num_shard` is {num_shard}: drop `--sharded false` "
+                              "to shard, or `--num-shard` to serve on one rank")
+        return 1
+    return num_shard if num_shard is not None else device_count
 
 
 def check_token_limits(max_input: int | None, max_total: int | None,

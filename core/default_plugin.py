@@ -48,8 +48,14 @@ def tgserve_make_kv_cache(num_blocks, block_size, model_config, device, dtype):
 
 
 @hookimpl(trylast=True)
-def tgserve_make_model(model_config, device, dtype, linear_method, attention):
-    return model_class(model_config.model_type)(model_config, linear_method, attention, dtype, device)
+def tgserve_get_device_count():
+    return 1  # one device unless the backend counts more
+
+
+@hookimpl(trylast=True)
+def tgserve_make_model(model_config, device, dtype, linear_method, attention, tensor_parallel):
+    return model_class(model_config.model_type)(model_config, linear_method, attention, dtype, device,
+                                                tensor_parallel)
 
 
 @hookimpl(trylast=True)

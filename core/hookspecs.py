@@ -48,7 +48,17 @@ def tgserve_on_startup(config):
 def tgserve_get_device(rank):
     """The `torch.device` that tensor-parallel rank `rank` (0 when unsharded) computes on.
 
+    rank: this process's rank among the `--num-shard` ranks (each rank's process asks for its own).
     Called once per process after start-up. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def tgserve_get_device_count():
+    """How many devices of this backend this machine shows (visible GPUs, ...): the shard count of
+    `--sharded true` without `--num-shard`, and of neither flag, as TGI's `find_num_shards`.
+
+    Called once per process at start-up, on rank 0. First non-None result wins; the core's default is 1.
     """
 
 
@@ -87,8 +97,9 @@ def tgserve_get_dist_backend():
     """The torch.distributed backend name for this device ("gloo", "nccl", "hccl", "xla", ...), or
     None where this backend cannot shard a model.
 
-    Optional. Called once per process when the server is sharded (tensor parallelism, `--num-shard`).
-    First non-None result wins.
+    Optional. Called once per process when the server is sharded (tensor parallelism, `--num-shard`):
+    every rank joins one process group of this backend for the model's collectives, and a gloo group
+    on the host for the per-step plan broadcast. First non-None result wins.
     """
 
 
@@ -155,19 +166,27 @@ def tgserve_make_linear_method(quantize, dtype, device, quantization):
 def tgserve_make_attention(model_config, block_size, device, dtype):
     """The paged attention implementation: how K/V are written to blocks and attended over.
 
+    model_config: on a sharded server, the rank's own view (`head_sharding.local_model_config`: its
+    query and KV heads), so attention is sized for the heads this rank holds without knowing ranks.
+
     Returns: a `tgserve.core.layers.attention.PagedAttention` (prepare per step, forward per layer).
     Called once per process. First non-None result wins; the core's torch reference is the default.
     """
 
 
 @hookspec(firstresult=True)
-def tgserve_make_model(model_config, device, dtype, linear_method, attention):
+def tgserve_make_model(model_config, device, dtype, linear_method, attention, tensor_parallel):
     """Build the runnable model for `model_config` on `device`, weights not yet loaded.
 
+    model_config: the whole model's (layers slice the checkpoint themselves); attention: built for
+    the rank's local heads. tensor_parallel: this process's `tgserve.core.distributed.tensor_parallel.
+    TensorParallel` (rank, world size, process group; `TensorParallel.single()` when unsharded): the
+    model holds this rank's shard of every layer and runs its collectives through it.
     Returns: a `tgserve.core.models.registry.RunnableModel` (`load_weights(weights)`,
-    `forward(batch, kv_cache)`, `compute_logits(hidden)`). The core builds its own Qwen2 /
-    Llama code; a backend may return something else entirely (a compiled graph, a wrapped model).
-    Called once per process. First non-None result wins.
+    `forward(batch, kv_cache)`, `compute_logits(hidden)`, the last None on ranks other than 0).
+    The core builds its own Qwen2 / Llama code; a backend may return something else entirely
+    (a compiled graph, a wrapped model). Called once per process (every rank builds its own).
+    First non-None result wins.
     """
 
 
@@ -184,6 +203,8 @@ def tgserve_get_block_size():
 @hookspec(firstresult=True)
 def tgserve_make_kv_cache(num_blocks, block_size, model_config, device, dtype):
     """Allocate the paged KV cache: `num_blocks` blocks of `block_size` tokens for every layer.
+
+    model_config: on a sharded server the rank's local view, so the cache holds its own KV heads.
 
     Returns: a `tgserve.core.kv_cache.KVCache`. Called once per process after the memory query.
     First non-None result wins.
@@ -215,8 +236,11 @@ def tgserve_make_model_runner(model, kv_cache, attention, step_inputs, device, v
     model, kv_cache, attention, step_inputs: what the hooks above returned; vocab_size: the model's;
     config: the `ServerConfig` (watermark settings, ...).
     Returns: an object like `tgserve.core.model_runner.ModelRunner`: `execute(plan) -> StepOutput`
-    once per step, and `vocab_size`, `device` attributes. The core's runner is the default; a backend
-    returns its own (or a wrapper of the core's) to run steps its way, e.g. replaying captured graphs.
+    once per step, and `vocab_size`, `device`, `step_broadcast` attributes. The core's runner is the
+    default; a backend returns its own (or a wrapper of the core's) to run steps its way, e.g.
+    replaying captured graphs. On a sharded server start-up sets `step_broadcast` (a
+    `tgserve.core.distributed.step_broadcast.StepBroadcast`) on rank 0's runners: each step must hand
+    it the prepared batch once, before the forward, so the other ranks run the same forward.
     Called once per runner, right after `tgserve_make_step_inputs`. First non-None result wins.
     """
 

@@ -53,12 +53,18 @@ class ModelRunner:
         # Medusa heads (`tgserve.core.speculation.medusa_heads.MedusaHeads`) applied to every sampled
         # row in the same step, set by start-up after construction; None: no head guesses.
         self.heads = None
+        # Rank 0 of a sharded server: the `StepBroadcast` that hands each step's batch to the other ranks
+        # before the forward (they run the same forward and logits), set by start-up; None: one rank.
+        self.step_broadcast = None
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
         batch, sampling_rows = self._forward_batch(plan)
+        prompt_rows = _prompt_rows(plan)
+        if self.step_broadcast is not None:  # the step's one crossing to the other ranks
+            self.step_broadcast.send_step(batch, prompt_rows.rows, plan.max_block_id)
         hidden = self.model.forward(batch, self.kv_cache)
-        prompt_logprobs = self._prompt_logprobs(plan, hidden, batch)
+        prompt_logprobs = self._prompt_logprobs(prompt_rows, hidden)
         if not sampling_rows:
             return StepOutput([], prompt_logprobs)
         sampled_hidden = hidden.index_select(0, batch.logits_indices)
@@ -127,27 +133,42 @@ class ModelRunner:
             is_watermarked=torch.tensor([s.request.sampling.watermark for s in seqs], dtype=torch.bool).to(dev),
             gamma=self.watermark_gamma, delta=self.watermark_delta)
 
-    def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor, batch: ForwardBatch) -> dict[int, list[float]]:
-        """Logprobs of prompt tokens for requests that asked (decoder_input_details); rare, so simple."""
-        rows, targets, owners = [], [], []
-        offset = 0
-        for item in plan.scheduled:
-            seq, start = item.seq, item.seq.num_computed_tokens
-            if seq.request.prefill_logprobs and start < seq.num_prompt_tokens:
-                for position in range(start, min(start + item.num_new_tokens, seq.num_prompt_tokens - 1)):
-                    rows.append(offset + position - start)
-                    targets.append(seq.token_ids[position + 1])
-                    owners.append(seq.request_id)
-            offset += item.num_new_tokens
-        if not rows:
+    def _prompt_logprobs(self, prompt_rows: "_PromptRows", hidden: torch.Tensor) -> dict[int, list[float]]:
+        """Logprobs of prompt tokens for requests that asked (decoder_input_details); rare, so simple.
+        Computed before the sampled rows' logits, in the order the other ranks of a sharded server follow."""
+        if not prompt_rows.rows:
             return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        target_t = torch.tensor(targets, device=self.device).unsqueeze(1)
+        logits = self.model.compute_logits(hidden[torch.tensor(prompt_rows.rows, device=self.device)])
+        target_t = torch.tensor(prompt_rows.targets, device=self.device).unsqueeze(1)
         values = torch.log_softmax(logits, dim=-1).gather(1, target_t).squeeze(1).tolist()
         result: dict[int, list[float]] = {}
-        for owner, value in zip(owners, values):
+        for owner, value in zip(prompt_rows.owners, values):
             result.setdefault(owner, []).append(value)
         return result
+
+
+@dataclass(slots=True)
+class _PromptRows:
+    """The hidden rows of a step whose logits score prompt tokens (host lists, one entry per row)."""
+
+    rows: list[int]  # row of the step's hidden states [T, hidden]
+    targets: list[int]  # the prompt token that row predicts
+    owners: list[int]  # the request id it belongs to
+
+
+def _prompt_rows(plan: StepPlan) -> _PromptRows:
+    """Rows of prompt positions computed this step for requests with `prefill_logprobs` (usually none)."""
+    found = _PromptRows([], [], [])
+    offset = 0
+    for item in plan.scheduled:
+        seq, start = item.seq, item.seq.num_computed_tokens
+        if seq.request.prefill_logprobs and start < seq.num_prompt_tokens:
+            for position in range(start, min(start + item.num_new_tokens, seq.num_prompt_tokens - 1)):
+                found.rows.append(offset + position - start)
+                found.targets.append(seq.token_ids[position + 1])
+                found.owners.append(seq.request_id)
+        offset += item.num_new_tokens
+    return found
 
 
 def _sampled(row: list[float]) -> SampledToken:

@@ -110,3 +110,4 @@ class ModelInfo:
     backend: str
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     quantization: dict | None = None  # method, bits, group_size, is_prequantized, description; None: float
+    num_shard: int = 1  # tensor-parallel ranks sharing the model (--num-shard)

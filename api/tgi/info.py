@@ -53,5 +53,6 @@ async def info(state: ServerState = Depends(get_state)) -> Response:
         docker_label=None,
         quantization=model.quantization,
         speculate=config.speculate or 0,
+        num_shard=model.num_shard,
     )
     return JSONResponse(body.model_dump())

@@ -113,3 +113,6 @@ class Info(BaseModel):
     # tgserve's addition: --speculate, the tokens proposed and verified per step (0: none). TGI's shard
     # reports it in its Info RPC; its HTTP /info does not.
     speculate: int = 0
+    # tgserve's addition: the tensor-parallel ranks sharing the model (--num-shard). TGI's launcher only
+    # logs it ("Sharding model on N processes"); clients ignore keys they do not know.
+    num_shard: int = 1

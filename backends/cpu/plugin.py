@@ -122,11 +122,14 @@ def tgserve_get_backend_status():
 
 @hookimpl
 def tgserve_on_startup(config):
-    """One intra-op thread per physical core we may run on; one inter-op thread.
+    """One intra-op thread per physical core we may run on, shared out among the ranks of a sharded
+    server (`--num-shard`: its ranks run here side by side, each computing its shard of every step at
+    the same time); one inter-op thread.
 
     The engine runs one model step at a time, so inter-op parallelism only adds contention.
     """
-    torch.set_num_threads(host.num_physical_cores(host.usable_cpus()))
+    num_ranks = config.num_shard or 1
+    torch.set_num_threads(max(1, host.num_physical_cores(host.usable_cpus()) // num_ranks))
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set, or parallel work already started in this process
@@ -141,7 +144,12 @@ def tgserve_on_startup(config):
 
 @hookimpl
 def tgserve_get_device(rank):
-    return torch.device("cpu")
+    return torch.device("cpu")  # every rank: the ranks of a sharded server share the host
+
+
+@hookimpl
+def tgserve_get_device_count():
+    return 1  # one host: `--sharded true` needs `--num-shard N` here
 
 
 @hookimpl

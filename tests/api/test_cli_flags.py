@@ -107,3 +107,44 @@ def test_speculate_flag_and_environment():
         config(["--speculate", "-1"])
     with pytest.raises(ConfigError, match="SPECULATE='two' is not a valid int"):
         config([], {"SPECULATE": "two"})
+
+
+def test_shard_flags_and_their_environment():
+    assert config(["--num-shard", "2", "--master-addr", "10.0.0.1", "--master-port", "29600"]) == ServerConfig(
+        num_shard=2, master_addr="10.0.0.1", master_port=29600)
+    defaults = config([])
+    assert (defaults.num_shard, defaults.sharded, defaults.master_addr, defaults.master_port) == (
+        None, None, "localhost", 29500)
+    from_env = config([], {"NUM_SHARD": "4", "SHARDED": "true", "MASTER_ADDR": "node0", "MASTER_PORT": "1234"})
+    assert (from_env.num_shard, from_env.sharded) == (4, True)
+    assert (from_env.master_addr, from_env.master_port) == ("node0", 1234)
+    assert config(["--sharded", "false"]).sharded is False
+    assert config(["--num-shard", "1"], {"NUM_SHARD": "4"}).num_shard == 1
+    with pytest.raises(ConfigError, match="SHARDED='maybe' is not a valid boolean"):
+        config([], {"SHARDED": "maybe"})
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--sharded", "maybe"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sharded", "false", "--num-shard", "2"], "`sharded` is false but `num_shard` is 2"),
+    (["--sharded", "true", "--num-shard", "1"], r"`sharded` is true but `num_shard` <= 1"),
+    (["--num-shard", "0"], r"`num_shard` cannot be < 1"),
+    (["--master-port", "70000"], r"`master_port` must be in \[1, 65535\]"),
+    (["--num-shard", "2", "--speculative-model", "draft"], "`--num-shard` does not combine with `--speculative-model`"),
+])
+def test_shard_flag_contradictions(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        config(argv)
+
+
+def test_find_num_shards_as_tgi_launcher():
+    from tgserve.core.config import find_num_shards
+    assert find_num_shards(None, None, device_count=1) == 1  # neither flag: one rank per device
+    assert find_num_shards(None, None, device_count=4) == 4
+    assert find_num_shards(True, None, device_count=4) == 4
+    assert find_num_shards(None, 2, device_count=1) == 2  # --num-shard needs no devices (cpu ranks share the host)
+    assert find_num_shards(False, None, device_count=4) == 1
+    assert find_num_shards(False, 1, device_count=4) == 1
+    with pytest.raises(ConfigError, match="`sharded` is true but only found 1 device"):
+        find_num_shards(True, None, device_count=1)

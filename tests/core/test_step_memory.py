@@ -11,6 +11,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tgserve.core.block_manager import BlockManager
+from tgserve.core.distributed.tensor_parallel import TensorParallel
 from tgserve.core.model_config import ModelConfig
 from tgserve.core.model_runner import ModelRunner
 from tgserve.core.plugins import BackendRegistry
@@ -46,6 +47,7 @@ def _build_runner():
     attention = hook.tgserve_make_attention(model_config=model_config, block_size=16, device=device, dtype=dtype)
     model = hook.tgserve_make_model(
         model_config=model_config, device=device, dtype=dtype, attention=attention,
+        tensor_parallel=TensorParallel.single(),
         linear_method=hook.tgserve_make_linear_method(quantize=None, quantization=None, dtype=dtype, device=device))
     model.load_weights(state.items())
     blocks = BlockManager(STEP_TOKENS // 16 + 2, 16)

@@ -17,6 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tgserve.core.config import ConfigError, ServerConfig
+from tgserve.core.distributed.ranks import Ranks
+from tgserve.core.distributed.tensor_parallel import TensorParallel
 from tgserve.core.engine_builder import build_engine
 from tgserve.core.plugins import BackendRegistry
 from tgserve.core.speculation import MedusaProposer
@@ -291,3 +293,12 @@ def test_smollm2_self_distilled_heads_keep_greedy_output_and_are_accepted(smollm
             assert_same_tokens(result, expected)
         assert mean_accepted_length(got) > 1.0, "no SmolLM2 Medusa guess was ever accepted"
         assert_no_blocks_held(engine)
+
+
+def test_heads_do_not_combine_with_shards_yet(medusa_dir):
+    """Rank 0 of 2 refuses a Medusa checkpoint before it loads anything or talks to the other rank (the
+    group object is never used: the refusal comes first)."""
+    ranks = Ranks(TensorParallel(0, 2, group=object()), control_group=None, on_stopping=lambda: None)
+    with pytest.raises(ConfigError, match="--num-shard does not combine with Medusa heads"):
+        build_engine(ServerConfig(model_id=str(medusa_dir), dtype="float32"), BackendRegistry().select("cpu"),
+                     progress=False, ranks=ranks)
