@@ -145,12 +145,10 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
 
 def _parse_env(flag: Flag, raw: str) -> object:
     if flag.kind is None:
-        lowered = raw.strip().lower()
-        if lowered in _TRUE:
-            return True
-        if lowered in _FALSE:
-            return False
-        raise ConfigError(f"environment variable {flag.env_name}={raw!r} is not a boolean (use true or false)")
+        try:
+            return boolean(raw)
+        except ValueError:
+            raise ConfigError(f"environment variable {flag.env_name}={raw!r} is not a boolean (use true or false)") from None
     if flag.is_repeatable:
         return [flag.kind(part.strip()) for part in raw.split(",") if part.strip()]
     try:
