@@ -234,7 +234,9 @@ def _check_packing(name: str, param: LinearParam, local_output_sizes: list[int],
     if param.output_dim is not None and any(size % param.output_pack for size in local_output_sizes):
         raise LinearLoadError(f"{name}: output parts {local_output_sizes} not multiples of {param.output_pack}")
     if param.input_dim is not None and is_input_sliced and local_in_features % param.input_pack:
-        raise LinearLoadError(f"{name}: {local_in_features} input features not a multiple of {param.input_pack}")
+        raise LinearLoadError(f"{name}: a row-parallel rank's {local_in_features} input features are not a multiple "
+                              f"of {param.input_pack} (the format's packing or quantization group), so the split "
+                              f"would cut one; choose a `--num-shard` that keeps them whole")
 
 
 def _rows_per_output(name: str, part: int, tensor: torch.Tensor, num_rows: int, row_block: int) -> torch.Tensor:
