@@ -17,12 +17,16 @@ import torch
 import torch.distributed as dist
 
 
-def watch_ranks(group, ranks: list[int], is_stopping: Callable[[], bool], on_gone: Callable[[int, str], None]) -> None:
+def watch_ranks(group, ranks: list[int], is_stopping: Callable[[], bool],
+                on_gone: Callable[[int, str], None]) -> list[threading.Thread]:
     """On rank 0: a thread per rank of `ranks` that calls `on_gone(rank, why)` when it ends while the
-    server is not stopping (its process died, or it exited without being told)."""
-    for rank in ranks:
-        threading.Thread(target=_watch, args=(group, rank, is_stopping, on_gone), name=f"tgserve-watch-rank-{rank}",
-                         daemon=True).start()
+    server is not stopping (its process died, or it exited without being told); returns the threads,
+    which end once their rank said goodbye or is gone (join them before leaving the group)."""
+    threads = [threading.Thread(target=_watch, args=(group, rank, is_stopping, on_gone),
+                                name=f"tgserve-watch-rank-{rank}", daemon=True) for rank in ranks]
+    for thread in threads:
+        thread.start()
+    return threads
 
 
 def _watch(group, rank: int, is_stopping: Callable[[], bool], on_gone: Callable[[int, str], None]) -> None:

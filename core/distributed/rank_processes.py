@@ -44,6 +44,7 @@ class RankProcesses:
         self._is_stopping = threading.Event()
         self._lose_lock = threading.Lock()
         self._is_lost = False
+        self._remote_watches: list[threading.Thread] = []  # rank 0: one per rank watched over the network
 
     def start(self, dist_backend: str | None) -> Ranks:
         """Spawn the ranks, join the rendezvous as launch.first_rank and start watching; returns its `Ranks`."""
@@ -61,11 +62,13 @@ class RankProcesses:
             self.launch.first_rank, self.launch.world_size, self.config.master_addr, self.config.master_port,
             dist_backend, self.launch.watched_ranks)
         if self.launch.is_serving and liveness_group is not None:
-            watch_ranks(liveness_group, self.launch.watched_ranks, self._is_stopping.is_set, self._lose_remote)
+            self._remote_watches = watch_ranks(liveness_group, self.launch.watched_ranks, self._is_stopping.is_set,
+                                               self._lose_remote)
         return Ranks(tp, control_group, self._is_stopping.set, liveness_group)
 
     def stop(self) -> None:
-        """Stop watching, let the ranks exit, kill those that do not, leave the groups. Safe to call twice.
+        """Stop watching, let the ranks exit, kill those spawned here that do not, leave the groups. Safe to
+        call twice.
 
         Ranks told to stop (the engine's shutdown sent SHUTDOWN after `Ranks.on_stopping`) get
         STOP_GRACE_S to exit by themselves; ranks never told (rank 0 failed at start, or was interrupted)
@@ -79,6 +82,8 @@ class RankProcesses:
             if process.is_alive():
                 process.kill()
                 process.join(5.0)
+        for watch in self._remote_watches:  # their goodbyes (or exits) before the group goes
+            watch.join(max(0.0, deadline - time.monotonic()))
         leave_ranks()
 
     def report_lost(self, timeout_s: float) -> None:

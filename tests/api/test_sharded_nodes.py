@@ -55,9 +55,10 @@ def test_torchrun_starts_the_ranks_and_sigterm_stops_them(model_dir, tmp_path, r
         assert httpx.get(f"http://127.0.0.1:{port}/info", timeout=10).json()["num_shard"] == 2
         assert generate_ids(f"http://127.0.0.1:{port}") == reference_ids
         process.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks: rank 0 drains, rank 1 follows
-        process.wait(timeout=60)
+        process.wait(timeout=60)  # torchrun itself exits 1 after a signal (its SignalException), whatever the ranks did
         log = (tmp_path / "torchrun.log").read_text()
         assert "graceful shutdown after SIGTERM complete" in log and "rank 1: " in log and "steps, stopping" in log
+        assert "tgserve: error" not in log and "ChildFailedError" not in log
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
