@@ -7,8 +7,8 @@ Oracle: the same checkpoint and flags on one shard. A GPTQ checkpoint's weights 
 however they split, so sharding changes only float32 summation order: greedy ids identical, logprobs
 within float32 rounding. eetq quantizes at load whatever each rank holds, as TGI's eetq does: a
 row-parallel rank's per-channel int8 scale comes from its half of each row, a little finer than one
-shard's, so logprobs move by a few thousandths (greedy ids still agree on these prompts). The servers start together (their loading overlaps) and each is asked two prompts at once.
-A group-order GPTQ checkpoint whose row-parallel slices would cut its groups fails at start.
+shard's, so logprobs move by a few thousandths (greedy ids still agree on these prompts). The servers
+start together (their loading overlaps) and each is asked two prompts at once. A group-order GPTQ checkpoint whose row-parallel slices would cut its groups fails at start.
 """
 from __future__ import annotations
 
