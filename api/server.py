@@ -43,8 +43,8 @@ def run_server(config: ServerConfig, torchrun: TorchrunRank | None = None) -> in
 
     With `--num-shard N` (N > 1) this process is rank 0: it starts ranks 1..N-1 itself and stops them
     with the server; a rank that fails or dies ends the server with exit code 1 and its message.
-    Across machines (`--nnodes`, or torchrun's `torchrun` rank) only rank 0 serves; another process
-    runs its ranks' steps until rank 0 stops them (`_run_rank_group`)."""
+    Across machines (`--nnodes` / `--node-rank`, or a rank torchrun started: `torchrun`) only rank 0
+    serves; another process runs its ranks' steps until rank 0 stops them (`_run_rank_group`)."""
     processes = None
     with contextlib.ExitStack() as stack:
         try:

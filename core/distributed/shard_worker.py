@@ -30,11 +30,11 @@ from tgserve.core.model_loading import LoadedModel, load_shard
 from tgserve.core.plugins import ActiveBackend, BackendRegistry
 
 log = logging.getLogger(__name__)
+PARENT_POLL_S = 1.0  # how often a rank checks that the server process that spawned it still runs
 
 
 class RankZeroLost(RuntimeError):
     """A rank's peers went away while it waited for or ran a step (rank 0's server died or was killed)."""
-PARENT_POLL_S = 1.0  # how often a rank checks that the server process that spawned it still runs
 
 
 @torch.inference_mode()
