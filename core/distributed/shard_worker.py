@@ -8,7 +8,9 @@ often as rank 0 does), until rank 0 says to stop. Start-up's probe and warmup st
 messages, so the loop needs to know nothing about them.
 
 `rank_main` is the entry of a rank process that `rank_processes.RankProcesses` spawned: it reports
-its own error to rank 0 through a pipe before it exits, and exits when its parent is gone.
+its own error to its parent through a pipe before it exits, and exits when its parent is gone.
+`serve_rank_group` is the same loop in a `tgserve serve` process that is not rank 0 (another
+machine's, or one torchrun started, `launch`): it tells rank 0 its exit is planned (`liveness`).
 """
 from __future__ import annotations
 
