@@ -49,7 +49,8 @@ class LinearParam:
     is_per_part: bool = False
     # True: indexed by input features along input_dim (input_pack per element), yet every row-parallel
     # rank holds all of them: `Linear` allocates it for the layer's whole input and loads it unsliced.
-    # GPTQ act-order's scales and zero points: a rank's slice of the inputs reads rows of every group.
+    # Act-order scales and zero points (GPTQ, compressed-tensors): a rank's slice of the inputs reads
+    # rows of every group.
     is_input_whole: bool = False
     # None: each checkpoint tensor is this parameter's slice as is. An int b: this parameter holds a
     # float scale per output feature ([out, cols], output_dim 0) that each fused part's checkpoint

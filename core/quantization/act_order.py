@@ -1,4 +1,4 @@
-"""Act-order layers (GPTQ's desc_act): inputs whose quantization groups are not runs of consecutive
+"""Act-order layers (GPTQ's desc_act, compressed-tensors' actorder "group"): inputs whose quantization groups are not runs of consecutive
 inputs, sorted into the runs the weight-only kernels read.
 
 A checkpoint's g_idx gives each input its group: the row of the layer's scales and zero points it

@@ -89,7 +89,8 @@ class ReferenceKernel(WeightOnlyKernel):
 
 class DequantizedKernel(WeightOnlyKernel):
     """The weight dequantized once at load into the run dtype, then `F.linear`: for weights whose groups
-    are not runs (`input_groups`), which the grouped kernels (the reference's too) cannot read."""
+    are not runs (`input_groups`), which no packed kernel reads and the reference would dequantize on
+    every call."""
 
     name = "dequantized"
 
