@@ -1,5 +1,5 @@
-"""Act-order layers (GPTQ's desc_act, compressed-tensors' actorder "group"): inputs whose quantization groups are not runs of consecutive
-inputs, sorted into the runs the weight-only kernels read.
+"""Act-order layers (GPTQ's desc_act, compressed-tensors' actorder "group"): inputs whose quantization
+groups are not runs of consecutive inputs, sorted into the runs the weight-only kernels read.
 
 A checkpoint's g_idx gives each input its group: the row of the layer's scales and zero points it
 reads. Sorting the inputs stably by group makes every group a run; the common affine form then keeps
