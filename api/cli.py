@@ -16,6 +16,7 @@ from tgserve.api.logging_setup import configure_logging
 from tgserve.benchmark.cli import add_benchmark_parser
 from tgserve.checkpoints.quantize.cli import add_quantize_parser
 from tgserve.core.config import ConfigError
+from tgserve.core.distributed.launch import read_torchrun
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,12 +81,13 @@ def fail(message: object) -> int:
 def _serve(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args, os.environ)
+        torchrun = read_torchrun(os.environ)  # torchrun started this process as one rank
     except ConfigError as error:
         return fail(error)
     configure_logging(config.json_output, os.environ.get("LOG_LEVEL", "INFO"))
     from tgserve.api.server import run_server  # loads torch: bad flags fail before that
 
-    return run_server(config)
+    return run_server(config, torchrun)
 
 
 def _backends(_: argparse.Namespace) -> int:

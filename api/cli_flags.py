@@ -99,6 +99,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
          "itself, rank 0 serving HTTP (default: one per device; the cpu backend counts one)"),
     Flag(("--master-addr",), "master_addr", str, "Address of rank 0 for the ranks' torch.distributed rendezvous"),
     Flag(("--master-port",), "master_port", int, "Port of that rendezvous"),
+    Flag(("--nnodes",), "nnodes", int, "Machines sharing the --num-shard ranks (each runs `tgserve serve` with the "
+         "same flags; node 0 serves HTTP and listens at --master-addr)"),
+    Flag(("--node-rank",), "node_rank", int, "This machine's index among the --nnodes machines"),
 )
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}

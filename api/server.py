@@ -23,7 +23,9 @@ from tgserve.api.logging_setup import configure_logging
 from tgserve.api.shared.tracing import require_opentelemetry
 from tgserve.core.config import ConfigError, ServerConfig, find_num_shards
 from tgserve.core.distributed.head_sharding import ShardCountError
+from tgserve.core.distributed.launch import TorchrunRank, plan_launch
 from tgserve.core.distributed.rank_processes import RankProcesses
+from tgserve.core.distributed.shard_worker import RankZeroLost, serve_rank_group
 from tgserve.core.engine_builder import start_engine
 from tgserve.core.layers.linear import LinearLoadError
 from tgserve.core.model_source import ModelNotFound
@@ -36,11 +38,13 @@ _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RANK_LOG_LEVEL = "WARNING"  # the other ranks log only what goes wrong: rank 0 tells the story once
 
 
-def run_server(config: ServerConfig) -> int:
+def run_server(config: ServerConfig, torchrun: TorchrunRank | None = None) -> int:
     """Serve `config` until a termination signal; return the process exit code.
 
     With `--num-shard N` (N > 1) this process is rank 0: it starts ranks 1..N-1 itself and stops them
-    with the server; a rank that fails or dies ends the server with exit code 1 and its message."""
+    with the server; a rank that fails or dies ends the server with exit code 1 and its message.
+    Across machines (`--nnodes` / `--node-rank`, or a rank torchrun started: `torchrun`) only rank 0
+    serves; another process runs its ranks' steps until rank 0 stops them (`_run_rank_group`)."""
     processes = None
     with contextlib.ExitStack() as stack:
         try:
@@ -48,15 +52,20 @@ def run_server(config: ServerConfig) -> int:
                 require_opentelemetry()  # fail before the model loads: the user asked for tracing
             backend = BackendRegistry().select(config.backend)
             logger.info("Backend: %s (%s)", backend.name, backend.status.device_name)
-            config = replace(config, num_shard=find_num_shards(config.sharded, config.num_shard,
+            num_shard = config.num_shard if config.num_shard is not None or torchrun is None else torchrun.world_size
+            config = replace(config, num_shard=find_num_shards(config.sharded, num_shard,
                                                                backend.hook.tgserve_get_device_count()))
+            launch = plan_launch(config.num_shard, config.nnodes, config.node_rank, torchrun)
             ranks = None
             if config.num_shard > 1:
-                logger.info("Sharding model on %d processes", config.num_shard)  # TGI's launcher line
-                processes = RankProcesses(config, functools.partial(configure_logging, config.json_output,
-                                                                    RANK_LOG_LEVEL), _exit_on_lost_rank)
+                if launch.is_serving:
+                    logger.info("Sharding model on %d processes", config.num_shard)  # TGI's launcher line
+                processes = RankProcesses(config, launch, functools.partial(configure_logging, config.json_output,
+                                                                            RANK_LOG_LEVEL), _exit_on_lost_rank)
                 stack.callback(processes.stop)
                 ranks = processes.start(backend.hook.tgserve_get_dist_backend())
+            if not launch.is_serving:
+                return _run_rank_group(config, backend, ranks, launch.local_rank(launch.first_rank))
             # Progress bars only for a person watching a terminal: never in logs or JSON output.
             engine = start_engine(config, backend, progress=sys.stderr.isatty() and not config.json_output,
                                   ranks=ranks)
@@ -71,6 +80,21 @@ def run_server(config: ServerConfig) -> int:
             lifespan="on", timeout_graceful_shutdown=config.graceful_termination_timeout))
         _serve_until_signal(server)
     return 0 if server.started else 1
+
+
+def _run_rank_group(config: ServerConfig, backend, ranks, local_rank: int) -> int:
+    """A process whose first rank is not 0: serve rank 0's steps until it says stop (exit 0), or exit 1
+    naming what went wrong when rank 0's server is gone. SIGTERM / Ctrl-C are rank 0's to handle:
+    this process stops when rank 0 sends SHUTDOWN (torchrun passes its SIGTERM to every rank)."""
+    for sig in _HANDLED_SIGNALS:  # rank 0 drains on SIGTERM, then its SHUTDOWN ends this process (exit 0)
+        signal.signal(sig, signal.SIG_IGN)
+    logger.info("rank %d of %d: following rank 0 at %s:%d", ranks.tp.rank, config.num_shard, config.master_addr,
+                config.master_port)
+    try:
+        serve_rank_group(config, backend, ranks, local_rank)
+    except RankZeroLost as error:
+        return fail(error)
+    return 0
 
 
 def _exit_on_lost_rank(message: str) -> None:

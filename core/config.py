@@ -77,6 +77,10 @@ class ServerConfig:
     sharded: bool | None = None  # --sharded true|false; false keeps the model on one rank
     master_addr: str = "localhost"  # rank 0's address for the ranks' rendezvous (MASTER_ADDR)
     master_port: int = DEFAULT_MASTER_PORT  # its port (MASTER_PORT)
+    # --nnodes / --node-rank (torchrun's names): machines sharing the --num-shard ranks, each running
+    # `tgserve serve` with the same flags and its own node rank; node 0 serves HTTP (`distributed.launch`).
+    nnodes: int = 1
+    node_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
@@ -113,6 +117,9 @@ class ServerConfig:
             raise ConfigError(f"`kv_cache_gib` must be > 0. Given: {self.kv_cache_gib}")
         if not 1 <= self.master_port <= 65535:
             raise ConfigError(f"`master_port` must be in [1, 65535]. Given: {self.master_port}")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"`--node-rank` must be in [0, --nnodes) and `--nnodes` >= 1. Given: "
+                              f"--nnodes {self.nnodes} --node-rank {self.node_rank}")
         if self.num_shard is not None or self.sharded is not None:
             find_num_shards(self.sharded, self.num_shard, device_count=2)  # the flags' own consistency
         if self.speculative_model is not None and (self.num_shard or 1) > 1:

@@ -48,7 +48,8 @@ def tgserve_on_startup(config):
 def tgserve_get_device(rank):
     """The `torch.device` that tensor-parallel rank `rank` (0 when unsharded) computes on.
 
-    rank: this process's rank among the `--num-shard` ranks (each rank's process asks for its own).
+    rank: this process's rank among the ranks on this machine (each rank's process asks for its own):
+    its tensor-parallel rank on one machine; across machines its local rank (torchrun's LOCAL_RANK).
     Called once per process after start-up. First non-None result wins.
     """
 

@@ -106,26 +106,27 @@ def open_target(config: ServerConfig, hook) -> ServingTarget:
                          config.dtype or hook.tgserve_get_default_dtype())
 
 
-def load_shard(config: ServerConfig, backend: ActiveBackend, tp: TensorParallel) -> LoadedModel:
+def load_shard(config: ServerConfig, backend: ActiveBackend, tp: TensorParallel, local_rank: int) -> LoadedModel:
     """A rank other than 0: its shard of the model that rank 0 (`engine_builder.build_engine`) serves,
-    opened and built the same way.
+    opened and built the same way, on this machine's device `local_rank`.
 
     Raises what loading raises (ShardCountError where the heads do not split over the ranks)."""
     hook = backend.hook
     hook.tgserve_on_startup(config=config)
     target = open_target(config, hook)
     return load_model(target.quantization, hook, target.checkpoint, target.model_config,
-                      getattr(torch, target.dtype_name), False, tp)
+                      getattr(torch, target.dtype_name), False, tp, local_rank=local_rank)
 
 
 def load_model(quantization: QuantizationConfig | None, hook, checkpoint: Checkpoint, model_config: ModelConfig,
                dtype: torch.dtype, progress: bool, tp: TensorParallel | None = None,
-               ranks: Ranks | None = None) -> LoadedModel:
+               ranks: Ranks | None = None, local_rank: int = 0) -> LoadedModel:
     """Build this rank's shard of the model through the backend's hooks and load its weights.
 
-    tp: this rank's place (None: one rank); ranks: rank 0's context, whose steps then reach the others."""
+    tp: this rank's place (None: one rank); ranks: rank 0's context, whose steps then reach the others;
+    local_rank: its device's index on this machine (its rank, unless ranks span machines)."""
     tp = tp or TensorParallel.single()
-    device = hook.tgserve_get_device(rank=tp.rank)
+    device = hook.tgserve_get_device(rank=local_rank)
     method = quantization.method if quantization else None
     linear_method = hook.tgserve_make_linear_method(quantize=method, dtype=dtype, device=device,
                                                     quantization=quantization)

@@ -27,18 +27,22 @@ IDLE_TIMEOUT = timedelta(days=365)  # the host group: the other ranks wait there
 
 @dataclass(slots=True, frozen=True)
 class Ranks:
-    """Rank 0's side of a sharded server, handed to start-up (`engine_builder.build_engine`)."""
+    """One process's side of a sharded server once it joined: rank 0's is handed to start-up
+    (`engine_builder.build_engine`), another's to its step loop (`shard_worker`)."""
 
-    tp: TensorParallel  # rank 0 among `world_size` ranks, over the model's process group
+    tp: TensorParallel  # this rank among `world_size` ranks, over the model's process group
     control_group: object  # the gloo host group the step header crosses on
-    on_stopping: Callable[[], None]  # tells the supervisor that the other ranks now exit on purpose
+    on_stopping: Callable[[], None]  # tells the supervisor that the ranks now exit on purpose
+    # gloo group of rank 0 and the ranks it watches over the network (`liveness`); None: it watches none
+    liveness_group: object = None
 
 
-def join_ranks(rank: int, world_size: int, master_addr: str, master_port: int,
-               dist_backend: str | None) -> tuple[TensorParallel, object]:
+def join_ranks(rank: int, world_size: int, master_addr: str, master_port: int, dist_backend: str | None,
+               watched_ranks: list[int] = ()) -> tuple[TensorParallel, object, object]:
     """Join the ranks' rendezvous at master_addr:master_port (rank 0 listens there); returns this
-    rank's `TensorParallel` and the host group. Raises ConfigError when the backend cannot shard or
-    the rendezvous address cannot be used."""
+    rank's `TensorParallel`, the host group, and the liveness group of rank 0 and `watched_ranks`
+    (None where that list is empty; every rank must pass the same list). Raises ConfigError when the
+    backend cannot shard or the rendezvous address cannot be used."""
     if dist_backend is None:
         raise ConfigError("this backend names no torch.distributed communicator: it cannot shard a model "
                           "(`--num-shard` must be 1)")
@@ -49,7 +53,9 @@ def join_ranks(rank: int, world_size: int, master_addr: str, master_port: int,
     except dist.DistNetworkError as error:
         raise ConfigError(f"the ranks cannot meet at {address} (--master-addr / --master-port): {error}") from None
     control_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    return TensorParallel.from_group(), control_group
+    liveness_group = (dist.new_group([0, *watched_ranks], backend="gloo", timeout=IDLE_TIMEOUT)
+                      if watched_ranks else None)
+    return TensorParallel.from_group(), control_group, liveness_group
 
 
 def leave_ranks() -> None:

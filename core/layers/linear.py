@@ -47,6 +47,11 @@ class LinearParam:
     # [num_parts] axis of `data`; part p's checkpoint tensor fills data[p] (output_dim must be None, and
     # input_dim counts the checkpoint tensor's dims).
     is_per_part: bool = False
+    # True: indexed by input features along input_dim (input_pack per element), yet every row-parallel
+    # rank holds all of them: `Linear` allocates it for the layer's whole input and loads it unsliced.
+    # Act-order scales and zero points (GPTQ, compressed-tensors): a rank's slice of the inputs reads
+    # rows of every group.
+    is_input_whole: bool = False
     # None: each checkpoint tensor is this parameter's slice as is. An int b: this parameter holds a
     # float scale per output feature ([out, cols], output_dim 0) that each fused part's checkpoint
     # tensor stores coarser, expanded at load: one element (per-tensor, as fp8's q/k/v each carry
@@ -141,13 +146,21 @@ class Linear(nn.Module):
         self.params: dict[str, LinearParam] | None = method.create_params(
             self.local_in_features, self.local_output_sizes, bias and not self.is_bias_elsewhere, dtype, device)
         for name, param in self.params.items():
-            _check_packing(name, param, self.local_output_sizes, self.local_in_features, self.is_input_sliced)
+            if param.is_input_whole and self.is_input_sliced:
+                shape = list(param.data.shape)
+                shape[param.input_dim] = -(-in_features // param.input_pack)  # whole on every rank
+                param.data = param.data.new_empty(shape)
+            _check_packing(name, param, self.local_output_sizes, self.local_in_features, self.is_sliced(param))
         self.prepared: object = None
 
     @property
     def is_input_sliced(self) -> bool:
         """Whether this rank holds a slice of the input features (row parallel over several ranks)."""
         return self.parallel is Parallel.ROW and self.world_size > 1
+
+    def is_sliced(self, param: LinearParam) -> bool:
+        """Whether this rank holds a slice of `param` along its input dim."""
+        return param.input_dim is not None and self.is_input_sliced and not param.is_input_whole
 
     def load(self, part: int, name: str, tensor: torch.Tensor) -> None:
         """Copy this rank's slice of checkpoint tensor `name` ("weight", "qweight", ...) into fused part `part`.
@@ -178,7 +191,7 @@ class Linear(nn.Module):
             target = target.narrow(param.output_dim, sum(self.local_output_sizes[:part]) // param.output_pack,
                                    size // param.output_pack)
             source = source.narrow(param.output_dim, start // param.output_pack, size // param.output_pack)
-        if param.input_dim is not None and self.is_input_sliced:
+        if self.is_sliced(param):
             size = self.local_in_features
             source = source.narrow(param.input_dim, self.rank * size // param.input_pack, size // param.input_pack)
         target.copy_(source)
@@ -188,7 +201,7 @@ class Linear(nn.Module):
         shape = list(target.shape)
         if param.output_dim is not None:
             shape[param.output_dim] = self.output_sizes[part] // param.output_pack
-        if param.input_dim is not None and self.is_input_sliced:
+        if self.is_sliced(param):
             shape[param.input_dim] *= self.world_size
         return tuple(shape)
 
@@ -222,7 +235,9 @@ def _check_packing(name: str, param: LinearParam, local_output_sizes: list[int],
     if param.output_dim is not None and any(size % param.output_pack for size in local_output_sizes):
         raise LinearLoadError(f"{name}: output parts {local_output_sizes} not multiples of {param.output_pack}")
     if param.input_dim is not None and is_input_sliced and local_in_features % param.input_pack:
-        raise LinearLoadError(f"{name}: {local_in_features} input features not a multiple of {param.input_pack}")
+        raise LinearLoadError(f"{name}: a row-parallel rank's {local_in_features} input features are not a multiple "
+                              f"of {param.input_pack} (the format's packing or quantization group), so the split "
+                              f"would cut one; choose a `--num-shard` that keeps them whole")
 
 
 def _rows_per_output(name: str, part: int, tensor: torch.Tensor, num_rows: int, row_block: int) -> torch.Tensor:

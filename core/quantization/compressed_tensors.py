@@ -30,6 +30,7 @@ import re
 import torch
 
 from tgserve.core.layers.linear import LinearMethod, LinearParam
+from tgserve.core.quantization.act_order import group_runs
 from tgserve.core.quantization.method import QuantizedLinearMethod
 from tgserve.core.quantization.quant_config import QuantizationConfig, QuantizationError, linear_weight_args
 from tgserve.core.quantization.weight_only import AffineQuantizedWeight, WeightOnlyKernel
@@ -85,33 +86,37 @@ class CompressedTensorsLinearMethod(QuantizedLinearMethod):
                       dtype: torch.dtype, device: torch.device) -> dict[str, LinearParam]:
         out_features, num_parts = sum(output_sizes), len(output_sizes)
         group = in_features if self.group_size == -1 else self.group_size
-        if in_features % group:
+        if in_features % group and not self.is_act_order:  # act-order: a row-parallel slice may end mid-group
             raise QuantizationError(f"compressed-tensors: group_size {group} does not divide a layer's "
                                     f"{in_features} input features")
-        num_groups, pack = in_features // group, 32 // self.bits
-        group_dim = None if self.group_size == -1 else 1  # one scale per row is whole on every rank
+        num_groups, pack = -(-in_features // group), 32 // self.bits
+        # One scale per row is whole on every row-parallel rank; under act-order every group's is, since a
+        # rank's slice of the inputs reads groups all over the layer (`act_order`).
+        group_dim = None if self.group_size == -1 else 1
         params = {"weight_scale": LinearParam(torch.empty(out_features, num_groups, dtype=torch.float32,
                                                           device=device),
-                                              output_dim=0, input_dim=group_dim, input_pack=group)}
+                                              output_dim=0, input_dim=group_dim, input_pack=group,
+                                              is_input_whole=self.is_act_order)}
         if self.is_packed:
             params["weight_packed"] = LinearParam(torch.empty(out_features, in_features // pack, dtype=torch.int32,
                                                               device=device), output_dim=0, input_dim=1,
                                                   input_pack=pack)
             params["weight_shape"] = LinearParam(torch.zeros(num_parts, 2, dtype=torch.int64, device=device),
                                                  output_dim=None, is_per_part=True)
+        else:
+            params["weight"] = LinearParam(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
+                                           output_dim=0, input_dim=1)
         if self.is_act_order:  # -1: the part's weight_g_idx is missing
             params["weight_g_idx"] = LinearParam(torch.full((num_parts, in_features), -1, dtype=torch.int32,
                                                             device=device), output_dim=None, input_dim=0,
                                                  is_per_part=True)
-        else:
-            params["weight"] = LinearParam(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
-                                           output_dim=0, input_dim=1)
         if not self.is_symmetric:
             zero_pack = pack if self.is_packed else 1
             zero_dtype = torch.int32 if self.is_packed else torch.int8
             params["weight_zero_point"] = LinearParam(
                 torch.empty(out_features // zero_pack, num_groups, dtype=zero_dtype, device=device),
-                output_dim=0, input_dim=group_dim, output_pack=zero_pack, input_pack=group)
+                output_dim=0, input_dim=group_dim, output_pack=zero_pack, input_pack=group,
+                is_input_whole=self.is_act_order)
         if has_bias:
             params["bias"] = LinearParam(torch.zeros(out_features, dtype=dtype, device=device), output_dim=0)
         return params
@@ -130,12 +135,23 @@ class CompressedTensorsLinearMethod(QuantizedLinearMethod):
             zeros = unpack_words(params["weight_zero_point"].t(), self.bits).t().float()
         else:
             zeros = params["weight_zero_point"].float() + offset
-        group = q.shape[1] // scales.shape[1]
-        perm = _input_perm(params["weight_g_idx"], group) if self.is_act_order else None
-        if perm is not None:
-            q = q.index_select(1, perm)
-        return AffineQuantizedWeight(q=q, scales=scales, zeros=zeros.contiguous(), bits=self.bits,
-                                     group_size=group, input_perm=perm, bias=params.get("bias"))
+        if not self.is_act_order:
+            group = q.shape[1] // scales.shape[1]
+            return AffineQuantizedWeight(q=q, scales=scales, zeros=zeros.contiguous(), bits=self.bits,
+                                         group_size=group, input_perm=None, bias=params.get("bias"))
+        group, groups = self.group_size, _act_order_groups(params["weight_g_idx"])
+        runs = group_runs(groups, group)
+        if runs is None and scales.shape[1] == -(-q.shape[1] // group):  # a whole layer: the g_idx is wrong
+            raise QuantizationError(f"compressed-tensors: weight_g_idx does not put {group} inputs in each group")
+        if runs is None:  # a row-parallel slice of an act-order layer: every input keeps its group's column
+            return AffineQuantizedWeight(q=q, scales=scales, zeros=zeros.contiguous(), bits=self.bits,
+                                         group_size=group, input_perm=None, bias=params.get("bias"),
+                                         input_groups=groups)
+        if runs.input_perm is not None:
+            q = q.index_select(1, runs.input_perm)
+        return AffineQuantizedWeight(q=q, scales=scales[:, runs.group_rows], zeros=zeros[:, runs.group_rows],
+                                     bits=self.bits, group_size=group, input_perm=runs.input_perm,
+                                     bias=params.get("bias"))
 
     def _check_weight_shape(self, weight_shape: torch.Tensor, unpacked: torch.Size) -> None:
         """Each fused part's weight_shape [out, in] must agree with the packed tensors (this rank's, unsharded)."""
@@ -153,17 +169,12 @@ def unpack_words(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(packed.shape[0], -1).to(torch.uint8)
 
 
-def _input_perm(g_idx: torch.Tensor, group: int) -> torch.Tensor | None:
-    """weight_g_idx [num_parts, in] -> the inputs sorted stably by group (None if already in order)."""
+def _act_order_groups(g_idx: torch.Tensor) -> torch.Tensor:
+    """weight_g_idx [num_parts, in] -> each input's group (its column of the scales), int64 [in]."""
     if (g_idx[0] == -1).all() or not all(torch.equal(row, g_idx[0]) for row in g_idx):
         raise QuantizationError("compressed-tensors: actorder \"group\" needs one weight_g_idx per module, the "
                                 "same for modules fused into one layer (q/k/v, gate/up)")
-    groups = g_idx[0].long()
-    perm = torch.argsort(groups, stable=True)
-    in_order = torch.arange(groups.shape[0], device=groups.device) // group
-    if not torch.equal(groups[perm], in_order):
-        raise QuantizationError(f"compressed-tensors: weight_g_idx does not put {group} inputs in each group")
-    return None if torch.equal(perm, torch.arange(groups.shape[0], device=groups.device)) else perm
+    return g_idx[0].long()
 
 
 def _matches(name: str, entry: str) -> bool:

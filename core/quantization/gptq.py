@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tgserve.core.layers.linear import LinearMethod, LinearParam
+from tgserve.core.quantization.act_order import group_runs
 from tgserve.core.quantization.method import QuantizedLinearMethod, _listed
 from tgserve.core.quantization.quant_config import QuantizationConfig, QuantizationError
 from tgserve.core.quantization.weight_only import AffineQuantizedWeight, WeightOnlyKernel
@@ -97,16 +98,19 @@ class GptqLinearMethod(QuantizedLinearMethod):
         per_word = Fraction(32, bits) if 32 % bits else 32 // bits  # codes per int32 word
         group = in_features if group_size == -1 else group_size
         num_groups, out_features = -(-in_features // group), sum(output_sizes)
-        group_dim = None if group_size == -1 else 0  # one group: every row-parallel rank needs it whole
+        # One group's row is whole on every row-parallel rank (its input_dim None); under act-order so is
+        # every group's, since a rank's slice of the inputs reads rows of groups all over the layer.
+        group_dim = None if group_size == -1 else 0
+        is_act_order = bool(self.quantization.checkpoint_config.get("desc_act"))
         params = {
             "qweight": LinearParam(torch.empty(in_features * bits // 32, out_features, dtype=torch.int32,
                                                device=device), output_dim=1, input_dim=0, input_pack=per_word),
             "qzeros": LinearParam(torch.empty(num_groups, out_features * bits // 32, dtype=torch.int32,
                                               device=device), output_dim=1, output_pack=per_word,
-                                  input_dim=group_dim, input_pack=group),
+                                  input_dim=group_dim, input_pack=group, is_input_whole=is_act_order),
             # float32 holds the checkpoint's float16 or bfloat16 scales exactly
             "scales": LinearParam(torch.empty(num_groups, out_features, dtype=torch.float32, device=device),
-                                  output_dim=1, input_dim=group_dim, input_pack=group),
+                                  output_dim=1, input_dim=group_dim, input_pack=group, is_input_whole=is_act_order),
             # -1: the checkpoint has no g_idx for that part (inputs then in group order)
             "g_idx": LinearParam(torch.full((len(output_sizes), in_features), -1, dtype=torch.int32,
                                             device=device), output_dim=None, input_dim=0, is_per_part=True),
@@ -121,16 +125,31 @@ class GptqLinearMethod(QuantizedLinearMethod):
         in_features = codes.shape[0]
         group = in_features if self.quantization.group_size == -1 else self.quantization.group_size
         zeros = unpack_codes(params["qzeros"], bits, dim=1).float() + self.zero_offset  # [groups, out]
-        perm = self._input_perm(params["g_idx"], group)
+        scales = params["scales"]  # [groups, out]
+        groups = self._groups(params["g_idx"])
+        perm, input_groups = None, None
+        if groups is not None:
+            runs = group_runs(groups, group)
+            if runs is None and scales.shape[0] == -(-in_features // group):  # a whole layer: the g_idx is wrong
+                raise QuantizationError(f"gptq: {self._g_idx_names(1)[0]} does not put {group} inputs in each "
+                                        f"group (group_size {self.quantization.group_size} in the config)")
+            if runs is None:  # a row-parallel slice of an act-order layer: every input keeps its group's row
+                input_groups = groups
+            else:
+                perm, zeros, scales = runs.input_perm, zeros[runs.group_rows], scales[runs.group_rows]
         if perm is not None:
             codes = codes.index_select(0, perm)
-        return AffineQuantizedWeight(q=codes.t().contiguous(), scales=params["scales"].t().contiguous(),
+        return AffineQuantizedWeight(q=codes.t().contiguous(), scales=scales.t().contiguous(),
                                      zeros=zeros.t().contiguous(), bits=bits, group_size=group, input_perm=perm,
-                                     bias=params.get("bias"))
+                                     bias=params.get("bias"), input_groups=input_groups)
 
-    def _input_perm(self, g_idx: torch.Tensor, group: int) -> torch.Tensor | None:
-        """g_idx [num_parts, in] (-1 rows: absent) -> the inputs sorted by group, or None if already so."""
-        names = [f"{prefix}.g_idx" for prefix in self.prefixes] or ["g_idx"] * g_idx.shape[0]
+    def _g_idx_names(self, num_parts: int) -> list[str]:
+        return [f"{prefix}.g_idx" for prefix in self.prefixes] or ["g_idx"] * num_parts
+
+    def _groups(self, g_idx: torch.Tensor) -> torch.Tensor | None:
+        """g_idx [num_parts, in] (-1 rows: absent) -> each input's row of this rank's scales, int64 [in];
+        None where the checkpoint has no g_idx (inputs then in group order)."""
+        names = self._g_idx_names(g_idx.shape[0])
         is_present = (g_idx != -1).any(dim=1).tolist()
         if not any(is_present):
             if self.quantization.checkpoint_config.get("desc_act"):
@@ -140,21 +159,14 @@ class GptqLinearMethod(QuantizedLinearMethod):
             if not is_present[part] or not torch.equal(g_idx[part], g_idx[0]):
                 raise QuantizationError(f"gptq: {names[part]} differs from {names[0]} (or one is missing); "
                                         f"fused modules must share one input order")
-        in_order = torch.arange(g_idx.shape[1], device=g_idx.device) // group
         groups = g_idx[0].long()
         if not self.quantization.checkpoint_config.get("desc_act"):
             # Without act-order g_idx is input // group, so a row-parallel rank's slice holds the global
             # numbers of its own groups (rank 1 of 2 over 4 groups: 2, 3) while its scales / qzeros slice
             # holds just those groups from row 0: number them from the first. A whole g_idx starts at 0.
-            # Under act-order a slice's groups are not the rank's scale rows, so no renumbering is right.
+            # Under act-order the scales are whole on every rank, so the global numbers are the rows.
             groups = groups - groups.min()
-        if torch.equal(groups, in_order):
-            return None
-        perm = torch.argsort(groups, stable=True)
-        if not torch.equal(groups[perm], in_order):
-            raise QuantizationError(f"gptq: {names[0]} does not put {group} inputs in each group "
-                                    f"(group_size {self.quantization.group_size} in the config)")
-        return perm
+        return groups
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

@@ -29,6 +29,10 @@ class AffineQuantizedWeight:
     # columns by group at load so groups are contiguous); None: inputs in checkpoint order.
     input_perm: torch.Tensor | None
     bias: torch.Tensor | None  # [out] in the run dtype, or None
+    # int64 [in] or None: input i reads scales / zeros column input_groups[i], where groups are not runs
+    # (a row-parallel rank's slice of an act-order layer, `act_order`); no grouped kernel reads that, so
+    # `prepare_with` hands it to `DequantizedKernel`. None: input i reads column i // group_size.
+    input_groups: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -40,6 +44,9 @@ class AffineQuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W [out, in] in kernel input order (apply `input_perm` to x, not to this)."""
+        if self.input_groups is not None:
+            groups = self.input_groups
+            return ((self.q.float() - self.zeros.float()[:, groups]) * self.scales.float()[:, groups]).to(dtype)
         if self.in_features % self.group_size:  # a ragged last group: scales gathered per input
             groups = torch.arange(self.in_features, device=self.q.device) // self.group_size
             return ((self.q.float() - self.zeros.float()[:, groups]) * self.scales.float()[:, groups]).to(dtype)
@@ -80,9 +87,30 @@ class ReferenceKernel(WeightOnlyKernel):
         return F.linear(x, weight.dequantize(dtype), weight.bias)
 
 
+class DequantizedKernel(WeightOnlyKernel):
+    """The weight dequantized once at load into the run dtype, then `F.linear`: for weights whose groups
+    are not runs (`input_groups`), which no packed kernel reads and the reference would dequantize on
+    every call."""
+
+    name = "dequantized"
+
+    def prepare(self, weight: AffineQuantizedWeight, dtype: torch.dtype) -> object:
+        return weight.dequantize(dtype), weight.bias, weight.input_perm
+
+    def apply(self, prepared: object, x: torch.Tensor) -> torch.Tensor:
+        dense, bias, input_perm = prepared
+        if input_perm is not None:
+            x = x.index_select(-1, input_perm)
+        return F.linear(x, dense, bias)
+
+
 def prepare_with(kernels: tuple[WeightOnlyKernel, ...], weight: AffineQuantizedWeight, dtype: torch.dtype
                  ) -> tuple[WeightOnlyKernel, object]:
-    """The first of `kernels` that takes `weight` (the reference always does), and its prepared form."""
+    """The first of `kernels` that takes `weight` (the reference always does), and its prepared form; a
+    weight whose groups are not runs goes to `DequantizedKernel` without asking them."""
+    if weight.input_groups is not None:
+        kernel = DequantizedKernel()
+        return kernel, kernel.prepare(weight, dtype)
     for kernel in (*kernels, ReferenceKernel()):
         prepared = kernel.prepare(weight, dtype)
         if prepared is not None:

@@ -164,10 +164,10 @@ def client(server) -> Iterator[httpx.Client]:
 
 @pytest.fixture
 def run_cli() -> Callable[..., subprocess.CompletedProcess]:
-    """Run `tgserve ARGS` to completion and return its result (text stdout / stderr)."""
+    """Run `tgserve ARGS` to completion and return its result (text stdout / stderr); `env` adds variables."""
 
-    def run(*args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+    def run(*args: str, timeout_s: float = 120.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(tgserve_command(*args), capture_output=True, text=True, timeout=timeout_s,
-                              env=tgserve_env())
+                              env={**tgserve_env(), **(env or {})})
 
     return run

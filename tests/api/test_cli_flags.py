@@ -119,6 +119,8 @@ def test_shard_flags_and_their_environment():
     assert (from_env.num_shard, from_env.sharded) == (4, True)
     assert (from_env.master_addr, from_env.master_port) == ("node0", 1234)
     assert config(["--sharded", "false"]).sharded is False
+    nodes = config(["--num-shard", "4", "--nnodes", "2"], {"NODE_RANK": "1"})
+    assert (nodes.nnodes, nodes.node_rank, defaults.nnodes, defaults.node_rank) == (2, 1, 1, 0)
     assert config(["--num-shard", "1"], {"NUM_SHARD": "4"}).num_shard == 1
     with pytest.raises(ConfigError, match="SHARDED='maybe' is not a valid boolean"):
         config([], {"SHARDED": "maybe"})
@@ -131,6 +133,8 @@ def test_shard_flags_and_their_environment():
     (["--sharded", "true", "--num-shard", "1"], r"`sharded` is true but `num_shard` <= 1"),
     (["--num-shard", "0"], r"`num_shard` cannot be < 1"),
     (["--master-port", "70000"], r"`master_port` must be in \[1, 65535\]"),
+    (["--nnodes", "2", "--node-rank", "2"], r"`--node-rank` must be in \[0, --nnodes\)"),
+    (["--nnodes", "0"], r"`--nnodes` >= 1"),
     (["--num-shard", "2", "--speculative-model", "draft"], "`--num-shard` does not combine with `--speculative-model`"),
 ])
 def test_shard_flag_contradictions(argv, message):

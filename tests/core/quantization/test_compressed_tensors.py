@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tgserve.core.layers.linear import Linear, LinearLoadError, LinearMethod
+from tgserve.core.layers.linear import Linear, LinearLoadError, LinearMethod, Parallel
 from tgserve.core.quantization.compressed_tensors import CompressedTensorsLinearMethod
 from tgserve.core.quantization.quant_config import QuantizationError, resolve_quantization
 
@@ -184,3 +184,23 @@ def test_act_order_needs_one_shared_g_idx():
     missing = ct_quantize(torch.randn(16, 64), 4, "group", 32, True)  # no weight_g_idx written
     with pytest.raises(QuantizationError, match="needs one weight_g_idx per module"):
         loaded_layer(method, [missing], [16], 64)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_row_parallel_act_order_ranks_sum_to_the_whole_layer(world_size, symmetric):
+    """int-quantized actorder "group": each rank's slice of the inputs holds parts of every group, so it
+    loads the whole scales (and zero points) and reads each input's own column."""
+    in_features, out_features = 256, 48
+    g_idx = act_order_g_idx(in_features, 32, seed=world_size)
+    written = ct_quantize(torch.randn(out_features, in_features), 8, "group", 32, symmetric, packed=False, g_idx=g_idx)
+    x, width, partials = torch.randn(4, in_features), in_features // world_size, []
+    for rank in range(world_size):
+        layer = Linear(in_features, [out_features], False,
+                       ct_method(quantization_config(8, "group", 32, symmetric, packed=False, actorder="group")),
+                       torch.float32, torch.device("cpu"), Parallel.ROW, rank, world_size, prefixes=("m",))
+        for name, tensor in written.tensors.items():
+            layer.load(0, name, tensor)
+        layer.finalize()
+        partials.append(layer(x[:, rank * width:(rank + 1) * width]))
+    assert torch.allclose(sum(partials), F.linear(x, written.dequantized), atol=1e-4)

@@ -193,17 +193,21 @@ def test_a_g_idx_whose_groups_are_not_group_size_inputs_is_an_error_naming_it():
                    [OUT_FEATURES], ("m",))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_row_parallel_ranks_with_g_idx_sum_to_the_whole_layer(bits):
-    """A rank's slice of g_idx holds its groups' global numbers (rank 1 of 4: groups 2, 3); its scales
-    and zeros slice holds just those groups. The ranks' partial outputs must sum to the whole layer."""
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("bits, act_order", [(4, False), (8, False), (4, True), (8, True)])
+def test_row_parallel_ranks_with_g_idx_sum_to_the_whole_layer(bits, act_order, world_size):
+    """A rank's slice of g_idx holds global group numbers. Without act-order they are its own groups
+    (rank 1 of 4: groups 2, 3), whose scales and zeros slice it holds. Under act-order every group's
+    inputs are scattered over the whole layer, so each rank holds a part of every group: it needs the
+    whole scales and each input's own row of them. The ranks' partial outputs must sum to the whole layer."""
     tensors = gptq_quantize(torch.randn(OUT_FEATURES, IN_FEATURES, generator=torch.Generator().manual_seed(5)),
-                            bits, 32, False, False)
-    x, world_size = x_for(IN_FEATURES), 4
+                            bits, 32, False, act_order, seed=3)
+    x = x_for(IN_FEATURES)
     width = IN_FEATURES // world_size
     partials = []
     for rank in range(world_size):
-        layer = Linear(IN_FEATURES, [OUT_FEATURES], False, gptq_method(quantization_config(bits, 32, sym=False)),
+        layer = Linear(IN_FEATURES, [OUT_FEATURES], False,
+                       gptq_method(quantization_config(bits, 32, sym=False, desc_act=act_order)),
                        torch.float32, CPU, Parallel.ROW, rank, world_size, prefixes=("m",))
         for name, tensor in tensors.as_checkpoint().items():
             layer.load(0, name, tensor)
@@ -211,3 +215,29 @@ def test_row_parallel_ranks_with_g_idx_sum_to_the_whole_layer(bits):
         partials.append(layer(x[:, rank * width:(rank + 1) * width]).double())
     expected = F.linear(x.double(), tensors.dequantized)
     torch.testing.assert_close(sum(partials), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_an_act_order_slice_holding_whole_groups_stays_quantized():
+    """Act-order whose slices happen to hold whole groups (rank 1 of 2 holds groups 0..3, rank 0 groups
+    4..7): each rank takes those groups' scale rows and keeps its grouped kernel; only a slice holding
+    parts of groups is dequantized."""
+    tensors = gptq_quantize(torch.randn(OUT_FEATURES, IN_FEATURES, generator=torch.Generator().manual_seed(6)),
+                            4, 32, False, False)
+    half = IN_FEATURES // 2
+    swap = torch.cat([torch.arange(half, IN_FEATURES), torch.arange(half)])  # new input i is old input swap[i]
+    dequantized = tensors.dequantized[:, swap]
+    words = torch.cat([tensors.qweight[half // 8:], tensors.qweight[:half // 8]])  # 8 int4 codes per word
+    checkpoint = {"qweight": words, "qzeros": tensors.qzeros, "scales": tensors.scales, "g_idx": tensors.g_idx[swap]}
+    x = x_for(IN_FEATURES)
+    partials, kernels = [], []
+    for rank in range(2):
+        layer = Linear(IN_FEATURES, [OUT_FEATURES], False,
+                       gptq_method(quantization_config(4, 32, sym=False, desc_act=True)),
+                       torch.float32, CPU, Parallel.ROW, rank, 2, prefixes=("m",))
+        for name, tensor in checkpoint.items():
+            layer.load(0, name, tensor)
+        layer.finalize()
+        kernels.append(layer.prepared[0].name)
+        partials.append(layer(x[:, rank * half:(rank + 1) * half]).double())
+    assert kernels == ["reference", "reference"]
+    torch.testing.assert_close(sum(partials), F.linear(x.double(), dequantized), rtol=1e-5, atol=1e-4)
