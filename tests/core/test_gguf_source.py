@@ -144,7 +144,7 @@ def test_mixed_type_file_generates_transformers_greedy_ids(architecture, tmp_pat
                         seed=len(architecture))
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     prompts = [[1, 54, 35, 28, 46, 31], [9, 8, 7, 100, 200, 260, 12, 5, 77]]
-    with caplog.at_level("INFO", logger="tgserve.core.engine_builder"), running_engine(path, **ENGINE_LIMITS) as engine:
+    with caplog.at_level("INFO", logger="tgserve.core"), running_engine(path, **ENGINE_LIMITS) as engine:
         results = run_all(engine, [request(ids, max_new_tokens=8) for ids in prompts])
     for ids, result in zip(prompts, results):
         with torch.no_grad():
