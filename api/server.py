@@ -60,6 +60,7 @@ def run_server(config: ServerConfig, torchrun: TorchrunRank | None = None) -> in
             if config.num_shard > 1:
                 if launch.is_serving:
                     logger.info("Sharding model on %d processes", config.num_shard)  # TGI's launcher line
+                backend.hook.tgserve_on_sharding(world_size=config.num_shard, num_local_ranks=launch.num_local_ranks)
                 processes = RankProcesses(config, launch, functools.partial(configure_logging, config.json_output,
                                                                             RANK_LOG_LEVEL), _exit_on_lost_rank)
                 stack.callback(processes.stop)

@@ -104,6 +104,19 @@ def tgserve_get_dist_backend():
     """
 
 
+@hookspec
+def tgserve_on_sharding(world_size, num_local_ranks):
+    """This machine is about to start ranks of a sharded server: check what the communicator needs.
+
+    world_size: ranks over every machine (`--num-shard`); num_local_ranks: the ranks this process
+    starts on this machine (1 under torchrun, which starts each rank as its own process).
+    Log a warning with the fix for a setting that will make the collectives slow or fail (cuda: a
+    /dev/shm too small for NCCL, TGI's `--shm-size 1g`); raise `tgserve.core.config.ConfigError` to
+    refuse the start with one line. Called once per launching process, before its ranks start, only
+    when `world_size` > 1. Notification.
+    """
+
+
 @hookspec(firstresult=True)
 def tgserve_synchronize(device):
     """Wait until all work queued on `device` has finished; return True.

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from tgserve.backends.cuda import kernel_check
+from tgserve.backends.cuda import kernel_check, shm_check
 from tgserve.core.backend_status import BackendStatus
 from tgserve.core.hookspecs import hookimpl
 from tgserve.core.layers.linear import LinearMethod
@@ -47,6 +47,19 @@ def gpu_status(name: str, priority: int, install_hint: str, vendor: str, label: 
 @hookimpl
 def tgserve_get_device(rank):
     return torch.device("cuda", rank % torch.cuda.device_count())
+
+
+@hookimpl
+def tgserve_get_device_count():
+    return torch.cuda.device_count()  # the GPUs CUDA_VISIBLE_DEVICES (HIP_VISIBLE_DEVICES) leaves visible
+
+
+@hookimpl
+def tgserve_on_sharding(world_size, num_local_ranks):
+    """Warn, with the fix, where /dev/shm is too small for NCCL between this machine's ranks."""
+    shortfall = shm_check.shm_shortfall() if num_local_ranks > 1 else None
+    if shortfall:
+        log.warning("%s", shortfall)
 
 
 @hookimpl

@@ -9,16 +9,17 @@ from __future__ import annotations
 import torch
 
 from tgserve.backends.cuda.torch_gpu import (gpu_status, tgserve_get_default_dtype, tgserve_get_device,
-                                             tgserve_get_dist_backend, tgserve_get_free_memory_bytes,
-                                             tgserve_make_linear_method, tgserve_make_step_inputs,
-                                             tgserve_synchronize)
+                                             tgserve_get_device_count, tgserve_get_dist_backend,
+                                             tgserve_get_free_memory_bytes, tgserve_make_linear_method,
+                                             tgserve_make_step_inputs, tgserve_on_sharding, tgserve_synchronize)
 from tgserve.core.backend_status import BackendStatus
 from tgserve.core.hookspecs import hookimpl
 
 NAME = "rocm"
 PRIORITY = 100
 INSTALL_HINT = "pip install tgserve[rocm] with a ROCm build of torch"
-__all__ = ["tgserve_get_backend_status", "tgserve_get_device", "tgserve_get_default_dtype",
+__all__ = ["tgserve_get_backend_status", "tgserve_get_device", "tgserve_get_device_count", "tgserve_on_sharding",
+           "tgserve_get_default_dtype",
            "tgserve_get_free_memory_bytes", "tgserve_get_dist_backend", "tgserve_synchronize",
            "tgserve_make_step_inputs", "tgserve_make_linear_method"]
 

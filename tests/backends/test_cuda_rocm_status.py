@@ -44,6 +44,7 @@ def test_cuda_build_with_gpus(fake_build):
     assert status.is_usable and status.priority == 100 and status.device_name == "2x NVIDIA H100 80GB HBM3"
     assert not rocm.tgserve_get_backend_status().is_usable
     assert cuda.tgserve_get_device(rank=3) == torch.device("cuda", 1)
+    assert cuda.tgserve_get_device_count() == 2  # `--sharded true` alone: one shard per visible GPU
 
 
 def test_rocm_build_with_gpu(fake_build):
