@@ -20,6 +20,7 @@ from typing import AsyncIterator, Callable
 from tgserve.core.speculation.acceptance import AcceptanceRule, Proposer, accept_matching_prefix
 from tgserve.core.config import ServerConfig
 from tgserve.core.detokenizer import DetokenizerState, final_text, next_text
+from tgserve.core.distributed.collective_clock import CollectiveClock
 from tgserve.core.errors import EngineStopped, GenerationError, RequestRejected  # noqa: F401 (re-exported)
 from tgserve.core.invariants import EngineInvariantError
 from tgserve.core.limits import RuntimeLimits
@@ -56,7 +57,8 @@ class Engine:
                  tokenizer: Tokenizer, scheduler: Scheduler, runner: ModelRunner,
                  on_shutdown: Callable[[], object] = lambda: None, observer: StepObserver | None = None,
                  proposer: Proposer | None = None, acceptance: AcceptanceRule = accept_matching_prefix,
-                 make_request_states: Callable[[GenerationRequest], tuple[RequestState, ...]] = no_request_states):
+                 make_request_states: Callable[[GenerationRequest], tuple[RequestState, ...]] = no_request_states,
+                 collective_clock: CollectiveClock | None = None):
         self.config = config
         self.limits = limits
         self.model_info = model_info
@@ -78,6 +80,9 @@ class Engine:
         self.proposer = proposer
         self.acceptance = acceptance
         self.make_request_states = make_request_states  # request -> its RequestStates, at submit
+        self._collective_clock = collective_clock  # sharded: rank 0's time in collectives, taken per step
+        if collective_clock is not None:
+            collective_clock.take()  # start-up's probe and warmup steps are nobody's engine step
 
     # --- any thread ----------------------------------------------------------------------------
 
@@ -269,6 +274,7 @@ class Engine:
                 marks_s: tuple[float, float, float], is_ok: bool) -> None:
         """Hand the observer this step's `StepStats`; `marks_s` = perf_counter at start, planned, computed."""
         observer, filter_s, self._filter_s = self._observer, self._filter_s, 0.0
+        num_collectives, collective_s = self._collective_clock.take() if self._collective_clock else (0, 0.0)
         if observer is None:
             return
         ended_s = time.perf_counter()
@@ -279,7 +285,8 @@ class Engine:
             num_prefill_tokens=num_prefill_tokens, num_running=len(running), num_waiting=len(self.scheduler.waiting),
             max_batch_tokens=sum(seq.max_tokens for seq in running), schedule_s=scheduled_s - started_s,
             forward_s=forwarded_s - scheduled_s, update_s=ended_s - forwarded_s if is_ok else 0.0,
-            filter_s=filter_s, duration_s=ended_s - started_s, is_ok=is_ok)
+            filter_s=filter_s, duration_s=ended_s - started_s, is_ok=is_ok, num_collectives=num_collectives,
+            collective_s=collective_s)
         self._notify(observer.on_step, stats)
 
     @staticmethod

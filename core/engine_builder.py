@@ -122,7 +122,7 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
                      eos_token_ids=tokenizer.eos_token_ids,
                      quantization=quantization.as_info() if quantization else None, num_shard=tp.world_size)
     return Engine(config, limits, info, tokenizer, scheduler, runner, on_shutdown=_shutdown(hook, ranks, loaded),
-                  proposer=proposer)
+                  proposer=proposer, collective_clock=tp.clock if tp.world_size > 1 else None)
 
 
 def _shutdown(hook, ranks: Ranks | None, loaded: LoadedModel):

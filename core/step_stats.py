@@ -28,6 +28,10 @@ class StepStats:
     #                  (mostly inside update_s; cancels drained before the step count here too)
     duration_s: float  # the whole step, planning to the last event sent
     is_ok: bool  # False when the runner raised and the step's requests failed
+    # sharded server: rank 0's collectives in the step (plan broadcast, all-reduces, logits gather) and the
+    # seconds inside them, part of forward_s (`core/distributed/collective_clock`); 0 on one rank
+    num_collectives: int = 0
+    collective_s: float = 0.0
 
     @property
     def is_prefill(self) -> bool:

@@ -102,6 +102,12 @@ class ServerMetrics:
             "tgi_batch_decode_duration", "Seconds turning sampled ids into token events", seconds, method)
         self.batch_filter_duration = self._histogram(
             "tgi_batch_filter_duration", "Seconds removing finished requests from the batch", seconds, method)
+        # Not TGI's: a sharded server's communication (`core/distributed/collective_clock`), rank 0's host
+        # seconds inside the step's collectives and their number; no series on one rank.
+        self.batch_collective_duration = self._histogram(
+            "tgserve_batch_collective_duration", "Seconds of an engine step inside collectives (sharded)",
+            seconds, method)
+        self.batch_collectives = self._counter("tgserve_batch_collectives", "Collectives run by engine steps", method)
         self.batch_concat = self._counter("tgi_batch_concat", "New requests joining a running batch", ("reason",))
         for reason in CONCAT_REASONS:
             self.batch_concat.labels(reason)

@@ -37,6 +37,9 @@ class EngineMetrics:
         metrics.batch_forward_duration.labels(method).observe(stats.forward_s)
         metrics.batch_decode_duration.labels(method).observe(stats.update_s)
         metrics.batch_filter_duration.labels(method).observe(stats.filter_s)
+        if stats.num_collectives:
+            metrics.batch_collective_duration.labels(method).observe(stats.collective_s)
+            metrics.batch_collectives.labels(method).inc(stats.num_collectives)
         if stats.num_new_seqs:
             metrics.batch_next_size.observe(stats.num_new_seqs)
             if stats.num_new_seqs < stats.num_seqs:  # they joined sequences already running

@@ -16,6 +16,7 @@ the forward reads it.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -56,26 +57,37 @@ class StepMessage:
 
 
 class StepBroadcast:
-    """Rank 0's side: sends each message to every other rank. Every rank must be in its receive loop."""
+    """Rank 0's side: sends each message to every other rank. Every rank must be in its receive loop.
+
+    The header and the payload are persistent buffers filled in place (the payload grows with the
+    largest step), as the step inputs are: no tensor is built per step but the prompt-logprob rows'."""
 
     def __init__(self, tp: TensorParallel, control_group, device: torch.device):
         self.tp = tp
         self.control_group = control_group  # gloo group of the same ranks, on the host
         self.device = device
         self._source = dist.get_global_rank(tp.group, 0)
+        self._header = torch.zeros(HEADER_SIZE, dtype=torch.int64)
+        self._header_slots = self._header.numpy()  # the same memory: filled with plain int stores
+        self._payload = torch.zeros(0, dtype=torch.int64, device=device)
         self.num_messages = 0  # messages sent so far (each a header and at most one payload broadcast)
 
     def send_step(self, batch: ForwardBatch, prompt_rows: list[int], max_block_id: int) -> None:
         """Send one step's batch (before rank 0 runs its own forward over it) and the prompt-logprob rows."""
-        rows = torch.tensor(prompt_rows, dtype=torch.int64).to(self.device)
         parts = [batch.input_ids, batch.positions, batch.slot_mapping, batch.block_tables.reshape(-1),
-                 batch.context_lens, batch.query_lens, batch.cu_seqlens_q, batch.logits_indices, rows]
+                 batch.context_lens, batch.query_lens, batch.cu_seqlens_q, batch.logits_indices]
+        if prompt_rows:
+            parts.append(torch.tensor(prompt_rows, dtype=torch.int64).to(self.device))
         if batch.batch_slots is not None:
             parts.append(batch.batch_slots)
-        payload = torch.cat(parts)
+        payload_len = sum(part.numel() for part in parts)
+        if self._payload.numel() < payload_len:
+            self._payload = torch.zeros(payload_len, dtype=torch.int64, device=self.device)
+        payload = self._payload[:payload_len]
+        torch.cat(parts, out=payload)
         num_seq_rows, table_width = batch.block_tables.shape
         self._send(dict(
-            kind=MessageKind.STEP, payload_len=payload.numel(), num_token_rows=batch.input_ids.numel(),
+            kind=MessageKind.STEP, payload_len=payload_len, num_token_rows=batch.input_ids.numel(),
             num_seq_rows=num_seq_rows, table_width=table_width, num_logits=batch.logits_indices.numel(),
             num_prompt_rows=len(prompt_rows), has_batch_slots=int(batch.batch_slots is not None),
             max_query_len=batch.max_query_len, max_context_len=batch.max_context_len,
@@ -92,12 +104,16 @@ class StepBroadcast:
         self._send(dict(kind=MessageKind.SHUTDOWN), None)
 
     def _send(self, fields: dict[str, int], payload: torch.Tensor | None) -> None:
-        header = torch.zeros(HEADER_SIZE, dtype=torch.int64)
+        self._header_slots[:] = 0
         for name, value in fields.items():
-            header[_SLOT[name]] = int(value)
-        dist.broadcast(header, src=self._source, group=self.control_group)
+            self._header_slots[_SLOT[name]] = value
+        started_s = time.perf_counter()
+        dist.broadcast(self._header, src=self._source, group=self.control_group)
+        self.tp.clock.add(started_s)
         if payload is not None:
+            started_s = time.perf_counter()
             dist.broadcast(payload, src=self._source, group=self.tp.group)
+            self.tp.clock.add(started_s)
         self.num_messages += 1
 
 

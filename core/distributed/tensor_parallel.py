@@ -13,10 +13,13 @@ float32 logits to every other rank would move (world - 1) times the bytes for no
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from tgserve.core.distributed.collective_clock import CollectiveClock
 
 
 @dataclass(slots=True, frozen=True)
@@ -26,6 +29,8 @@ class TensorParallel:
     rank: int  # 0 .. world_size - 1; rank 0 samples and receives the full logits
     world_size: int  # ranks sharing the model (the server's --num-shard), 1 when unsharded
     group: object = None  # the torch.distributed ProcessGroup of those ranks; None at world_size 1
+    # seconds inside this rank's collectives (these two and the step broadcast's), taken by the engine per step
+    clock: CollectiveClock = field(default_factory=CollectiveClock, compare=False)
 
     def __post_init__(self):
         if not 0 <= self.rank < self.world_size:
@@ -52,7 +57,9 @@ class TensorParallel:
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum a row-parallel layer's partial output [..., features] over the ranks, in place; returns it."""
         if self.world_size > 1:
+            started_s = time.perf_counter()
             dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=self.group)
+            self.clock.add(started_s)
         return partial
 
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor | None:
@@ -65,5 +72,7 @@ class TensorParallel:
             return local
         local = local.contiguous()
         slices = [torch.empty_like(local) for _ in range(self.world_size)] if self.is_sampling_rank else None
+        started_s = time.perf_counter()
         dist.gather(local, gather_list=slices, dst=dist.get_global_rank(self.group, 0), group=self.group)
+        self.clock.add(started_s)
         return torch.cat(slices, dim=-1) if self.is_sampling_rank else None

@@ -12,6 +12,7 @@ so "no process left behind" is "its process group is empty".
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 import text_generation  # installed --no-deps by scripts/test.sh, from tests/no-deps-requirements.txt
 
 from .conftest import TEST_SERVER_FLAGS, ServerProcess, free_port
+from .metrics_scrape import scrape, value
 
 # Different lengths and texts (one repeating itself, so n-gram guesses get accepted under --speculate).
 PROMPTS = ("Hello there", "The river ran past the mill. The river ran past the mill. The river ran",
@@ -109,7 +111,22 @@ def rank_processes(server: ServerProcess) -> list[psutil.Process]:
             if "spawn_main" in " ".join(child.cmdline())]
 
 
-def test_two_shards_serve_one_shard_ids_and_stop_on_sigterm(start_server, one_shard):
+def assert_decode_step_collectives(sharded: ServerProcess, one_shard: ServerProcess, model_config: dict) -> None:
+    """A decode step communicates exactly: the plan's header and payload broadcasts, the embedding's
+    all-reduce, two all-reduces per layer (o_proj, down_proj) and one logits gather; /metrics counts
+    them and times them as part of the forward. One shard has no such series."""
+    samples, _ = scrape(sharded.url)
+    num_steps = value(samples, "tgi_batch_inference_count", method="decode")
+    assert num_steps > 0
+    per_step = 2 + 1 + 2 * model_config["num_hidden_layers"] + 1
+    assert value(samples, "tgserve_batch_collectives", method="decode") == num_steps * per_step
+    collective_s = value(samples, "tgserve_batch_collective_duration_sum", method="decode")
+    assert 0 < collective_s < value(samples, "tgi_batch_forward_duration_sum", method="decode")
+    unsharded, _ = scrape(one_shard.url)
+    assert not [name for name, _labels in unsharded if name.startswith("tgserve_batch_collective")]
+
+
+def test_two_shards_serve_one_shard_ids_and_stop_on_sigterm(start_server, one_shard, model_dir):
     sharded = start_server(*shard_flags(2))
     assert "Sharding model on 2 processes" in sharded.log()
     assert httpx.get(f"{sharded.url}/info", timeout=10).json()["num_shard"] == 2
@@ -120,6 +137,7 @@ def test_two_shards_serve_one_shard_ids_and_stop_on_sigterm(start_server, one_sh
     ids, streamed, text = client_outputs(sharded)
     assert ids == streamed == [t["id"] for t in reference[2]["tokens"]]
     assert (ids, streamed, text) == client_outputs(one_shard)
+    assert_decode_step_collectives(sharded, one_shard, json.loads((model_dir / "config.json").read_text()))
     assert sharded.terminate() == 0
     assert wait_group_empty(sharded) == []
 
