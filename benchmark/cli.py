@@ -13,6 +13,7 @@ import sys
 from tgserve.benchmark.engine_cli import add_engine_parsers
 from tgserve.benchmark.layers_cli import add_layers_parser
 from tgserve.benchmark.quality_cli import add_quality_parser
+from tgserve.benchmark.shards_cli import add_shards_parser
 from tgserve.benchmark.speculation_cli import add_speculation_parser
 from tgserve.benchmark.startup_cli import add_startup_parser
 
@@ -30,6 +31,7 @@ def add_benchmark_parser(commands: argparse._SubParsersAction) -> argparse.Argum
     add_quality_parser(benchmark_commands)  # quality (quality_cli.py)
     add_layers_parser(benchmark_commands)  # layers (layers_cli.py)
     add_speculation_parser(benchmark_commands)  # speculation (speculation_cli.py)
+    add_shards_parser(benchmark_commands)  # shards (shards_cli.py)
     return benchmark
 
 

@@ -7,33 +7,20 @@ its timeout only bounds a test that would otherwise hang.
 """
 from __future__ import annotations
 
-import re
 import time
 from typing import Callable
 
 import httpx
 
-Samples = dict[tuple[str, frozenset], float]  # (name, {(label, value), ...}) -> value
-SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$", re.M)
+from tgserve.benchmark.prometheus_text import Samples, parse_samples, value  # noqa: F401 (re-exported)
+
 WAIT_TIMEOUT_S = 120.0  # only bounds a hang; a healthy server answers within milliseconds to seconds
 POLL_INTERVAL_S = 0.05
 
 
 def scrape(url: str) -> tuple[Samples, dict[str, str]]:
     """(samples keyed by (name, labels), family types) from `url`/metrics."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
-    samples = {}
-    for match in SAMPLE.finditer(text):
-        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
-        samples[(match["name"], labels)] = float(match["value"])
-    return samples, types
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    wanted = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+    return parse_samples(httpx.get(f"{url}/metrics", timeout=10).text)
 
 
 def wait_for_metrics(url: str, is_ready: Callable[[Samples], bool], what: str,
