@@ -64,11 +64,11 @@ def step_batches(vocab_size: int):
         yield inputs.prepare(plan)
 
 
-def linear_method(quantization_section: dict | None) -> LinearMethod:
+def linear_method(quantization_section: dict | None, dtype: torch.dtype) -> LinearMethod:
     if quantization_section is None:
         return LinearMethod()
     quantization = resolve_quantization(None, {"quantization_config": quantization_section})
-    return GptqLinearMethod(quantization, torch.float32, dense=LinearMethod())
+    return GptqLinearMethod(quantization, dtype, dense=LinearMethod())
 
 
 def make_kv_cache(num_blocks, block_size, model_config, device, dtype) -> KVCache:
@@ -82,18 +82,19 @@ def run_steps(case: dict, tp: TensorParallel, control_group=None) -> list[torch.
 
     control_group: the gloo group the step header crosses on (None at one rank)."""
     cfg = ModelConfig.from_dict(case["config"])
+    dtype = getattr(torch, case.get("dtype", "float32"))  # the run dtype of weights, activations and KV cache
     local = local_model_config(cfg, tp.world_size)  # the rank's attention and cache see its own heads
     attention = TorchPagedAttention(local.num_attention_heads, local.num_key_value_heads, cfg.head_dim, BLOCK_SIZE)
-    model = model_class(cfg.model_type)(cfg, linear_method(case["quantization"]), attention, torch.float32, CPU, tp)
+    model = model_class(cfg.model_type)(cfg, linear_method(case["quantization"], dtype), attention, dtype, CPU, tp)
     model.load_weights(case["tensors"].items())
     if not tp.is_sampling_rank:  # the serving loop of ranks 1..N-1, until rank 0's shutdown
-        loaded = LoadedModel(model, attention, cfg, CPU, torch.float32, BLOCK_SIZE, local)
+        loaded = LoadedModel(model, attention, cfg, CPU, dtype, BLOCK_SIZE, local)
         serve_steps(StepReceiver(tp, control_group, CPU), loaded, make_kv_cache)
         return [None] * len(STEPS)
     broadcast = StepBroadcast(tp, control_group, CPU) if tp.world_size > 1 else None
     if broadcast is not None:
         broadcast.send_kv_cache(NUM_BLOCKS)
-    kv_cache = make_kv_cache(NUM_BLOCKS, BLOCK_SIZE, local, CPU, torch.float32)
+    kv_cache = make_kv_cache(NUM_BLOCKS, BLOCK_SIZE, local, CPU, dtype)
     logits = []
     with torch.inference_mode():
         for batch in step_batches(cfg.vocab_size):
