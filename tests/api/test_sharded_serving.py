@@ -126,29 +126,43 @@ def assert_decode_step_collectives(sharded: ServerProcess, one_shard: ServerProc
     assert not [name for name, _labels in unsharded if name.startswith("tgserve_batch_collective")]
 
 
-def test_two_shards_serve_one_shard_ids_and_stop_on_sigterm(start_server, one_shard, model_dir):
+def assert_killed_rank_ends_the_server(server: ServerProcess) -> None:
+    """SIGKILL of the server's rank 1 ends the server within LOST_RANK_EXIT_S, naming it; nothing is left."""
+    [rank] = rank_processes(server)
+    rank.send_signal(signal.SIGKILL)
+    killed_s = time.monotonic()
+    try:
+        returncode = server.process.wait(timeout=LOST_RANK_EXIT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the server still runs {LOST_RANK_EXIT_S}s after its rank 1 was killed:\n{server.log()[-2000:]}")
+    assert returncode == 1 and time.monotonic() - killed_s < LOST_RANK_EXIT_S
+    assert "rank 1 was killed by SIGKILL" in server.log()
+    assert wait_group_empty(server) == []
+
+
+def test_two_shards_serve_one_shard_ids_and_a_killed_rank_ends_the_server(start_server, one_shard, model_dir):
     sharded = start_server(*shard_flags(2))
     assert "Sharding model on 2 processes" in sharded.log()
     assert httpx.get(f"{sharded.url}/info", timeout=10).json()["num_shard"] == 2
     assert httpx.get(f"{one_shard.url}/info", timeout=10).json()["num_shard"] == 1
-    assert len(rank_processes(sharded)) == 1
     reference = generate_all(one_shard.url)
     assert_same_generation(generate_all(sharded.url), reference)
     ids, streamed, text = client_outputs(sharded)
     assert ids == streamed == [t["id"] for t in reference[2]["tokens"]]
     assert (ids, streamed, text) == client_outputs(one_shard)
     assert_decode_step_collectives(sharded, one_shard, json.loads((model_dir / "config.json").read_text()))
-    assert sharded.terminate() == 0
-    assert wait_group_empty(sharded) == []
+    assert_killed_rank_ends_the_server(sharded)
 
 
-def test_four_shards_replicating_kv_heads_with_ngram_speculation(start_server, one_shard):
+def test_four_shards_replicating_kv_heads_with_ngram_speculation_stop_on_sigterm(start_server, one_shard):
     """4 ranks over 2 KV heads: each KV head (and its cache) lives on two ranks; verification rows of
-    n-gram guesses are just more rows of the broadcast step."""
+    n-gram guesses are just more rows of the broadcast step. SIGTERM then stops all four."""
     sharded = start_server(*shard_flags(4), "--speculate", "2")
     assert "Using speculation n-gram with 2 input ids." in sharded.log()
     assert len(rank_processes(sharded)) == 3
     assert_same_generation(generate_all(sharded.url), generate_all(one_shard.url))
+    assert sharded.terminate() == 0
+    assert wait_group_empty(sharded) == []
 
 
 def test_three_shards_of_four_heads_fail_at_start(model_dir, tmp_path):
@@ -160,18 +174,4 @@ def test_three_shards_of_four_heads_fail_at_start(model_dir, tmp_path):
         server.kill()
     log = server.log()
     assert "cannot shard this model over 3 ranks" in log and "shard counts that work: 1, 2, 4" in log
-    assert wait_group_empty(server) == []
-
-
-def test_killed_rank_ends_the_server_naming_it(start_server):
-    server = start_server(*shard_flags(2))
-    [rank] = rank_processes(server)
-    rank.send_signal(signal.SIGKILL)
-    killed_s = time.monotonic()
-    try:
-        returncode = server.process.wait(timeout=LOST_RANK_EXIT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the server still runs {LOST_RANK_EXIT_S}s after its rank 1 was killed:\n{server.log()[-2000:]}")
-    assert returncode == 1 and time.monotonic() - killed_s < LOST_RANK_EXIT_S
-    assert "rank 1 was killed by SIGKILL" in server.log()
     assert wait_group_empty(server) == []
