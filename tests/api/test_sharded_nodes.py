@@ -2,8 +2,9 @@
 across two network namespaces joined by a veth pair (two machines as far as TCP and gloo can tell).
 
 Oracle: the same model on one shard; sharding changes only float32 summation order, so greedy ids are
-identical. The failure drill: SIGKILL node 1's process and node 0's server exits non-zero within
-LOST_RANK_EXIT_S naming the rank (rank 0 watches ranks it did not start over the network, `liveness`).
+identical. The failure drills: SIGKILL node 1's process and node 0's server exits non-zero within
+LOST_RANK_EXIT_S naming the rank (rank 0 watches ranks it did not start over the network, `liveness`);
+SIGKILL node 0's and node 1's process exits as soon, naming rank 0.
 The namespace test needs root and `ip netns`; it skips with the reason where they cannot be made.
 """
 from __future__ import annotations
@@ -134,7 +135,11 @@ def run(command: list[str]) -> None:
         raise OSError(f"{' '.join(command)}: {done.stderr.strip()}")
 
 
-def test_two_machines_serve_one_shards_ids_and_a_lost_node_ends_the_server(model_dir, tmp_path, reference_ids):
+@pytest.mark.parametrize("lost_node", [1, 0], ids=["node-1-lost", "node-0-lost"])
+def test_two_machines_serve_one_shards_ids_and_a_lost_node_ends_the_server(lost_node, model_dir, tmp_path,
+                                                                         reference_ids):
+    """Node 1 lost: node 0's server (rank 0) exits naming rank 1. Node 0 lost: node 1's process, which
+    serves no HTTP and would otherwise wait for rank 0's next step forever, exits naming rank 0."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and ip netns (network namespaces)")
     machines = TwoMachines()
@@ -164,16 +169,20 @@ def test_two_machines_serve_one_shards_ids_and_a_lost_node_ends_the_server(model
         assert ids == reference_ids
         assert "rank 1 of 2: following rank 0" in (tmp_path / "node1.log").read_text()
 
-        processes[1].send_signal(signal.SIGKILL)
+        survivor = 1 - lost_node
+        processes[lost_node].send_signal(signal.SIGKILL)
         killed_s = time.monotonic()
         try:
-            returncode = processes[0].wait(timeout=LOST_RANK_EXIT_S)
+            returncode = processes[survivor].wait(timeout=LOST_RANK_EXIT_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"node 0 still serves {LOST_RANK_EXIT_S}s after node 1 was killed:\n"
-                        f"{(tmp_path / 'node0.log').read_text()[-2000:]}")
+            pytest.fail(f"node {survivor} still runs {LOST_RANK_EXIT_S}s after node {lost_node} was killed:\n"
+                        f"{(tmp_path / f'node{survivor}.log').read_text()[-2000:]}")
         assert returncode == 1 and time.monotonic() - killed_s < LOST_RANK_EXIT_S
-        last = (tmp_path / "node0.log").read_text().strip().splitlines()[-1]
-        assert last.startswith("tgserve: error: rank 1 ") and "is gone" in last, last
+        last = (tmp_path / f"node{survivor}.log").read_text().strip().splitlines()[-1]
+        if lost_node == 1:
+            assert last.startswith("tgserve: error: rank 1 ") and "is gone" in last, last
+        else:
+            assert last.startswith("tgserve: error: rank 1: the server's rank 0 (or another rank) is gone"), last
     finally:
         for process in processes:
             if process.poll() is None:

@@ -165,6 +165,21 @@ def test_four_shards_replicating_kv_heads_with_ngram_speculation_stop_on_sigterm
     assert wait_group_empty(sharded) == []
 
 
+def test_killed_rank_zero_takes_its_ranks_with_it(start_server):
+    """SIGKILL of the server itself (rank 0, as the OOM killer would): its spawned rank notices its
+    parent is gone and exits, so no rank holds memory (a GPU's, on a GPU server) after the server."""
+    server = start_server(*shard_flags(2))
+    [rank] = rank_processes(server)
+    server.process.send_signal(signal.SIGKILL)
+    killed_s = time.monotonic()
+    try:
+        rank.wait(timeout=LOST_RANK_EXIT_S)
+    except psutil.TimeoutExpired:
+        pytest.fail(f"rank 1 still runs {LOST_RANK_EXIT_S}s after the server was killed")
+    assert time.monotonic() - killed_s < LOST_RANK_EXIT_S
+    assert wait_group_empty(server) == []
+
+
 def test_three_shards_of_four_heads_fail_at_start(model_dir, tmp_path):
     log_path = tmp_path / "server.log"
     server = ServerProcess(model_dir, log_path, *TEST_SERVER_FLAGS, *shard_flags(3))
