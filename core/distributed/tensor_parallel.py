@@ -10,6 +10,9 @@ The logits are gathered to rank 0 (`torch.distributed.gather`), not all-gathered
 (it runs the scheduler and sampling, ARCHITECTURE "Tensor parallelism"), so copying the [N, vocab]
 float32 logits to every other rank would move (world - 1) times the bytes for nothing; at Qwen2's
 152k vocabulary a 32-row decode step is 19 MiB of logits. The other ranks get None back.
+
+Start-up adds one more, outside any step: `gather_to_first` brings each rank's few words about its
+own shard (which weights it dequantized at load) to rank 0, the one rank that logs at INFO.
 """
 from __future__ import annotations
 
@@ -67,3 +70,12 @@ class TensorParallel:
         slices = [torch.empty_like(local) for _ in range(self.world_size)] if self.is_sampling_rank else None
         dist.gather(local, gather_list=slices, dst=dist.get_global_rank(self.group, 0), group=self.group)
         return torch.cat(slices, dim=-1) if self.is_sampling_rank else None
+
+    def gather_to_first(self, value: object) -> list[object] | None:
+        """Every rank's picklable `value`, in rank order, on rank 0; None on the others. Pickles, so it is
+        for start-up's few words, not for steps. Every rank must call it."""
+        if self.world_size == 1:
+            return [value]
+        values = [None] * self.world_size if self.is_sampling_rank else None
+        dist.gather_object(value, values, dst=dist.get_global_rank(self.group, 0), group=self.group)
+        return values
