@@ -77,10 +77,10 @@ class QuantizedLinearMethod(LinearMethod):
         num_bytes = sum(size for _, size in self.dequantized)
         kinds = Counter(re.sub(r"\.\d+\.", ".*.", name) for name, _ in self.dequantized)
         names = ", ".join(f"{kind} x{count}" for kind, count in kinds.items())
-        num_layers = len(self.dequantized)
-        return (f"{num_layers} quantized layer{'s' if num_layers > 1 else ''} dequantized to {str(self.dtype).removeprefix('torch.')} "
-                f"at load, {num_bytes / 2**20:.1f} MiB: {names} (this rank's slice of their inputs does not "
-                f"hold whole quantization groups, which the grouped kernels need)")
+        num_layers, dtype_name = len(self.dequantized), str(self.dtype).removeprefix("torch.")
+        return (f"{num_layers} quantized layer{'s' if num_layers > 1 else ''} dequantized to {dtype_name} at load, "
+                f"{num_bytes / 2**20:.1f} MiB: {names} (this rank's slice of their inputs does not hold whole "
+                f"quantization groups, which the grouped kernels need)")
 
     def apply(self, prepared: object, x: torch.Tensor) -> torch.Tensor:
         kernel, packed = prepared
