@@ -141,7 +141,7 @@ def load_model(quantization: QuantizationConfig | None, hook, checkpoint: Checkp
     model.load_weights(checkpoint.iter_weights(progress=progress))
     # each rank's shard may place its weights differently (only some row-parallel slices cut groups);
     # the other ranks log at WARNING, so rank 0 says where every rank's went
-    for rank, placement in enumerate(tp.gather_to_first(linear_method.describe_loaded()) or []):
+    for rank, placement in enumerate(tp.gather_text(linear_method.describe_loaded(), device) or []):
         if placement:
             log.info("%s%s", f"rank {rank}: " if tp.world_size > 1 else "", placement)
     broadcast = StepBroadcast(tp, ranks.control_group, device) if ranks is not None else None
