@@ -139,9 +139,11 @@ def load_model(quantization: QuantizationConfig | None, hook, checkpoint: Checkp
     model = hook.tgserve_make_model(model_config=model_config, device=device, dtype=dtype,
                                     linear_method=linear_method, attention=attention, tensor_parallel=tp)
     model.load_weights(checkpoint.iter_weights(progress=progress))
-    placement = linear_method.describe_loaded()
-    if placement:
-        log.info("%s", placement)
+    # each rank's shard may place its weights differently (only some row-parallel slices cut groups);
+    # the other ranks log at WARNING, so rank 0 says where every rank's went
+    for rank, placement in enumerate(tp.gather_text(linear_method.describe_loaded(), device) or []):
+        if placement:
+            log.info("%s%s", f"rank {rank}: " if tp.world_size > 1 else "", placement)
     broadcast = StepBroadcast(tp, ranks.control_group, device) if ranks is not None else None
     return LoadedModel(model, attention, model_config, device, dtype, block_size, local_config, broadcast)
 

@@ -10,6 +10,9 @@ The logits are gathered to rank 0 (`torch.distributed.gather`), not all-gathered
 (it runs the scheduler and sampling, ARCHITECTURE "Tensor parallelism"), so copying the [N, vocab]
 float32 logits to every other rank would move (world - 1) times the bytes for nothing; at Qwen2's
 152k vocabulary a 32-row decode step is 19 MiB of logits. The other ranks get None back.
+
+Start-up adds one more, outside any step: `gather_text` brings each rank's line about its own shard
+(which weights it dequantized at load) to rank 0, the one rank that logs at INFO.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import torch
 import torch.distributed as dist
 
 from tgserve.core.distributed.collective_clock import CollectiveClock
+
+TEXT_BYTES = 4096  # the most of one rank's start-up line `gather_text` carries (UTF-8)
 
 
 @dataclass(slots=True, frozen=True)
@@ -76,3 +81,23 @@ class TensorParallel:
         dist.gather(local, gather_list=slices, dst=dist.get_global_rank(self.group, 0), group=self.group)
         self.clock.add(started_s)
         return torch.cat(slices, dim=-1) if self.is_sampling_rank else None
+
+    def gather_text(self, text: str | None, device: torch.device) -> list[str | None] | None:
+        """Every rank's `text` (None: nothing to say), in rank order, on rank 0; None on the others.
+
+        Start-up only. The text travels as a fixed TEXT_BYTES buffer on the rank's `device` (longer
+        texts are cut) through the same gather the logits take, so it needs nothing but tensors every
+        communicator moves: an object collective would need NCCL's current device set. Every rank must call it.
+        """
+        if self.world_size == 1:
+            return [text]
+        encoded = (text or "").encode()[:TEXT_BYTES]
+        local = torch.zeros(TEXT_BYTES, dtype=torch.uint8)
+        local[:len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
+        local = local.to(device)
+        slices = [torch.empty_like(local) for _ in range(self.world_size)] if self.is_sampling_rank else None
+        dist.gather(local, gather_list=slices, dst=dist.get_global_rank(self.group, 0), group=self.group)
+        if not self.is_sampling_rank:
+            return None
+        texts = [bytes(piece.cpu().tolist()).rstrip(b"\0").decode(errors="replace") for piece in slices]
+        return [text or None for text in texts]

@@ -58,6 +58,15 @@ class LinearParam:
     # their own) fills the part's rows; [n] or [n, 1] is per row; [ceil(n / b), cols] holds one row
     # per block of b output features, the last block ragged (fp8's block-wise `weight_scale_inv`).
     row_block: int | None = None
+    # True: a per-part tensor (is_per_part) whose part p holds that part's whole [output features, input
+    # features] as the checkpoint states them (compressed-tensors' weight_shape). `Linear.load` checks
+    # the values against the layer before any slicing, so no method compares them with a rank's slice.
+    is_part_shape: bool = False
+    # True: not a checkpoint tensor. `Linear` fills it, int64 [in] with input_dim 0, with the positions of
+    # this rank's input features in the whole layer (0 .. in - 1 unsharded, a row-parallel rank's
+    # contiguous slice otherwise), so a method whose per-group tensors are whole (is_input_whole) finds
+    # the groups its inputs read without knowing how the layer splits.
+    is_input_positions: bool = False
 
 
 class LinearMethod:
@@ -140,6 +149,7 @@ class Linear(nn.Module):
         self.prefixes = prefixes
         self.parallel, self.rank, self.world_size = parallel, rank, world_size
         self.local_output_sizes = [size // shards for size, shards in zip(output_sizes, self.part_shards)]
+        self.in_features = in_features  # the whole layer's
         self.local_in_features = in_features // world_size if parallel is Parallel.ROW else in_features
         self.method = method
         self.is_bias_elsewhere = bias and parallel is Parallel.ROW and rank != 0
@@ -150,6 +160,9 @@ class Linear(nn.Module):
                 shape = list(param.data.shape)
                 shape[param.input_dim] = -(-in_features // param.input_pack)  # whole on every rank
                 param.data = param.data.new_empty(shape)
+            if param.is_input_positions:
+                first = self.rank * self.local_in_features if self.is_input_sliced else 0
+                param.data.copy_(torch.arange(first, first + self.local_in_features))
             _check_packing(name, param, self.local_output_sizes, self.local_in_features, self.is_sliced(param))
         self.prepared: object = None
 
@@ -167,12 +180,13 @@ class Linear(nn.Module):
 
         Raises LinearLoadError naming the checkpoint tensor ("model.layers.0.self_attn.q_proj.qweight")
         when its shape is not the one the method allocated for (a format's bits or group size contradicted),
-        or it holds integers where floats are expected or the reverse.
+        or it holds integers where floats are expected or the reverse, or it records a module shape
+        (`is_part_shape`) other than the layer's.
         """
         if name == "bias" and self.is_bias_elsewhere:
             return
         param = self.params.get(name)
-        if param is None:
+        if param is None or param.is_input_positions:
             raise LinearLoadError(f"checkpoint has {name} but this layer ({self.method.name}) has no such parameter")
         target, source = (param.data[part] if param.is_per_part else param.data), tensor
         if param.row_block is not None:
@@ -185,6 +199,9 @@ class Linear(nn.Module):
         if source.dtype.is_floating_point != target.dtype.is_floating_point:  # copy_ would convert silently
             raise LinearLoadError(f"checkpoint tensor {full_name} is {source.dtype} but {self.method.describe()} "
                                   f"expects {'a float' if target.dtype.is_floating_point else 'an integer'} dtype")
+        if param.is_part_shape and source.tolist() != [self.output_sizes[part], self.in_features]:
+            raise LinearLoadError(f"checkpoint tensor {full_name} says the module is {source.tolist()} [out, in], "
+                                  f"but the model's layer is [{self.output_sizes[part]}, {self.in_features}]")
         if param.output_dim is not None:
             size = self.local_output_sizes[part]
             start = self.rank * self.part_shards[part] // self.world_size * size  # this rank's slice of the part

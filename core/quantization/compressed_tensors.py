@@ -21,10 +21,12 @@ same as unsigned code minus unsigned zero, which is the common affine form; act-
 matched from the start of the module name) stay float; lm_head is quantized unless ignored. Activation
 quantization a config may carry (W8A8's input_activations) is not applied: activations stay in the run
 dtype. Float (fp8) schemes, several config groups and a quantized KV cache (`kv_cache_scheme`) are
-refused by name for now.
+refused by name for now. Sharded, weight_shape is checked against the whole layer (`LinearParam.
+is_part_shape`), and a row-parallel rank holds every group's scales and zero points (`act_order`).
 """
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -82,27 +84,41 @@ class CompressedTensorsLinearMethod(QuantizedLinearMethod):
     def _is_target(self, name: str) -> bool:
         return any(target == "Linear" or _matches(name, target) for target in self.targets)
 
+    def method_for(self, prefixes: tuple[str, ...]) -> LinearMethod:
+        """The dense method for float layers; for quantized ones a copy bound to the layer's names (for
+        the start-up log), sharing this method's ledger of dequantized layers."""
+        if not self.is_quantized_layer(prefixes):
+            return self.dense
+        bound = copy.copy(self)
+        bound.prefixes = prefixes
+        return bound
+
     def create_params(self, in_features: int, output_sizes: list[int], has_bias: bool,
                       dtype: torch.dtype, device: torch.device) -> dict[str, LinearParam]:
         out_features, num_parts = sum(output_sizes), len(output_sizes)
+        # A group that does not divide in_features is no refusal: a row-parallel rank's slice may end
+        # mid-group, and a whole layer's weight_scale shape (checked at load) says how many groups it has.
         group = in_features if self.group_size == -1 else self.group_size
-        if in_features % group and not self.is_act_order:  # act-order: a row-parallel slice may end mid-group
-            raise QuantizationError(f"compressed-tensors: group_size {group} does not divide a layer's "
-                                    f"{in_features} input features")
         num_groups, pack = -(-in_features // group), 32 // self.bits
-        # One scale per row is whole on every row-parallel rank; under act-order every group's is, since a
-        # rank's slice of the inputs reads groups all over the layer (`act_order`).
+        # Every group's scales are whole on every row-parallel rank (`is_input_whole`): a rank's slice of
+        # the inputs may start or end inside a group, and under act-order it reads groups all over the
+        # layer; `to_affine` keeps the columns its inputs read. Per channel, the one column is every rank's.
         group_dim = None if self.group_size == -1 else 1
+        is_grouped = group_dim is not None
         params = {"weight_scale": LinearParam(torch.empty(out_features, num_groups, dtype=torch.float32,
                                                           device=device),
                                               output_dim=0, input_dim=group_dim, input_pack=group,
-                                              is_input_whole=self.is_act_order)}
+                                              is_input_whole=is_grouped)}
+        if is_grouped:  # where this rank's inputs sit in the layer: their groups, without act-order
+            params["input_positions"] = LinearParam(torch.empty(in_features, dtype=torch.int64, device=device),
+                                                    output_dim=None, input_dim=0, is_input_positions=True)
         if self.is_packed:
             params["weight_packed"] = LinearParam(torch.empty(out_features, in_features // pack, dtype=torch.int32,
                                                               device=device), output_dim=0, input_dim=1,
                                                   input_pack=pack)
+            # the module's whole [out, in], checked by `Linear.load` against the layer (not this rank's slice)
             params["weight_shape"] = LinearParam(torch.zeros(num_parts, 2, dtype=torch.int64, device=device),
-                                                 output_dim=None, is_per_part=True)
+                                                 output_dim=None, is_per_part=True, is_part_shape=True)
         else:
             params["weight"] = LinearParam(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
                                            output_dim=0, input_dim=1)
@@ -116,17 +132,16 @@ class CompressedTensorsLinearMethod(QuantizedLinearMethod):
             params["weight_zero_point"] = LinearParam(
                 torch.empty(out_features // zero_pack, num_groups, dtype=zero_dtype, device=device),
                 output_dim=0, input_dim=group_dim, output_pack=zero_pack, input_pack=group,
-                is_input_whole=self.is_act_order)
+                is_input_whole=is_grouped)
         if has_bias:
             params["bias"] = LinearParam(torch.zeros(out_features, dtype=dtype, device=device), output_dim=0)
         return params
 
     def to_affine(self, params: dict[str, torch.Tensor]) -> AffineQuantizedWeight:
         offset = 1 << (self.bits - 1)
-        scales = params["weight_scale"]
+        scales = params["weight_scale"]  # [out, groups]: every group's column, on a row-parallel rank too
         if self.is_packed:
             q = unpack_words(params["weight_packed"], self.bits)  # [out, in], unsigned (offset) codes
-            self._check_weight_shape(params["weight_shape"], q.shape)
         else:
             q = (params["weight"].to(torch.int16) + offset).to(torch.uint8)
         if self.is_symmetric:
@@ -135,31 +150,24 @@ class CompressedTensorsLinearMethod(QuantizedLinearMethod):
             zeros = unpack_words(params["weight_zero_point"].t(), self.bits).t().float()
         else:
             zeros = params["weight_zero_point"].float() + offset
-        if not self.is_act_order:
-            group = q.shape[1] // scales.shape[1]
+        if self.group_size == -1:  # per output channel
             return AffineQuantizedWeight(q=q, scales=scales, zeros=zeros.contiguous(), bits=self.bits,
-                                         group_size=group, input_perm=None, bias=params.get("bias"))
-        group, groups = self.group_size, _act_order_groups(params["weight_g_idx"])
+                                         group_size=q.shape[1], input_perm=None, bias=params.get("bias"))
+        group = self.group_size
+        groups = (_act_order_groups(params["weight_g_idx"]) if self.is_act_order
+                  else params["input_positions"] // group)
         runs = group_runs(groups, group)
         if runs is None and scales.shape[1] == -(-q.shape[1] // group):  # a whole layer: the g_idx is wrong
             raise QuantizationError(f"compressed-tensors: weight_g_idx does not put {group} inputs in each group")
-        if runs is None:  # a row-parallel slice of an act-order layer: every input keeps its group's column
+        if runs is None:  # a row-parallel slice that cuts groups: every input keeps its group's column
             return AffineQuantizedWeight(q=q, scales=scales, zeros=zeros.contiguous(), bits=self.bits,
                                          group_size=group, input_perm=None, bias=params.get("bias"),
                                          input_groups=groups)
         if runs.input_perm is not None:
             q = q.index_select(1, runs.input_perm)
-        return AffineQuantizedWeight(q=q, scales=scales[:, runs.group_rows], zeros=zeros[:, runs.group_rows],
-                                     bits=self.bits, group_size=group, input_perm=runs.input_perm,
-                                     bias=params.get("bias"))
-
-    def _check_weight_shape(self, weight_shape: torch.Tensor, unpacked: torch.Size) -> None:
-        """Each fused part's weight_shape [out, in] must agree with the packed tensors (this rank's, unsharded)."""
-        rows = weight_shape[:, 0].sum().item()
-        if rows != unpacked[0] or (weight_shape[:, 1] != unpacked[1]).any():
-            raise QuantizationError(f"compressed-tensors: weight_shape {weight_shape.tolist()} contradicts the "
-                                    f"packed weight, which holds [{unpacked[0]}, {unpacked[1]}] at "
-                                    f"{self.bits} bits")
+        return AffineQuantizedWeight(q=q, scales=scales[:, runs.group_rows].contiguous(),
+                                     zeros=zeros[:, runs.group_rows].contiguous(), bits=self.bits,
+                                     group_size=group, input_perm=runs.input_perm, bias=params.get("bias"))
 
 
 def unpack_words(packed: torch.Tensor, bits: int) -> torch.Tensor:

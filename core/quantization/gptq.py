@@ -48,8 +48,9 @@ class GptqLinearMethod(QuantizedLinearMethod):
     name = "gptq"
 
     def __init__(self, quantization: QuantizationConfig, dtype: torch.dtype, dense: LinearMethod,
-                 kernels: tuple[WeightOnlyKernel, ...] = (), prefixes: tuple[str, ...] = ()):
-        super().__init__(quantization, dtype, dense, kernels)
+                 kernels: tuple[WeightOnlyKernel, ...] = (), prefixes: tuple[str, ...] = (),
+                 dequantized: list[tuple[str, int]] | None = None):
+        super().__init__(quantization, dtype, dense, kernels, prefixes, dequantized)
         section = quantization.checkpoint_config
         if quantization.bits not in GPTQ_BITS:
             raise QuantizationError(f"gptq: bits {quantization.bits} in the checkpoint's quantization_config; "
@@ -62,7 +63,6 @@ class GptqLinearMethod(QuantizedLinearMethod):
             raise QuantizationError(f"gptq: checkpoint_format {checkpoint_format!r} is not the Hugging Face "
                                     f"layout tgserve loads (gptq or gptq_v2)")
         self.zero_offset = 1 if _CHECKPOINT_FORMATS[checkpoint_format] == 1 else 0  # v1 stores zero - 1
-        self.prefixes = prefixes  # the checkpoint modules of the layer this copy is bound to
 
     def method_for(self, prefixes: tuple[str, ...]) -> LinearMethod:
         rules = [self._rule(name) for name in prefixes]
@@ -78,7 +78,7 @@ class GptqLinearMethod(QuantizedLinearMethod):
                 quantization, bits=int(rule.get("bits", quantization.bits)),
                 group_size=int(rule.get("group_size", quantization.group_size)),
                 checkpoint_config={**quantization.checkpoint_config, **rule})
-        return GptqLinearMethod(quantization, self.dtype, self.dense, self.kernels, prefixes)
+        return GptqLinearMethod(quantization, self.dtype, self.dense, self.kernels, prefixes, self.dequantized)
 
     def _rule(self, name: str) -> dict | str:
         """_SKIP when module `name` stays float, else its `dynamic` overrides ({} for none)."""
@@ -98,22 +98,27 @@ class GptqLinearMethod(QuantizedLinearMethod):
         per_word = Fraction(32, bits) if 32 % bits else 32 // bits  # codes per int32 word
         group = in_features if group_size == -1 else group_size
         num_groups, out_features = -(-in_features // group), sum(output_sizes)
-        # One group's row is whole on every row-parallel rank (its input_dim None); under act-order so is
-        # every group's, since a rank's slice of the inputs reads rows of groups all over the layer.
+        # Every group's row is whole on every row-parallel rank (`is_input_whole`): a rank's slice of the
+        # inputs may start or end inside a group (groups of 32 over 176 inputs), and under act-order it
+        # reads groups all over the layer; `to_affine` keeps the rows its inputs read. One group for the
+        # whole layer (group_size -1) has no input dim: its one row is every rank's.
         group_dim = None if group_size == -1 else 0
-        is_act_order = bool(self.quantization.checkpoint_config.get("desc_act"))
+        is_grouped = group_dim is not None
         params = {
             "qweight": LinearParam(torch.empty(in_features * bits // 32, out_features, dtype=torch.int32,
                                                device=device), output_dim=1, input_dim=0, input_pack=per_word),
             "qzeros": LinearParam(torch.empty(num_groups, out_features * bits // 32, dtype=torch.int32,
                                               device=device), output_dim=1, output_pack=per_word,
-                                  input_dim=group_dim, input_pack=group, is_input_whole=is_act_order),
+                                  input_dim=group_dim, input_pack=group, is_input_whole=is_grouped),
             # float32 holds the checkpoint's float16 or bfloat16 scales exactly
             "scales": LinearParam(torch.empty(num_groups, out_features, dtype=torch.float32, device=device),
-                                  output_dim=1, input_dim=group_dim, input_pack=group, is_input_whole=is_act_order),
+                                  output_dim=1, input_dim=group_dim, input_pack=group, is_input_whole=is_grouped),
             # -1: the checkpoint has no g_idx for that part (inputs then in group order)
             "g_idx": LinearParam(torch.full((len(output_sizes), in_features), -1, dtype=torch.int32,
                                             device=device), output_dim=None, input_dim=0, is_per_part=True),
+            # where this rank's inputs sit in the layer: their groups where the checkpoint has no g_idx
+            "input_positions": LinearParam(torch.empty(in_features, dtype=torch.int64, device=device),
+                                           output_dim=None, input_dim=0, is_input_positions=True),
         }
         if has_bias:
             params["bias"] = LinearParam(torch.zeros(out_features, dtype=dtype, device=device), output_dim=0)
@@ -121,22 +126,21 @@ class GptqLinearMethod(QuantizedLinearMethod):
 
     def to_affine(self, params: dict[str, torch.Tensor]) -> AffineQuantizedWeight:
         bits = self.quantization.bits
-        codes = unpack_codes(params["qweight"], bits, dim=0)  # [in, out]
+        codes = unpack_codes(params["qweight"], bits, dim=0)  # [in, out]: this rank's inputs
         in_features = codes.shape[0]
         group = in_features if self.quantization.group_size == -1 else self.quantization.group_size
         zeros = unpack_codes(params["qzeros"], bits, dim=1).float() + self.zero_offset  # [groups, out]
-        scales = params["scales"]  # [groups, out]
-        groups = self._groups(params["g_idx"])
+        scales = params["scales"]  # [groups, out]: every group's row, on a row-parallel rank too
+        groups = self._groups(params["g_idx"], params["input_positions"])
+        runs = group_runs(groups, group)
         perm, input_groups = None, None
-        if groups is not None:
-            runs = group_runs(groups, group)
-            if runs is None and scales.shape[0] == -(-in_features // group):  # a whole layer: the g_idx is wrong
-                raise QuantizationError(f"gptq: {self._g_idx_names(1)[0]} does not put {group} inputs in each "
-                                        f"group (group_size {self.quantization.group_size} in the config)")
-            if runs is None:  # a row-parallel slice of an act-order layer: every input keeps its group's row
-                input_groups = groups
-            else:
-                perm, zeros, scales = runs.input_perm, zeros[runs.group_rows], scales[runs.group_rows]
+        if runs is None and scales.shape[0] == -(-in_features // group):  # a whole layer: the g_idx is wrong
+            raise QuantizationError(f"gptq: {self._g_idx_names(1)[0]} does not put {group} inputs in each "
+                                    f"group (group_size {self.quantization.group_size} in the config)")
+        if runs is None:  # a row-parallel slice that cuts groups: every input keeps its group's row
+            input_groups = groups
+        else:  # whole groups (the last may be short): the rows of this rank's groups, in run order
+            perm, zeros, scales = runs.input_perm, zeros[runs.group_rows], scales[runs.group_rows]
         if perm is not None:
             codes = codes.index_select(0, perm)
         return AffineQuantizedWeight(q=codes.t().contiguous(), scales=scales.t().contiguous(),
@@ -146,27 +150,22 @@ class GptqLinearMethod(QuantizedLinearMethod):
     def _g_idx_names(self, num_parts: int) -> list[str]:
         return [f"{prefix}.g_idx" for prefix in self.prefixes] or ["g_idx"] * num_parts
 
-    def _groups(self, g_idx: torch.Tensor) -> torch.Tensor | None:
-        """g_idx [num_parts, in] (-1 rows: absent) -> each input's row of this rank's scales, int64 [in];
-        None where the checkpoint has no g_idx (inputs then in group order)."""
+    def _groups(self, g_idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """g_idx [num_parts, in] (-1 rows: absent) and positions int64 [in] (where this rank's inputs sit in
+        the layer) -> each input's row of the layer's whole scales, int64 [in]: the checkpoint's g_idx
+        where it has one, else the inputs' groups in order (position // group_size)."""
         names = self._g_idx_names(g_idx.shape[0])
         is_present = (g_idx != -1).any(dim=1).tolist()
         if not any(is_present):
             if self.quantization.checkpoint_config.get("desc_act"):
                 raise QuantizationError(f"gptq: {names[0]} is missing but desc_act (act-order) is true")
-            return None
+            group_size = self.quantization.group_size
+            return torch.zeros_like(positions) if group_size == -1 else positions // group_size
         for part in range(g_idx.shape[0]):
             if not is_present[part] or not torch.equal(g_idx[part], g_idx[0]):
                 raise QuantizationError(f"gptq: {names[part]} differs from {names[0]} (or one is missing); "
                                         f"fused modules must share one input order")
-        groups = g_idx[0].long()
-        if not self.quantization.checkpoint_config.get("desc_act"):
-            # Without act-order g_idx is input // group, so a row-parallel rank's slice holds the global
-            # numbers of its own groups (rank 1 of 2 over 4 groups: 2, 3) while its scales / qzeros slice
-            # holds just those groups from row 0: number them from the first. A whole g_idx starts at 0.
-            # Under act-order the scales are whole on every rank, so the global numbers are the rows.
-            groups = groups - groups.min()
-        return groups
+        return g_idx[0].long()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

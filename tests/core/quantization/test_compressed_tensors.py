@@ -104,9 +104,10 @@ def test_ignore_keeps_layers_float_by_name_and_regex():
     method = ct_method(quantization_config(4, "group", 32, True, ignore=["lm_head", "re:.*mlp\\.down_proj$"]))
     assert method.method_for(("lm_head",)) is method.dense
     assert method.method_for(("model.layers.1.mlp.down_proj",)) is method.dense
-    assert method.method_for(("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj")) is method
+    fused = method.method_for(("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"))
+    assert isinstance(fused, CompressedTensorsLinearMethod) and fused.prefixes[1] == "model.layers.1.mlp.up_proj"
     unignored = ct_method(quantization_config(4, "group", 32, True, ignore=[]))
-    assert unignored.method_for(("lm_head",)) is unignored  # a Linear like any other unless ignored
+    assert unignored.method_for(("lm_head",)) is not unignored.dense  # a Linear like any other unless ignored
     mixed = ct_method(quantization_config(4, "group", 32, True, ignore=["model.layers.0.self_attn.k_proj"]))
     with pytest.raises(QuantizationError, match="fused into one layer but only some are quantized"):
         mixed.method_for(("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"))
@@ -148,11 +149,18 @@ def test_tensors_contradicting_the_config_fail_naming_them():
         eight_bit.load(0, "weight_packed", written.tensors["weight_packed"])
 
 
-def test_a_weight_shape_contradicting_the_packed_weight_fails():
+@pytest.mark.parametrize("parallel", [Parallel.REPLICATED, Parallel.COLUMN, Parallel.ROW])
+def test_a_weight_shape_contradicting_the_layer_fails_on_every_split(parallel):
+    """weight_shape states the whole module's [out, in]; a rank holding a slice checks it against the layer."""
     written = ct_quantize(torch.randn(16, 128), 4, "group", 32, True)
     written.tensors["weight_shape"] = torch.tensor([16, 120])
-    with pytest.raises(QuantizationError, match=r"weight_shape \[\[16, 120\]\] contradicts the packed weight"):
-        loaded_layer(ct_method(quantization_config(4, "group", 32, True)), [written], [16], 128)
+    layer = Linear(128, [16], False, ct_method(quantization_config(4, "group", 32, True)), torch.float32,
+                   torch.device("cpu"), parallel, *((0, 1) if parallel is Parallel.REPLICATED else (1, 2)),
+                   prefixes=("model.layers.0.mlp.down_proj",))
+    layer.load(0, "weight_packed", written.tensors["weight_packed"])
+    with pytest.raises(LinearLoadError, match=r"down_proj\.weight_shape says the module is \[16, 120\] \[out, in\], "
+                                              r"but the model's layer is \[16, 128\]"):
+        layer.load(0, "weight_shape", written.tensors["weight_shape"])
 
 
 def act_order_g_idx(in_features: int, group_size: int, seed: int) -> torch.Tensor:
@@ -204,3 +212,64 @@ def test_row_parallel_act_order_ranks_sum_to_the_whole_layer(world_size, symmetr
         layer.finalize()
         partials.append(layer(x[:, rank * width:(rank + 1) * width]))
     assert torch.allclose(sum(partials), F.linear(x, written.dequantized), atol=1e-4)
+
+
+def sharded_layers(method, written: list, output_sizes: list[int], in_features: int, parallel: Parallel,
+                   world_size: int) -> list[Linear]:
+    """Every rank's finalized layer of the fused checkpoint modules `written` (one per part)."""
+    layers = []
+    for rank in range(world_size):
+        layer = Linear(in_features, output_sizes, False, method, torch.float32, torch.device("cpu"), parallel, rank,
+                       world_size, prefixes=tuple(f"model.layers.0.mlp.part{i}" for i in range(len(output_sizes))))
+        for part, tensors in enumerate(written):
+            for name, tensor in tensors.tensors.items():
+                layer.load(part, name, tensor)
+        layer.finalize()
+        layers.append(layer)
+    return layers
+
+
+SHARDED_LAYOUTS = [(4, True, True), (4, False, True), (8, False, True), (8, False, False), (8, True, False)]
+
+
+@pytest.mark.parametrize("bits, symmetric, packed", SHARDED_LAYOUTS)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_column_parallel_ranks_concatenate_to_the_whole_layer(bits, symmetric, packed, world_size):
+    """Each rank's slice of every fused part's outputs, zero points packed along the outputs included
+    (8 per int32 word at 4 bits: q's 64 rows are 8 words, 2 per rank at 4 ranks)."""
+    torch.manual_seed(world_size + bits)
+    in_features, output_sizes = 128, [64, 32, 32]
+    written = [ct_quantize(torch.randn(size, in_features), bits, "group", 32, symmetric, packed=packed)
+               for size in output_sizes]
+    method = ct_method(quantization_config(bits, "group", 32, symmetric, packed=packed))
+    layers = sharded_layers(method, written, output_sizes, in_features, Parallel.COLUMN, world_size)
+    x = torch.randn(3, in_features)
+    outputs = [layer(x).split([size // world_size for size in output_sizes], dim=-1) for layer in layers]
+    got = torch.cat([outputs[rank][part] for part in range(len(output_sizes)) for rank in range(world_size)], -1)
+    assert torch.allclose(got, F.linear(x, torch.cat([t.dequantized for t in written])), atol=1e-4)
+    assert method.describe_loaded() is None  # every rank kept its codes
+
+
+@pytest.mark.parametrize("bits, symmetric, packed", SHARDED_LAYOUTS)
+@pytest.mark.parametrize("group_size, is_cut", [(16, False), (32, True)])
+def test_row_parallel_ranks_sum_to_the_whole_layer_where_the_split_cuts_groups_or_not(bits, symmetric, packed,
+                                                                                      group_size, is_cut):
+    """The demo's down_proj: 352 inputs, 176 per rank at 2 ranks. Groups of 16 fall on the split, so both
+    ranks keep grouped kernels; groups of 32 do not (rank 1 starts half-way into group 5): every rank
+    holds the whole scales, rank 0 ends on a short group, rank 1 is dequantized at load and logged."""
+    torch.manual_seed(bits + group_size)
+    in_features, out_features = 352, 48
+    written = ct_quantize(torch.randn(out_features, in_features), bits, "group", group_size, symmetric, packed=packed)
+    method = ct_method(quantization_config(bits, "group", group_size, symmetric, packed=packed))
+    layers = sharded_layers(method, [written], [out_features], in_features, Parallel.ROW, 2)
+    x = torch.randn(3, in_features)
+    partials = [layer(x[:, rank * 176:(rank + 1) * 176]) for rank, layer in enumerate(layers)]
+    assert torch.allclose(sum(partials), F.linear(x, written.dequantized), atol=1e-4)
+    kernels = [type(layer.prepared[0]).__name__ for layer in layers]
+    assert kernels[0] != "DequantizedKernel" and (kernels[1] == "DequantizedKernel") is is_cut
+    if is_cut:  # rank 1's float32 [48, 176] weight
+        assert method.describe_loaded().startswith("1 quantized layer dequantized to float32 at load, 0.0 MiB: "
+                                                   "model.layers.*.mlp.part0 x1 (this rank's slice")
+        assert method.dequantized == [("model.layers.0.mlp.part0", 48 * 176 * 4)]
+    else:
+        assert method.describe_loaded() is None

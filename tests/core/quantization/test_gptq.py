@@ -196,10 +196,10 @@ def test_a_g_idx_whose_groups_are_not_group_size_inputs_is_an_error_naming_it():
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("bits, act_order", [(4, False), (8, False), (4, True), (8, True)])
 def test_row_parallel_ranks_with_g_idx_sum_to_the_whole_layer(bits, act_order, world_size):
-    """A rank's slice of g_idx holds global group numbers. Without act-order they are its own groups
-    (rank 1 of 4: groups 2, 3), whose scales and zeros slice it holds. Under act-order every group's
-    inputs are scattered over the whole layer, so each rank holds a part of every group: it needs the
-    whole scales and each input's own row of them. The ranks' partial outputs must sum to the whole layer."""
+    """A rank's slice of g_idx holds global group numbers, the rows of the whole scales and zeros every
+    rank holds. Without act-order they are its own groups (rank 1 of 4: groups 2, 3), whose rows it keeps.
+    Under act-order every group's inputs are scattered over the whole layer, so each rank holds a part of
+    every group and each input reads its own row. The ranks' partial outputs must sum to the whole layer."""
     tensors = gptq_quantize(torch.randn(OUT_FEATURES, IN_FEATURES, generator=torch.Generator().manual_seed(5)),
                             bits, 32, False, act_order, seed=3)
     x = x_for(IN_FEATURES)
@@ -241,3 +241,30 @@ def test_an_act_order_slice_holding_whole_groups_stays_quantized():
         partials.append(layer(x[:, rank * half:(rank + 1) * half]).double())
     assert kernels == ["reference", "reference"]
     torch.testing.assert_close(sum(partials), F.linear(x.double(), dequantized), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])  # 3-bit runs of 32 codes do not split 176 inputs
+@pytest.mark.parametrize("with_g_idx", [True, False])
+def test_row_parallel_ranks_whose_split_cuts_a_group_sum_to_the_whole_layer(bits, with_g_idx):
+    """The demo's down_proj in groups of 32 at 2 ranks: 176 inputs each, so rank 1 starts half-way into
+    group 5. Both ranks hold every group's scales and zeros; rank 0's groups end on a short one and keep
+    a grouped kernel, rank 1's do not and it is dequantized at load, which the start-up line names.
+    Without g_idx a rank finds its groups from where its inputs sit in the layer."""
+    in_features = 352
+    tensors = gptq_quantize(torch.randn(OUT_FEATURES, in_features, generator=torch.Generator().manual_seed(bits)),
+                            bits, 32, False, False)
+    method = gptq_method(quantization_config(bits, 32, sym=False))
+    x, half, partials, kernels = x_for(in_features), in_features // 2, [], []
+    for rank in range(2):
+        layer = Linear(in_features, [OUT_FEATURES], False, method, torch.float32, CPU, Parallel.ROW, rank, 2,
+                       prefixes=(f"model.layers.{rank}.mlp.down_proj",))
+        for name, tensor in tensors.as_checkpoint(with_g_idx=with_g_idx).items():
+            layer.load(0, name, tensor)
+        layer.finalize()
+        kernels.append(layer.prepared[0].name)
+        partials.append(layer(x[:, rank * half:(rank + 1) * half]).double())
+    torch.testing.assert_close(sum(partials), F.linear(x.double(), tensors.dequantized), rtol=1e-5, atol=1e-4)
+    assert kernels == ["reference", "dequantized"]
+    assert method.dequantized == [("model.layers.1.mlp.down_proj", OUT_FEATURES * half * 4)]
+    assert method.describe_loaded().startswith("1 quantized layer dequantized to float32 at load, 0.0 MiB: "
+                                               "model.layers.*.mlp.down_proj x1 (")
