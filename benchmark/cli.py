@@ -11,6 +11,7 @@ import importlib.util
 import sys
 
 from tgserve.benchmark.engine_cli import add_engine_parsers
+from tgserve.benchmark.grammar_cli import add_grammar_parser
 from tgserve.benchmark.layers_cli import add_layers_parser
 from tgserve.benchmark.quality_cli import add_quality_parser
 from tgserve.benchmark.shards_cli import add_shards_parser
@@ -32,6 +33,7 @@ def add_benchmark_parser(commands: argparse._SubParsersAction) -> argparse.Argum
     add_layers_parser(benchmark_commands)  # layers (layers_cli.py)
     add_speculation_parser(benchmark_commands)  # speculation (speculation_cli.py)
     add_shards_parser(benchmark_commands)  # shards (shards_cli.py)
+    add_grammar_parser(benchmark_commands)  # grammar (grammar_cli.py)
     return benchmark
 
 
