@@ -102,6 +102,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag(("--nnodes",), "nnodes", int, "Machines sharing the --num-shard ranks (each runs `tgserve serve` with the "
          "same flags; node 0 serves HTTP and listens at --master-addr)"),
     Flag(("--node-rank",), "node_rank", int, "This machine's index among the --nnodes machines"),
+    Flag(("--disable-grammar-support",), "disable_grammar_support", None,
+         "Refuse requests with a grammar (`grammar`, `response_format`, `tools`) instead of constraining output"),
 )
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}

@@ -81,6 +81,9 @@ class ServerConfig:
     # `tgserve serve` with the same flags and its own node rank; node 0 serves HTTP (`distributed.launch`).
     nnodes: int = 1
     node_rank: int = 0
+    # --disable-grammar-support: requests with a grammar (TGI's `grammar`, OpenAI's `response_format` /
+    # `tools`) get TGI's 422 "grammar is not supported"; no grammar tokenizer is built at start.
+    disable_grammar_support: bool = False
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:

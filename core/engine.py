@@ -81,6 +81,9 @@ class Engine:
         self.acceptance = acceptance
         self.make_request_states = make_request_states  # request -> its RequestStates, at submit
         self._collective_clock = collective_clock  # sharded: rank 0's time in collectives, taken per step
+        # compiles the grammars requests carry (`GenerationRequest.grammar`), off the engine thread; None:
+        # grammars are not supported (--disable-grammar-support). Set by start-up (`engine_builder`).
+        self.grammar_compiler = None
         if collective_clock is not None:
             collective_clock.take()  # start-up's probe and warmup steps are nobody's engine step
 

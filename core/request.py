@@ -47,6 +47,9 @@ class GenerationRequest:
     stopping: StoppingParams
     top_n_tokens: int = 0  # alternatives reported per generated token
     prefill_logprobs: bool = False  # report logprobs of the prompt tokens (decoder_input_details)
+    # the output must follow this grammar (a `tgserve.core.grammar.CompiledGrammar`, compiled by the
+    # caller through `Engine.grammar_compiler` before submitting); None: unconstrained
+    grammar: object = None
     request_id: int = -1  # set by Engine.submit
 
 
