@@ -15,6 +15,7 @@ from tgserve.api.shared.schemas import GenerateRequest
 from tgserve.api.shared.state import ServerState
 from tgserve.api.shared.timing import RequestTimer
 from tgserve.api.shared.validation import ValidationError, check_parameters, fit_input_ids
+from tgserve.core.grammar import CompiledGrammar, GrammarError, GrammarSpec
 from tgserve.core.request import GenerationRequest, StoppingParams
 
 
@@ -50,6 +51,7 @@ async def prepare_request(state: ServerState, body: GenerateRequest, timer: Requ
         input_ids = await _encode(state, body.inputs, add_special_tokens)
         input_ids, max_new_tokens = fit_input_ids(input_ids, checked.truncate, checked.max_new_tokens,
                                                   state.limits)
+        grammar = await _compile(state, checked.grammar) if checked.grammar is not None else None
     except ValidationError as error:
         state.metrics.record_failure("validation")
         raise validation_error(error) from None
@@ -60,6 +62,7 @@ async def prepare_request(state: ServerState, body: GenerateRequest, timer: Requ
         stopping=StoppingParams(max_new_tokens=max_new_tokens, stop_sequences=checked.stop_sequences),
         top_n_tokens=checked.top_n_tokens,
         prefill_logprobs=params.decoder_input_details and state.engine.config.enable_prefill_logprobs,
+        grammar=grammar,
     )
     timer.mark_queued()
     return PreparedRequest(request=request, input_length=len(input_ids),
@@ -72,3 +75,17 @@ async def _encode(state: ServerState, text: str, add_special_tokens: bool) -> li
         return await asyncio.to_thread(state.engine.tokenizer.encode, text, add_special_tokens)
     except Exception as error:  # a tokenizer failure is the request's fault, as in TGI
         raise ValidationError(f"tokenizer error {error}") from None
+
+
+async def _compile(state: ServerState, spec: GrammarSpec) -> CompiledGrammar:
+    """The request's grammar, compiled (or found in the cache) off the event loop and the engine thread.
+
+    TGI's 422 "grammar is not supported" under --disable-grammar-support; a grammar the engine cannot
+    compile (invalid, unsupported, past the time limit) is a 422 naming the problem."""
+    compiler = state.engine.grammar_compiler
+    if compiler is None:
+        raise ValidationError("grammar is not supported")
+    try:
+        return await compiler.compile_async(spec)
+    except GrammarError as error:
+        raise ValidationError(str(error)) from None

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from tgserve.api.shared.schemas import GenerateParameters
+from tgserve.api.shared.grammar import grammar_spec
+from tgserve.core.grammar.spec import GrammarError, GrammarSpec
 from tgserve.core.request import SamplingParams
 
 
@@ -45,6 +47,7 @@ class CheckedParameters:
     truncate: int | None  # keep the last `truncate` input tokens
     top_n_tokens: int
     best_of: int = 1  # candidates to sample; the one with the best mean logprob is answered
+    grammar: GrammarSpec | None = None  # the output must follow it (compiled by `prepare`)
 
 
 def random_seed() -> int:
@@ -102,10 +105,15 @@ def check_parameters(inputs: str, params: GenerateParameters, limits: Validation
         raise ValidationError(f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. "
                               f"Given: {params.truncate}")
     check_supported(params)
+    try:
+        grammar = grammar_spec(params.grammar) if params.grammar is not None else None
+    except GrammarError as error:
+        raise ValidationError(str(error)) from None
     return CheckedParameters(
         sampling=SamplingParams(do_sample=params.do_sample, seed=seed, watermark=params.watermark, **sampling),
         max_new_tokens=params.max_new_tokens, stop_sequences=tuple(params.stop),
-        truncate=params.truncate, top_n_tokens=top_n_tokens, best_of=max(best_of, 1))
+        truncate=params.truncate, top_n_tokens=top_n_tokens, best_of=max(best_of, 1),
+        grammar=grammar)
 
 
 def _check_sampling(params: GenerateParameters) -> dict[str, float | int]:
@@ -138,8 +146,6 @@ def _check_sampling(params: GenerateParameters) -> dict[str, float | int]:
 
 def check_supported(params: GenerateParameters) -> None:
     """Refuse valid TGI features tgserve does not implement yet, rather than ignore them."""
-    if params.grammar is not None:
-        raise ValidationError("`grammar` is not supported by tgserve yet")
     if params.adapter_id is not None:
         raise ValidationError("`adapter_id` is not supported by tgserve yet")
 

@@ -97,8 +97,8 @@ def test_stream_without_details_and_with_top_tokens(client):
     ({"temperature": 0}, "Input validation error: `temperature` must be strictly positive"),
     ({"top_p": 0}, "Input validation error: `top_p` must be > 0.0 and <= 1.0"),
     ({"stop": ["a"] * 5}, "Input validation error: `stop` supports up to 4 stop sequences. Given: 5"),
-    ({"grammar": {"type": "json", "value": {"properties": {}}}},
-     "Input validation error: `grammar` is not supported by tgserve yet"),
+    ({"grammar": {"type": "regex", "value": 5}},
+     "Input validation error: a `regex` grammar's value must be a string, got int"),
 ])
 def test_validation_errors(client, params, message):
     response = generate(client, **params)

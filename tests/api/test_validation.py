@@ -1,6 +1,7 @@
 """TGI's validation rules and exact messages (pure functions, no server)."""
 from __future__ import annotations
 
+import re
 import pytest
 
 from tgserve.api.shared.schemas import GenerateParameters, GenerateRequest, default_parameters
@@ -53,13 +54,35 @@ def test_best_of_disabled_when_max_is_one():
         check_parameters("x", GenerateParameters(best_of=2, do_sample=True), limits)
 
 
-@pytest.mark.parametrize("params, field", [
-    (dict(grammar={"type": "regex", "value": "a+"}), "grammar"),
-    (dict(adapter_id="my-lora"), "adapter_id"),
+def test_unsupported_features_are_refused_not_ignored():
+    with pytest.raises(ValidationError, match="`adapter_id`.* is not supported by tgserve yet"):
+        check(adapter_id="my-lora")
+
+
+@pytest.mark.parametrize("grammar, kind, text", [
+    ({"type": "regex", "value": "a+"}, "regex", "a+"),
+    ({"type": "json", "value": {"type": "array", "items": {"type": "integer"}}}, "json",
+     '{"type":"array","items":{"type":"integer"}}'),  # top-level array: TGI refuses it, we do not
+    ({"type": "json_object", "value": '{"type": "object"}'}, "json", '{"type": "object"}'),  # text kept as sent
+    ({"type": "json_schema", "value": {"name": "x", "schema": {"properties": {"a": {"type": "string"}}}}}, "json",
+     '{"properties":{"a":{"type":"string"}}}'),
+    ({"type": "json", "value": True}, "json", "true"),
 ])
-def test_unsupported_features_are_refused_not_ignored(params, field):
-    with pytest.raises(ValidationError, match=f"`{field}`.* is not supported by tgserve yet"):
-        check(**params)
+def test_grammars_become_the_engines_spec(grammar, kind, text):
+    spec = check(grammar=grammar).grammar
+    assert (spec.kind, spec.text) == (kind, text)
+    assert check().grammar is None
+
+
+@pytest.mark.parametrize("grammar, message", [
+    ({"type": "regex", "value": 5}, "a `regex` grammar's value must be a string, got int"),
+    ({"type": "json", "value": "{not json"}, "the JSON schema is not valid JSON"),
+    ({"type": "json", "value": [1, 2]}, "a JSON schema must be an object or a boolean, got list"),
+    ({"type": "json_schema", "value": {"name": "x"}}, "a `json_schema` grammar's value must be"),
+])
+def test_malformed_grammars_are_validation_errors(grammar, message):
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        check(grammar=grammar)
 
 
 def test_best_of_and_watermark_are_carried_to_the_request():
