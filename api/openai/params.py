@@ -6,8 +6,9 @@ and limiter as /generate. Where the mapping differs from TGI it says so:
 - `presence_penalty`: TGI turns it into `repetition_penalty = presence_penalty + 2.0`, so the
   OpenAI default 0.0 becomes a strong repetition penalty. tgserve checks its range and refuses a
   non-zero value until the core samples with a real presence penalty.
-- `n` > 1, `logit_bias`, `tools`, a `tool_choice` that needs tools and a non-text `response_format`:
-  TGI ignores the first two; tgserve refuses all of them with a 422 rather than ignore them.
+- `n` > 1, `logit_bias`: TGI ignores them; tgserve refuses them with a 422 rather than ignore them.
+- `response_format`: OpenAI's json_object / json_schema, and TGI's grammar form, constrain the output
+  (`tgserve.api.shared.grammar`); on /v1/completions too.
 - `max_tokens` null: whatever fits in `max_total_tokens`, as a null `max_new_tokens` on /generate
   (some TGI versions default to 100 here).
 """
@@ -17,10 +18,11 @@ from typing import NoReturn
 
 from tgserve.api.openai.schemas import ChatRequest, CompletionRequest, SamplingFields
 from tgserve.api.shared.errors import ApiError, validation_error
-from tgserve.api.shared.schemas import GenerateParameters
+from tgserve.api.shared.grammar import response_format_grammar
+from tgserve.api.shared.schemas import GenerateParameters, GrammarType
+from tgserve.core.grammar.spec import GrammarError
 
 NO_TOOL_CHOICES = (None, "none", "auto")  # tool_choice values that ask for no tool when none is given
-TEXT_RESPONSE_FORMATS = (None, {"type": "text"})  # OpenAI's plain-text default
 
 
 def _not_supported(what: str) -> NoReturn:
@@ -47,8 +49,6 @@ def check_chat_fields(body: ChatRequest) -> None:
         _not_supported("`tools`")
     if body.tool_choice not in NO_TOOL_CHOICES:
         _not_supported("`tool_choice`")
-    if body.response_format not in TEXT_RESPONSE_FORMATS:
-        _not_supported("`response_format`")
 
 
 def check_completion_fields(body: CompletionRequest, max_client_batch_size: int) -> None:
@@ -82,6 +82,14 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     return [s for s in ([stop] if isinstance(stop, str) else stop) if s]
 
 
+def response_grammar(body: SamplingFields) -> GrammarType | None:
+    """The body's `response_format` as TGI's `grammar`; raises `ApiError` 422 for one it cannot be."""
+    try:
+        return response_format_grammar(body.response_format)
+    except GrammarError as error:
+        raise validation_error(str(error)) from None
+
+
 def chat_parameters(body: ChatRequest) -> GenerateParameters:
     """The /generate parameters of a (checked) chat request."""
     do_sample, temperature = _sampling_mode(body.temperature)
@@ -89,7 +97,7 @@ def chat_parameters(body: ChatRequest) -> GenerateParameters:
     return GenerateParameters(
         temperature=temperature, frequency_penalty=body.frequency_penalty, top_p=body.top_p,
         do_sample=do_sample, max_new_tokens=max_tokens, stop=_stop_list(body.stop), seed=body.seed,
-        top_n_tokens=body.top_logprobs if body.logprobs else None, details=True)
+        top_n_tokens=body.top_logprobs if body.logprobs else None, details=True, grammar=response_grammar(body))
 
 
 def completion_parameters(body: CompletionRequest) -> GenerateParameters:
@@ -99,4 +107,4 @@ def completion_parameters(body: CompletionRequest) -> GenerateParameters:
         temperature=temperature, repetition_penalty=body.repetition_penalty,
         frequency_penalty=body.frequency_penalty, top_p=body.top_p, do_sample=do_sample,
         max_new_tokens=body.max_tokens, stop=_stop_list(body.stop), seed=body.seed,
-        top_n_tokens=body.logprobs, details=True)
+        top_n_tokens=body.logprobs, details=True, grammar=response_grammar(body))

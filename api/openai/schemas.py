@@ -85,6 +85,8 @@ class SamplingFields(BaseModel):
     logit_bias: Any = Field(None, description="Refused when set: not supported yet")
     stream: bool | None = Field(None, description="Answer with server-sent events")
     stream_options: StreamOptions | None = None
+    response_format: Any = Field(None, description="text, json_object, json_schema (OpenAI's), or TGI's grammar "
+                                                   "({'type': 'json' | 'regex', 'value': ...})")
 
 
 class ChatRequest(SamplingFields):
@@ -97,7 +99,6 @@ class ChatRequest(SamplingFields):
     tools: list[Any] | None = Field(None, description="Refused: not supported yet")
     tool_choice: Any = Field(None, description="Only null, 'none' and 'auto' (without tools)")
     tool_prompt: str | None = None
-    response_format: Any = Field(None, description="Only null or {'type': 'text'}")
 
 
 class CompletionRequest(SamplingFields):
