@@ -45,7 +45,13 @@ class Tokenizer:
         return self.hf.chat_template
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            continue_final_message: bool = False) -> str:
-        """Render `messages` with the checkpoint's chat template to prompt text."""
+                            continue_final_message: bool = False, tools: list[dict] | None = None) -> str:
+        """Render `messages` with the checkpoint's chat template to prompt text; `tools` (OpenAI's
+        function definitions) reach the template as its `tools` variable."""
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           continue_final_message=continue_final_message)
+                                           continue_final_message=continue_final_message, tools=tools)
+
+    @property
+    def is_tool_template(self) -> bool:
+        """Whether the chat template reads a `tools` variable (else tools are described in the prompt)."""
+        return self.chat_template is not None and "tools" in self.chat_template

@@ -21,7 +21,7 @@ router = APIRouter(tags=["Text Generation Inference"])
 @router.post("/chat_tokenize", responses=NO_FAST_TOKENIZER)
 async def chat_tokenize(body: ChatRequest, state: ServerState = Depends(get_state)) -> Response:
     """Render a chat request with the chat template, then tokenize it as the chat route does."""
-    generate_body = await chat_generate_request(state, body)
+    generate_body, _tool_plan = await chat_generate_request(state, body)
     tokens = await asyncio.to_thread(simple_tokens, state.engine.tokenizer, generate_body.inputs,
                                      add_special_tokens=False)
     return JSONResponse({"tokenize_response": tokens, "templated_text": generate_body.inputs})

@@ -8,7 +8,7 @@ and limiter as /generate. Where the mapping differs from TGI it says so:
   non-zero value until the core samples with a real presence penalty.
 - `n` > 1, `logit_bias`: TGI ignores them; tgserve refuses them with a 422 rather than ignore them.
 - `response_format`: OpenAI's json_object / json_schema, and TGI's grammar form, constrain the output
-  (`tgserve.api.shared.grammar`); on /v1/completions too.
+  (`tgserve.api.shared.grammar`); on /v1/completions too. `tools`: `tgserve.api.openai.tools`.
 - `max_tokens` null: whatever fits in `max_total_tokens`, as a null `max_new_tokens` on /generate
   (some TGI versions default to 100 here).
 """
@@ -17,12 +17,12 @@ from __future__ import annotations
 from typing import NoReturn
 
 from tgserve.api.openai.schemas import ChatRequest, CompletionRequest, SamplingFields
+from tgserve.api.openai.tools import ToolPlan, plan_tools
 from tgserve.api.shared.errors import ApiError, validation_error
 from tgserve.api.shared.grammar import response_format_grammar
 from tgserve.api.shared.schemas import GenerateParameters, GrammarType
 from tgserve.core.grammar.spec import GrammarError
 
-NO_TOOL_CHOICES = (None, "none", "auto")  # tool_choice values that ask for no tool when none is given
 
 
 def _not_supported(what: str) -> NoReturn:
@@ -42,13 +42,11 @@ def check_common_fields(body: SamplingFields) -> None:
         _not_supported("a non-zero `presence_penalty`")
 
 
-def check_chat_fields(body: ChatRequest) -> None:
-    """`check_common_fields` plus the chat-only features tgserve does not serve yet."""
+def check_chat_fields(body: ChatRequest) -> ToolPlan | None:
+    """`check_common_fields` plus the chat-only fields; returns the tools the answer may call (None:
+    a text answer). Raises `ApiError` 422."""
     check_common_fields(body)
-    if body.tools:
-        _not_supported("`tools`")
-    if body.tool_choice not in NO_TOOL_CHOICES:
-        _not_supported("`tool_choice`")
+    return plan_tools(body.tools, body.tool_choice, has_grammar=response_grammar(body) is not None)
 
 
 def check_completion_fields(body: CompletionRequest, max_client_batch_size: int) -> None:
@@ -90,14 +88,15 @@ def response_grammar(body: SamplingFields) -> GrammarType | None:
         raise validation_error(str(error)) from None
 
 
-def chat_parameters(body: ChatRequest) -> GenerateParameters:
-    """The /generate parameters of a (checked) chat request."""
+def chat_parameters(body: ChatRequest, tool_plan: ToolPlan | None = None) -> GenerateParameters:
+    """The /generate parameters of a (checked) chat request; its grammar is the tools' when it has any."""
     do_sample, temperature = _sampling_mode(body.temperature)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return GenerateParameters(
         temperature=temperature, frequency_penalty=body.frequency_penalty, top_p=body.top_p,
         do_sample=do_sample, max_new_tokens=max_tokens, stop=_stop_list(body.stop), seed=body.seed,
-        top_n_tokens=body.top_logprobs if body.logprobs else None, details=True, grammar=response_grammar(body))
+        top_n_tokens=body.top_logprobs if body.logprobs else None, details=True,
+        grammar=tool_plan.grammar() if tool_plan is not None else response_grammar(body))
 
 
 def completion_parameters(body: CompletionRequest) -> GenerateParameters:

@@ -12,6 +12,8 @@ import math
 import time
 from dataclasses import dataclass
 
+from tgserve.api.openai.tool_stream import ToolStream
+from tgserve.api.openai.tools import ToolAnswer, new_call_id
 from tgserve.api.shared.collected import CollectedGeneration
 from tgserve.api.shared.errors import ApiError
 from tgserve.api.shared.version import server_version
@@ -82,13 +84,18 @@ def chat_logprob_json(event: TokenEvent) -> dict:
 
 
 def chat_completion_json(meta: ResponseMeta, collected: CollectedGeneration, *, num_prompt_tokens: int,
-                         is_logprobs: bool) -> dict:
-    """A non-streamed `chat.completion`."""
+                         is_logprobs: bool, tool_answer: ToolAnswer | None = None) -> dict:
+    """A non-streamed `chat.completion`; with `tool_answer` (a request with tools) its message is a
+    tool call (finish_reason "tool_calls") or that answer's text."""
     finish = collected.finish
     assert finish is not None
     logprobs = {"content": [chat_logprob_json(e) for e in collected.tokens]} if is_logprobs else None
-    choice = {"index": 0, "message": {"role": "assistant", "content": finish.text}, "logprobs": logprobs,
-              "finish_reason": openai_finish_reason(finish.reason)}
+    message = {"role": "assistant", "content": finish.text}
+    finish_reason = openai_finish_reason(finish.reason)
+    if tool_answer is not None:
+        message = tool_answer.message(new_call_id())
+        finish_reason = "tool_calls" if tool_answer.name is not None else finish_reason
+    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**meta.envelope("chat.completion"), "choices": [choice],
             "usage": usage_json(num_prompt_tokens, finish.generated_tokens)}
 
@@ -99,6 +106,27 @@ def chat_chunk_json(meta: ResponseMeta, event: TokenEvent, *, is_logprobs: bool)
               "logprobs": {"content": [chat_logprob_json(event)]} if is_logprobs else None,
               "finish_reason": None if event.finish is None else openai_finish_reason(event.finish.reason)}
     return {**meta.envelope("chat.completion.chunk"), "choices": [choice], "usage": None}
+
+
+def tool_chunks_json(meta: ResponseMeta, stream: ToolStream, event: TokenEvent) -> list[dict]:
+    """The `chat.completion.chunk`s one token of a tool answer completes (none while a name is still
+    being written); the last token's carry the finish reason, "tool_calls" for a call."""
+    deltas = stream.feed(visible_text(event))
+    if event.finish is None:
+        return [_delta_chunk(meta, delta, None) for delta in deltas]
+    deltas += stream.finish()
+    reason = "tool_calls" if stream.is_call else openai_finish_reason(event.finish.reason)
+    deltas = deltas or [{"role": "assistant", "content": ""}]
+    return [_delta_chunk(meta, delta, reason if last else None) for last, delta in _marking_last(deltas)]
+
+
+def _delta_chunk(meta: ResponseMeta, delta: dict, finish_reason: str | None) -> dict:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {**meta.envelope("chat.completion.chunk"), "choices": [choice], "usage": None}
+
+
+def _marking_last(items: list) -> list[tuple[bool, object]]:
+    return [(index == len(items) - 1, item) for index, item in enumerate(items)]
 
 
 def chat_usage_chunk_json(meta: ResponseMeta, finish: Finish, num_prompt_tokens: int) -> dict:

@@ -2,8 +2,8 @@
 
 Parsed as strictly as the native routes (`tgserve.api.shared.schemas`): wrong JSON types are a 422, unknown
 fields are ignored (serde's default, and what OpenAI clients rely on when they send `user` or
-`store`). Fields TGI accepts but tgserve cannot honour yet (`tools`, `response_format`, `n` > 1,
-...) are parsed here and refused in `tgserve.api.openai.params`, never silently dropped.
+`store`). Fields TGI accepts but tgserve cannot honour yet (`n` > 1, `logit_bias`, ...) are parsed
+here and refused in `tgserve.api.openai.params`, never silently dropped.
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = Field(None, description="Refused: tools are not supported yet")
+    tool_calls: list[Any] | None = Field(None, description="The calls an assistant message made")
+    tool_call_id: str | None = Field(None, description="The call a `tool` message answers")
 
     @model_validator(mode="after")
     def _has_a_body(self) -> "ChatMessage":
@@ -96,9 +97,9 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=0, le=MAX_U32, description="Alias of max_tokens")
     logprobs: bool | None = Field(None, description="Return the logprob of each generated token")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_U32, description="Alternatives per token")
-    tools: list[Any] | None = Field(None, description="Refused: not supported yet")
-    tool_choice: Any = Field(None, description="Only null, 'none' and 'auto' (without tools)")
-    tool_prompt: str | None = None
+    tools: list[Any] | None = Field(None, description="Functions the answer may call")
+    tool_choice: Any = Field(None, description="'auto' (default with tools), 'none', 'required', or a function")
+    tool_prompt: str | None = Field(None, description="How to call tools, for a template that does not read them")
 
 
 class CompletionRequest(SamplingFields):

@@ -33,18 +33,21 @@ def assert_refused(response: httpx.Response, error_type: str, message: str) -> N
     assert message in body["error"]
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 CHAT_REFUSALS = [
     ({"n": 2}, "validation", "only `n` = 1 is supported. Given: 2"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]},
      "validation", "image content parts are not supported"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-     "validation", f"`tools` {NOT_YET}"),
-    ({"tool_choice": "required"}, "validation", f"`tool_choice` {NOT_YET}"),
+    ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tool_error", "Tool error: tools[0] must be"),
+    ({"tools": [TOOL], "tool_choice": "g"}, "tool_error", "Tool error: Tool with name g not found"),
+    ({"tools": [TOOL], "response_format": {"type": "json_object"}}, "tool_error",
+     "Tool error: Grammar and tools are mutually exclusive"),
+    ({"tools": [TOOL, TOOL]}, "tool_error", "two tools have the same function name"),
+    ({"tool_choice": "required"}, "tool_error", "Tool error: `tool_choice` 'required' needs `tools`"),
+    ({"tool_choice": 5}, "tool_error", "`tool_choice` must be a string or an object"),
     ({"response_format": {"type": "xml"}}, "validation", "unknown `response_format` type 'xml'"),
     ({"response_format": {"type": "json_schema"}}, "validation", "needs `json_schema`"),
     ({"response_format": "json"}, "validation", "`response_format` must be an object with a `type`"),
-    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "0"}]}]},
-     "validation", "`tool_calls` in messages are not"),
     ({"presence_penalty": 0.5}, "validation", f"a non-zero `presence_penalty` {NOT_YET}"),
     ({"presence_penalty": 2.5}, "validation", "`presence_penalty` must be >= -2.0 and <= 2.0"),
     ({"logit_bias": {"42": 1.0}}, "validation", f"`logit_bias` {NOT_YET}"),
