@@ -10,7 +10,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from tgserve.api.openai.chat_template import render_sync, template_messages
+from tgserve.api.openai.chat_template import DEFAULT_TOOL_PROMPT, render_sync, template_message
 from tgserve.api.openai.schemas import ChatMessage
 from tgserve.api.shared.errors import ApiError
 from tgserve.core.tokenizer import Tokenizer
@@ -55,8 +55,43 @@ def test_renders_with_a_generation_prompt(tokenizer):
 def test_text_parts_are_joined_and_no_content_is_empty():
     parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "this?"}]
     no_content = ChatMessage.model_validate({"role": "assistant", "tool_calls": []})
-    assert template_messages([*messages(("user", parts)), no_content]) == [
+    assert [template_message(m, i, False) for i, m in enumerate([*messages(("user", parts)), no_content])] == [
         {"role": "user", "content": "What is this?"}, {"role": "assistant", "content": ""}]
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+
+
+def test_tools_are_described_after_the_last_message_for_a_template_without_them(tokenizer):
+    assert not tokenizer.is_tool_template
+    text = render_sync(tokenizer, messages(("user", "Weather in Paris?")), [WEATHER])
+    assert (f"Weather in Paris?\n---\n{json.dumps([WEATHER])}\n{DEFAULT_TOOL_PROMPT}<|im_end|>\n"
+            "<|im_start|>assistant\n") in text
+    custom = render_sync(tokenizer, messages(("user", "Hi")), [WEATHER], tool_prompt="Call one.")
+    assert custom.endswith("\nCall one.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_template_that_reads_tools_gets_them_and_earlier_calls(model_dir, tmp_path):
+    template = ("{% for t in tools %}[tool {{ t.function.name }}]{% endfor %}{% for m in messages %}"
+                "<{{ m.role }}>{{ m.content }}{% for c in m.tool_calls or [] %}(call {{ c.function.name }} "
+                "{{ c.function.arguments }}){% endfor %}{% if m.tool_call_id %}(for {{ m.tool_call_id }}){% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    with_tools = tokenizer_copy(model_dir, tmp_path, template)
+    assert with_tools.is_tool_template
+    history = [ChatMessage.model_validate(m) for m in (
+        {"role": "user", "content": "Weather?"}, {"role": "assistant", "tool_calls": [CALL]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}, {"role": "user", "content": "And now?"})]
+    assert render_sync(with_tools, history, [WEATHER]) == (
+        '[tool get_weather]<user>Weather?<assistant>(call get_weather {"city": "Paris"})<tool>sunny(for call_1)'
+        "<user>And now?<assistant>")
+
+
+def test_earlier_calls_read_as_answers_for_a_template_without_tools(tokenizer):
+    call = ChatMessage.model_validate({"role": "assistant", "tool_calls": [CALL]})
+    assert template_message(call, 1, False)["content"] == '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    assert template_message(call, 1, True)["content"] == ""  # the template renders the calls itself
 
 
 @pytest.mark.parametrize("message", [{"role": "user"}, {"role": "user", "content": None},
