@@ -31,6 +31,10 @@ from tgserve.core.grammar.spec import GrammarError, GrammarSpec
 DEFAULT_MAX_COMPILE_S = 5.0  # past this a request gets a 422; valid grammars measured compile in milliseconds
 DEFAULT_MAX_CACHED = 256  # grammars (compiled or failed) kept, least recently used dropped first
 _KIND_WORDS = {"json": "JSON schema", "regex": "regex"}
+# Whitespace a JSON output may put between tokens: one optional space, as TGI's outlines-built JSON
+# grammars (outlines' WHITESPACE). llguidance's default allows any run of whitespace, and the demo model
+# under it wrote "{" and then newlines until max_new_tokens; a schema's own `x-guidance` still overrides it.
+JSON_DEFAULTS = {"whitespace_pattern": "[ ]?"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -136,7 +140,7 @@ def compile_grammar(tokenizer: llguidance.LLTokenizer, spec: GrammarSpec,
     matcher_class = llguidance.LLMatcher
     if spec.kind == "json":
         try:
-            grammar = matcher_class.grammar_from_json_schema(spec.text)
+            grammar = matcher_class.grammar_from_json_schema(spec.text, defaults=JSON_DEFAULTS)
         except ValueError as error:  # not JSON, or not an object
             raise GrammarError(f"invalid JSON schema: {_one_line(str(error))}") from None
     else:

@@ -55,10 +55,15 @@ class GrammarState(MaskingState):
         Rows after a proposed id the grammar refuses are left allowing everything: the row before
         refuses that id, so the sampled token there differs from it and verification drops the rows after."""
         assert bitmask.dtype == torch.int32 and bitmask.is_contiguous() and bitmask.device.type == "cpu"
-        work = [(state.matcher, row, list(proposed)) for state, proposed, row in jobs if state.error is None]
-        if work:
-            jobs[0][0].executor.unsafe_compute_mask_ptr_with_draft_token(
-                work, bitmask.data_ptr(), bitmask.shape[1] * bitmask.element_size(), bitmask.shape[0])
+        live = [(state.matcher, row, list(proposed)) for state, proposed, row in jobs if state.error is None]
+        executor, pointer = jobs[0][0].executor, bitmask.data_ptr()
+        row_bytes, num_rows = bitmask.shape[1] * bitmask.element_size(), bitmask.shape[0]
+        plain = [(matcher, row) for matcher, row, proposed in live if not proposed]
+        verifying = [job for job in live if job[2]]  # the library takes no empty draft lists
+        if plain:
+            executor.unsafe_compute_mask_ptr(plain, pointer, row_bytes, num_rows)
+        if verifying:
+            executor.unsafe_compute_mask_ptr_with_draft_token(verifying, pointer, row_bytes, num_rows)
         for state, _, _ in jobs:
             if state.error is None and state.matcher.is_error():  # a limit hit while computing the mask
                 state._set_error()
