@@ -26,7 +26,8 @@ from tgserve.core.invariants import EngineInvariantError
 from tgserve.core.limits import RuntimeLimits
 from tgserve.core.model_runner import ModelRunner, SampledToken
 from tgserve.core.request import ErrorEvent, Finish, GenerationRequest, ModelInfo, TokenEvent, TopToken
-from tgserve.core.request_state import RequestState, no_request_states
+from tgserve.core.grammar.state import grammar_request_states
+from tgserve.core.request_state import RequestState
 from tgserve.core.scheduler import Scheduler
 from tgserve.core.sequence import Sequence
 from tgserve.core.step_stats import StepObserver, StepStats
@@ -57,7 +58,7 @@ class Engine:
                  tokenizer: Tokenizer, scheduler: Scheduler, runner: ModelRunner,
                  on_shutdown: Callable[[], object] = lambda: None, observer: StepObserver | None = None,
                  proposer: Proposer | None = None, acceptance: AcceptanceRule = accept_matching_prefix,
-                 make_request_states: Callable[[GenerationRequest], tuple[RequestState, ...]] = no_request_states,
+                 make_request_states: Callable[[GenerationRequest], tuple[RequestState, ...]] | None = None,
                  collective_clock: CollectiveClock | None = None):
         self.config = config
         self.limits = limits
@@ -79,7 +80,8 @@ class Engine:
         # step), and the rule that says how many sampled tokens a sequence keeps. Set before submitting.
         self.proposer = proposer
         self.acceptance = acceptance
-        self.make_request_states = make_request_states  # request -> its RequestStates, at submit
+        # request -> its RequestStates, at submit; by default a grammar's state for a request with one
+        self.make_request_states = make_request_states or self._default_request_states
         self._collective_clock = collective_clock  # sharded: rank 0's time in collectives, taken per step
         # compiles the grammars requests carry (`GenerationRequest.grammar`), off the engine thread; None:
         # grammars are not supported (--disable-grammar-support). Set by start-up (`engine_builder`).
@@ -115,11 +117,19 @@ class Engine:
             raise RequestRejected(f"request needs {max_tokens} KV slots, more than the cache holds")
         if not 0 <= min(request.input_ids) <= max(request.input_ids) < self.runner.vocab_size:
             raise RequestRejected(f"input token ids must be in [0, {self.runner.vocab_size})")
+        if request.grammar is not None and self.grammar_compiler is None:
+            raise RequestRejected("grammar support is disabled (--disable-grammar-support)")
         request.request_id = next(self._ids)
         seq = Sequence(request.request_id, request, list(request.input_ids), len(request.input_ids),
                        max_tokens, arrival_s=time.monotonic(), states=tuple(self.make_request_states(request)))
         self._inbox.put(("add", _Active(seq, sink, StopMatcher(request.stopping.stop_sequences))))
         return request.request_id
+
+    def _default_request_states(self, request: GenerationRequest) -> tuple[RequestState, ...]:
+        """Its own grammar state for a request with a grammar (each best_of candidate is a request)."""
+        if request.grammar is None:
+            return ()
+        return grammar_request_states(request, self.grammar_compiler.executor)
 
     def set_observer(self, observer: StepObserver | None) -> None:
         """Report every step to `observer` from now on (None: stop reporting); any thread may call it."""
@@ -191,6 +201,8 @@ class Engine:
         self._inbox.put(("wake", None))
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
+        if self.grammar_compiler is not None:
+            self.grammar_compiler.close()
         self._on_shutdown()
 
     # --- engine thread -------------------------------------------------------------------------
@@ -394,6 +406,10 @@ class Engine:
         seq.token_ids.append(token.id)
         for state in seq.states:
             state.on_accept(token.id)
+        error = next((state.error for state in seq.states if state.error is not None), None)
+        if error is not None:  # e.g. a grammar with no next token: the token is not emitted
+            self._fail(seq.request_id, error)
+            return True
         generated = seq.token_ids[seq.num_prompt_tokens:]
         text = next_text(tokenizer, generated, active.detok)
         reason = self._finish_reason(seq, token.id, active.stops.feed(text))
@@ -419,7 +435,8 @@ class Engine:
         stopping = seq.request.stopping
         if seq.num_generated_tokens >= stopping.max_new_tokens:
             return "length"
-        if token_id in self.tokenizer.eos_token_ids and not stopping.ignore_eos_token:
+        if token_id in self.tokenizer.eos_token_ids and (
+                not stopping.ignore_eos_token or any(state.is_complete for state in seq.states)):
             return "eos_token"
         if is_stop_found:
             return "stop_sequence"

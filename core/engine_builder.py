@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from tgserve.core.config import ConfigError, ServerConfig
 from tgserve.core.distributed.ranks import Ranks
 from tgserve.core.distributed.tensor_parallel import TensorParallel
 from tgserve.core.engine import Engine
+from tgserve.core.grammar import GrammarCompiler, grammar_tokenizer_for
 from tgserve.core.kv_cache import KVCache
 from tgserve.core.limits import RuntimeLimits
 from tgserve.core.limits_derivation import (DEFAULT_MAX_BATCH_PREFILL_TOKENS, check_step_fits, derive_limits,
@@ -45,6 +47,7 @@ from tgserve.core.speculation.draft import DraftProposer
 from tgserve.core.speculation.draft_checkpoint import open_draft
 from tgserve.core.step_inputs import StepCapacity, step_capacity
 from tgserve.core.step_memory import StepMemory, step_memory
+from tgserve.core.tokenizer import Tokenizer
 from tgserve.core.warmup import ProbeResult, full_step, probe_prefill_speed
 from tgserve.core.warmup_policy import WarmupPolicy
 
@@ -121,8 +124,20 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
                      model_device_type=loaded.device.type, backend=backend.name,
                      eos_token_ids=tokenizer.eos_token_ids,
                      quantization=quantization.as_info() if quantization else None, num_shard=tp.world_size)
-    return Engine(config, limits, info, tokenizer, scheduler, runner, on_shutdown=_shutdown(hook, ranks, loaded),
-                  proposer=proposer, collective_clock=tp.clock if tp.world_size > 1 else None)
+    engine = Engine(config, limits, info, tokenizer, scheduler, runner, on_shutdown=_shutdown(hook, ranks, loaded),
+                    proposer=proposer, collective_clock=tp.clock if tp.world_size > 1 else None)
+    if not config.disable_grammar_support:
+        engine.grammar_compiler = _grammar_compiler(tokenizer, model_config.vocab_size)
+    return engine
+
+
+def _grammar_compiler(tokenizer: Tokenizer, num_logits: int) -> GrammarCompiler:
+    """The grammar compile cache over llguidance's view of the tokenizer (its token trie, built once here)."""
+    started_s = time.perf_counter()
+    grammar_tokenizer = grammar_tokenizer_for(tokenizer.hf, num_logits, tokenizer.eos_token_ids)
+    log.info("Grammar support: token trie of %d ids built in %.2fs (--disable-grammar-support skips it)",
+             num_logits, time.perf_counter() - started_s)
+    return GrammarCompiler(grammar_tokenizer)
 
 
 def _shutdown(hook, ranks: Ranks | None, loaded: LoadedModel):

@@ -13,6 +13,7 @@ import torch
 
 from tgserve.core.forward_batch import ForwardBatch
 from tgserve.core.step_inputs import StepInputs
+from tgserve.core.step_masks import StepMasks
 from tgserve.core.step_plan import StepPlan
 from tgserve.core.sampling import SamplingBatch, sample
 from tgserve.core.token_history import TokenHistory
@@ -50,6 +51,7 @@ class ModelRunner:
         self.watermark_gamma = watermark_gamma  # --watermark-gamma: green share of the vocabulary
         self.watermark_delta = watermark_delta  # --watermark-delta: logit bias of green ids
         self.token_history = TokenHistory(device, pad_id=vocab_size)  # ids seen by penalized sequences
+        self.masks = StepMasks(vocab_size, device)  # allowed-token masks of requests with masking states
         # Medusa heads (`tgserve.core.speculation.medusa_heads.MedusaHeads`) applied to every sampled
         # row in the same step, set by start-up after construction; None: no head guesses.
         self.heads = None
@@ -107,22 +109,14 @@ class ModelRunner:
             params, [s.num_generated_tokens + j for s, j in zip(seqs, offsets)], self.device, token_history=history,
             max_top_n=max(s.request.top_n_tokens for s in seqs),
             watermark=self._watermark_batch(seqs, offsets) if any(p.watermark for p in params) else None,
-            allowed=self._allowed(seqs, offsets) if any(s.states for s in seqs) else None)
+            **self._allowed(items))
 
-    def _allowed(self, seqs: list, offsets: list[int]) -> torch.Tensor | None:
-        """bool [rows, vocab]: the ids each row's request states allow (all for rows without a mask)."""
-        masks: dict[int, torch.Tensor] = {}
-        for row, (seq, j) in enumerate(zip(seqs, offsets)):
-            proposed = seq.token_ids[len(seq.token_ids) - seq.num_proposed_tokens:][:j]
-            for state in seq.states:
-                mask = state.allowed_mask(proposed)
-                if mask is not None:
-                    masks[row] = mask.to(torch.bool) & masks[row] if row in masks else mask.to(torch.bool)
-        if not masks:
-            return None
-        allowed = torch.ones(len(seqs), self.vocab_size, dtype=torch.bool, device=self.device)
-        allowed[torch.tensor(list(masks)).to(self.device)] = torch.stack(list(masks.values())).to(self.device)
-        return allowed
+    def _allowed(self, items: list) -> dict:
+        """The sampler's allowed_bits / allowed_rows, built only when a sequence of the step holds states."""
+        if not any(item.seq.states for item in items):
+            return {}
+        bits, rows = self.masks.build(items)
+        return {"allowed_bits": bits, "allowed_rows": rows}
 
     def _watermark_batch(self, seqs: list, offsets: list[int]) -> WatermarkBatch:
         """Each row's previous token (the greenlist seed) and flag; built only when a row asked."""

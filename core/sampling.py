@@ -1,9 +1,10 @@
 """Choosing the next token for every sampling sequence of a step, with TGI's parameters.
 
 Order, as TGI: watermark (`tgserve.core.watermark`), repetition penalty, frequency penalty,
-temperature, top-k, top-p, typical-p, then greedy argmax or a seeded draw. An allowed-token mask
-(request states such as grammar matchers, `tgserve.core.request_state`) removes the ids it forbids
-after the penalties and before temperature, in one batched op. Rows of the batch are
+temperature, top-k, top-p, typical-p, then greedy argmax or a seeded draw. Allowed-token masks
+(request states such as grammar matchers, `tgserve.core.request_state`) remove the ids they forbid
+after the penalties and before temperature, as TGI's grammar processor, in one batched op over the
+constrained rows only; logprobs are those of the distribution sampled from, masks included (TGI). Rows of the batch are
 independent: a seeded row draws its noise from a counter-based hash of (seed, generated-token
 index, vocabulary id), never from a shared generator, so its text does not depend on what else
 shares the batch. Sampling by argmax(logprobs + Gumbel noise) is an exact draw from the
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from tgserve.core.token_bitmask import mask_disallowed
 
 if TYPE_CHECKING:
     from tgserve.core.watermark import WatermarkBatch
@@ -43,9 +46,10 @@ class SamplingBatch:
     any_typical_p: bool
     max_top_n: int
     watermark: WatermarkBatch | None = None  # None unless a row of the step asked (host-side any_watermark)
-    # bool [S, vocab]: True where an id may be drawn; None unless a row of the step has a mask. A row
-    # must allow at least one id. Set by the runner from the requests' `RequestState.allowed_mask`.
-    allowed: torch.Tensor | None = None
+    # int32 [G, ceil(vocab / 32)]: the packed allowed ids (`tgserve.core.token_bitmask`) of the G rows
+    # with a mask; None unless a row of the step has one. Set by the runner from its `MaskingState`s.
+    allowed_bits: torch.Tensor | None = None
+    allowed_rows: torch.Tensor | None = None  # int64 [G]: the rows `allowed_bits` masks; None: all S rows
 
 
     @classmethod
@@ -54,7 +58,7 @@ class SamplingBatch:
         """One row per entry of `params` (each a request's `SamplingParams`), drawing token `steps[i]`.
 
         with_penalties=False sets neutral penalties (a draft's guesses; verification applies the real
-        ones). extras: token_history, max_top_n (default 0), watermark, allowed."""
+        ones). extras: token_history, max_top_n (default 0), watermark, allowed_bits, allowed_rows."""
 
         def column(values, dtype):
             return torch.tensor(values, dtype=dtype).to(device)
@@ -90,8 +94,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = batch.watermark.apply(logits)
     if batch.token_history is not None:
         logits = _apply_penalties(logits, batch)
-    if batch.allowed is not None:
-        logits = logits.masked_fill(~batch.allowed, float("-inf"))
+    if batch.allowed_bits is not None:
+        logits = mask_disallowed(logits, batch.allowed_bits, batch.allowed_rows)
     if batch.any_sampling:
         logits = logits / batch.temperature.unsqueeze(1)
         if batch.any_top_k or batch.any_top_p:

@@ -31,6 +31,10 @@ from tgserve.core.grammar.spec import GrammarError, GrammarSpec
 DEFAULT_MAX_COMPILE_S = 5.0  # past this a request gets a 422; valid grammars measured compile in milliseconds
 DEFAULT_MAX_CACHED = 256  # grammars (compiled or failed) kept, least recently used dropped first
 _KIND_WORDS = {"json": "JSON schema", "regex": "regex"}
+# Whitespace a JSON output may put between tokens: one optional space, as TGI's outlines-built JSON
+# grammars (outlines' WHITESPACE). llguidance's default allows any run of whitespace, and the demo model
+# under it wrote "{" and then newlines until max_new_tokens; a schema's own `x-guidance` still overrides it.
+JSON_DEFAULTS = {"whitespace_pattern": "[ ]?"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,11 +55,13 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, *, max_compile_s: float = DEFAULT_MAX_COMPILE_S,
                  max_cached: int = DEFAULT_MAX_CACHED, num_threads: int = 2,
-                 limits: llguidance.LLParserLimits | None = None) -> None:
+                 limits: llguidance.LLParserLimits | None = None, num_mask_threads: int | None = None) -> None:
         """tokenizer: from `core.grammar.vocabulary` (built once per server).
         max_compile_s: wall-clock seconds one compile may take before its requests get a `GrammarError`.
         num_threads: compiles that may run at once (more waits in a queue; queued time is not counted).
-        limits: llguidance's own bounds on grammar size and lexer/parser work (None: its defaults)."""
+        limits: llguidance's own bounds on grammar size and lexer/parser work (None: its defaults).
+        num_mask_threads: llguidance's threads computing a step's masks (None: its default, 80% of the
+            cores up to 32)."""
         if max_compile_s <= 0 or max_cached < 1 or num_threads < 1:
             raise ValueError("max_compile_s must be > 0, max_cached and num_threads >= 1")
         self.max_compile_s = max_compile_s
@@ -65,6 +71,8 @@ class GrammarCompiler:
         self._cache: OrderedDict[GrammarSpec, Future] = OrderedDict()  # oldest use first
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(num_threads, thread_name_prefix="tgserve-grammar")
+        # computes the masks of every constrained row of a step in one call (`core.grammar.state`)
+        self.executor = llguidance.LLExecutor(num_mask_threads)
 
     def submit(self, spec: GrammarSpec) -> Future:
         """The future of `spec`'s `CompiledGrammar` (or `GrammarError`): the cached one, or a new compile."""
@@ -132,7 +140,7 @@ def compile_grammar(tokenizer: llguidance.LLTokenizer, spec: GrammarSpec,
     matcher_class = llguidance.LLMatcher
     if spec.kind == "json":
         try:
-            grammar = matcher_class.grammar_from_json_schema(spec.text)
+            grammar = matcher_class.grammar_from_json_schema(spec.text, defaults=JSON_DEFAULTS)
         except ValueError as error:  # not JSON, or not an object
             raise GrammarError(f"invalid JSON schema: {_one_line(str(error))}") from None
     else:

@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
-from tgserve.core.request_state import RequestState
+from tgserve.core.request_state import MaskingState, RequestState
+from tgserve.core.token_bitmask import pack_allowed
 from tgserve.core.speculation.acceptance import Proposer
 
 from .engine_harness import run_all, running_engine
@@ -195,15 +196,18 @@ def test_seeded_sampling_with_verification_equals_plain_sampling(engine, prompts
     assert K + 1 in _kept_per_step(proposer.calls[tuple(prompts[0])])
 
 
-class AllowOnly(RequestState):
+class AllowOnly(MaskingState):
     """Allows a fixed set of ids at every position (also after proposed ones)."""
 
     def __init__(self, allowed_ids, vocab_size):
-        self.mask = torch.zeros(vocab_size, dtype=torch.bool)
-        self.mask[list(allowed_ids)] = True
+        mask = torch.zeros(1, vocab_size, dtype=torch.bool)
+        mask[0, list(allowed_ids)] = True
+        self.bits = pack_allowed(mask)
 
-    def allowed_mask(self, proposed):
-        return self.mask
+    @classmethod
+    def fill_allowed(cls, jobs, bitmask):
+        for state, proposed, row in jobs:
+            bitmask[row:row + len(proposed) + 1] = state.bits
 
 
 def test_allowed_mask_equals_transformers_prefix_allowed_tokens(engine, hf, prompts, greedy):

@@ -1,0 +1,52 @@
+"""Allowed-token masks packed 32 ids to an int32 word, as llguidance writes them, and their one batched use.
+
+Bit `i % 32` of word `i // 32` of a row is set when id `i` may be drawn (llguidance's layout, which
+`xgrammar` and vLLM share). A row of Qwen2's 151,936 logits packs into 4,748 words (19 KB) instead
+of a 152 KB bool row: the host fills it in place and one small copy takes it to the device.
+
+Unpacking views each word as its 4 bytes, least significant first (every device torch runs on is
+little-endian), so byte `b` of the row holds ids `8b .. 8b + 7` and one broadcast AND against the 8
+bit values unpacks the lot. Measured on a shared 2-core CPU, 151,936 ids: about 2.4 ms a row against
+4.5 ms for an AND of each int32 word against its 32 bit values; at 2,048 ids both are ~0.1 ms for 16 rows.
+"""
+from __future__ import annotations
+
+import torch
+
+BITS_PER_WORD = 32
+_BYTE_BITS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def num_words(vocab_size: int) -> int:
+    """int32 words of one packed row of `vocab_size` ids."""
+    return -(-vocab_size // BITS_PER_WORD)
+
+
+def unpack_allowed(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 [R, num_words(vocab_size)] -> bool [R, vocab_size], True where an id is allowed."""
+    num_rows = bits.shape[0]
+    byte_bits = torch.tensor(_BYTE_BITS, dtype=torch.uint8, device=bits.device)
+    unpacked = (bits.contiguous().view(torch.uint8).unsqueeze(-1) & byte_bits).ne(0)
+    return unpacked.view(num_rows, -1)[:, :vocab_size]
+
+
+def pack_allowed(allowed: torch.Tensor) -> torch.Tensor:
+    """bool [R, vocab] -> int32 [R, num_words(vocab)] (the inverse of `unpack_allowed`; ids past vocab unset)."""
+    num_rows, vocab_size = allowed.shape
+    padded = torch.zeros(num_rows, num_words(vocab_size) * BITS_PER_WORD, dtype=torch.uint8, device=allowed.device)
+    padded[:, :vocab_size] = allowed.to(torch.uint8)
+    byte_bits = torch.tensor(_BYTE_BITS, dtype=torch.uint8, device=allowed.device)
+    packed = (padded.view(num_rows, -1, 8) * byte_bits).sum(dim=-1, dtype=torch.uint8)
+    return packed.view(torch.int32)
+
+
+def mask_disallowed(logits: torch.Tensor, bits: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """logits float [S, vocab] with -inf where the packed masks forbid an id, out of place.
+
+    bits: int32 [G, words], one mask per constrained row; rows: int64 [G], the rows of `logits` they
+    belong to, or None when there is one mask per row. Rows not in `rows` are left as they are."""
+    vocab_size = logits.shape[1]
+    if rows is None:
+        return logits.masked_fill(~unpack_allowed(bits, vocab_size), float("-inf"))
+    masked = logits.index_select(0, rows).masked_fill(~unpack_allowed(bits, vocab_size), float("-inf"))
+    return logits.index_copy(0, rows, masked)
