@@ -126,6 +126,17 @@ def assert_decode_step_collectives(sharded: ServerProcess, one_shard: ServerProc
     assert not [name for name, _labels in unsharded if name.startswith("tgserve_batch_collective")]
 
 
+def constrained(url: str) -> list[int]:
+    """Greedy ids of a JSON-schema-constrained request, checked to parse as the schema's object."""
+    schema = {"type": "object", "required": ["pet"], "additionalProperties": False,
+              "properties": {"pet": {"enum": ["cat", "dog"]}}}
+    response = httpx.post(f"{url}/generate", json={"inputs": PROMPTS[0], "parameters": {
+        "max_new_tokens": NEW_TOKENS, "details": True, "grammar": {"type": "json", "value": schema}}}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert json.loads(response.json()["generated_text"])["pet"] in ("cat", "dog")
+    return [t["id"] for t in response.json()["details"]["tokens"]]
+
+
 def assert_killed_rank_ends_the_server(server: ServerProcess) -> None:
     """SIGKILL of the server's rank 1 ends the server within LOST_RANK_EXIT_S, naming it; nothing is left."""
     [rank] = rank_processes(server)
@@ -151,6 +162,7 @@ def test_two_shards_serve_one_shard_ids_and_a_killed_rank_ends_the_server(start_
     assert ids == streamed == [t["id"] for t in reference[2]["tokens"]]
     assert (ids, streamed, text) == client_outputs(one_shard)
     assert_decode_step_collectives(sharded, one_shard, json.loads((model_dir / "config.json").read_text()))
+    assert constrained(sharded.url) == constrained(one_shard.url)  # rank 0 masks and samples, the others follow
     assert_killed_rank_ends_the_server(sharded)
 
 
