@@ -71,6 +71,9 @@ class LLGuidanceEngine:
         import llguidance.hf
         import llguidance.torch
 
+        from tgserve.core.grammar.compiler import one_line  # the message tgserve's 422 carries
+
+        self._one_line = one_line
         self._llg = llguidance
         self._llg_torch = llguidance.torch
         self._tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=tokenizer.num_logits,
@@ -83,7 +86,7 @@ class LLGuidanceEngine:
                    else matcher_class.grammar_from_regex(text))
         template = matcher_class(self._tokenizer, grammar, log_level=0)
         if template.is_error():  # llguidance reports bad grammars as an error state, never an exception
-            raise GrammarRejected(template.get_error())
+            raise GrammarRejected(self._one_line(template.get_error()))
         return template
 
     def new_matcher(self, compiled):

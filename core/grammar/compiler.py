@@ -134,20 +134,20 @@ def compile_grammar(tokenizer: llguidance.LLTokenizer, spec: GrammarSpec,
         try:
             grammar = matcher_class.grammar_from_json_schema(spec.text)
         except ValueError as error:  # not JSON, or not an object
-            raise GrammarError(f"invalid JSON schema: {_one_line(str(error))}") from None
+            raise GrammarError(f"invalid JSON schema: {one_line(str(error))}") from None
     else:
         grammar = matcher_class.grammar_from_regex(spec.text)
     template = matcher_class(tokenizer, grammar, log_level=0, limits=limits)
     if not template.is_error():
         template.compute_bitmask()  # the first mask is the costly one; pay it here, off the engine thread
     if template.is_error():
-        raise GrammarError(f"invalid {_KIND_WORDS[spec.kind]}: {_one_line(template.get_error())}")
+        raise GrammarError(f"invalid {_KIND_WORDS[spec.kind]}: {one_line(template.get_error())}")
     return CompiledGrammar(spec, grammar, template, time.perf_counter() - start)
 
 
-def _one_line(message: str) -> str:
-    """llguidance's messages may add a caret diagram under the offending text; keep the first line and
-    the `error:` line, which say what is wrong."""
+def one_line(message: str) -> str:
+    """An llguidance error message on one line: its messages may add a caret diagram under the offending
+    text; the first line and the `error:` line say what is wrong."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     if not lines:
         return message
