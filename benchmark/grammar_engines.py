@@ -9,6 +9,7 @@ none, so its rows are filled one after another, as a server would have to.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 
 import torch
@@ -148,6 +149,17 @@ class OutlinesCoreEngine:
 
 _ENGINES = {"xgrammar": XGrammarEngine, "llguidance": LLGuidanceEngine, "outlines-core": OutlinesCoreEngine}
 _DISTRIBUTIONS = {"xgrammar": "xgrammar", "llguidance": "llguidance", "outlines-core": "outlines-core"}
+
+
+_MODULES = {"xgrammar": ("xgrammar",), "llguidance": ("llguidance", "llguidance.hf", "llguidance.torch"),
+            "outlines-core": ("outlines_core", "outlines_core.json_schema")}
+
+
+def import_engine(name: str) -> None:
+    """Import a library's modules, so that timing `make_engine` times the tokenizer build, not imports
+    (llguidance.torch alone pulls in torch.compile's machinery: ~0.8 s)."""
+    for module in _MODULES[name]:
+        importlib.import_module(module)
 
 
 def make_engine(name: str, tokenizer: BenchTokenizer, hf_tokenizer, num_threads: int):
