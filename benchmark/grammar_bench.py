@@ -64,11 +64,12 @@ def _worker_main(conn, engine_name: str, tokenizer_name: str, num_threads: int, 
     resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
     from transformers import AutoTokenizer
 
-    from tgserve.benchmark.grammar_engines import make_engine
+    from tgserve.benchmark.grammar_engines import import_engine, make_engine
     from tgserve.benchmark.grammar_tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_name)
     hf_tokenizer = AutoTokenizer.from_pretrained(tokenizer.folder)
+    import_engine(engine_name)
     start = time.perf_counter()
     engine = make_engine(engine_name, tokenizer, hf_tokenizer, num_threads)
     conn.send({"tokenizer_build_s": time.perf_counter() - start, "num_tokens": len(hf_tokenizer),
@@ -238,9 +239,8 @@ def run_pair(config: GrammarBenchConfig, engine_name: str, tokenizer_name: str) 
     compiled_ok: list[GrammarCase] = []
     for case in selected_cases(config):
         answer = worker.ask(("compile", case), config.compile_timeout_s)
-        if isinstance(answer, str):
-            result["compiles"][case.name] = {"status": answer, "compile_ms": config.compile_timeout_s * 1e3 if answer == "timeout" else None,
-                                             "error": f"{answer} after {config.compile_timeout_s:g} s" if answer == "timeout" else "worker died (memory limit?)"}
+        if isinstance(answer, str):  # the worker is gone: record why, go on with a new one
+            result["compiles"][case.name] = _lost_compile(answer, config.compile_timeout_s)
             worker = _WorkerProcess(config, engine_name, tokenizer_name)
             for earlier in compiled_ok:  # the new worker needs the grammars the walks use
                 worker.ask(("compile", earlier), None)
@@ -255,6 +255,12 @@ def run_pair(config: GrammarBenchConfig, engine_name: str, tokenizer_name: str) 
     result["gil"] = worker.ask(("gil", slowest), None) if slowest else None
     worker.close()
     return result
+
+
+def _lost_compile(outcome: str, timeout_s: float) -> dict:
+    if outcome == "timeout":
+        return {"status": "timeout", "compile_ms": timeout_s * 1e3, "error": f"timeout after {timeout_s:g} s"}
+    return {"status": "crashed", "compile_ms": None, "error": "the worker died (memory limit?)"}
 
 
 def run_grammar_bench(config: GrammarBenchConfig, progress=print) -> dict:

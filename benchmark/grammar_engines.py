@@ -9,6 +9,7 @@ none, so its rows are filled one after another, as a server would have to.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 
 import torch
@@ -71,6 +72,9 @@ class LLGuidanceEngine:
         import llguidance.hf
         import llguidance.torch
 
+        from tgserve.core.grammar.compiler import one_line  # the message tgserve's 422 carries
+
+        self._one_line = one_line
         self._llg = llguidance
         self._llg_torch = llguidance.torch
         self._tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=tokenizer.num_logits,
@@ -83,7 +87,7 @@ class LLGuidanceEngine:
                    else matcher_class.grammar_from_regex(text))
         template = matcher_class(self._tokenizer, grammar, log_level=0)
         if template.is_error():  # llguidance reports bad grammars as an error state, never an exception
-            raise GrammarRejected(template.get_error())
+            raise GrammarRejected(self._one_line(template.get_error()))
         return template
 
     def new_matcher(self, compiled):
@@ -145,6 +149,17 @@ class OutlinesCoreEngine:
 
 _ENGINES = {"xgrammar": XGrammarEngine, "llguidance": LLGuidanceEngine, "outlines-core": OutlinesCoreEngine}
 _DISTRIBUTIONS = {"xgrammar": "xgrammar", "llguidance": "llguidance", "outlines-core": "outlines-core"}
+
+
+_MODULES = {"xgrammar": ("xgrammar",), "llguidance": ("llguidance", "llguidance.hf", "llguidance.torch"),
+            "outlines-core": ("outlines_core", "outlines_core.json_schema")}
+
+
+def import_engine(name: str) -> None:
+    """Import a library's modules, so that timing `make_engine` times the tokenizer build, not imports
+    (llguidance.torch alone pulls in torch.compile's machinery: ~0.8 s)."""
+    for module in _MODULES[name]:
+        importlib.import_module(module)
 
 
 def make_engine(name: str, tokenizer: BenchTokenizer, hf_tokenizer, num_threads: int):

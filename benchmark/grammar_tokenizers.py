@@ -74,6 +74,10 @@ def write_grown_tokenizer(base_folder: Path, out_dir: Path, num_tokens: int = QW
     vocab: dict[str, int] = data["model"]["vocab"]
     merges: list = data["model"]["merges"]
     specials = {token["content"] for token in data["added_tokens"]}
+    # Added tokens may sit inside the BPE vocabulary (SmolLM2: ids 0-16) or after it (the demo's 2000-2002):
+    # put them inside at their ids, so the new tokens' ids follow on without a hole.
+    for token in data["added_tokens"]:
+        vocab.setdefault(token["content"], token["id"])
     frequent = [token for token, index in sorted(vocab.items(), key=lambda item: item[1])[:20_000] if token not in specials]
     rng = random.Random(seed)
     next_id = max(vocab.values()) + 1
