@@ -145,17 +145,21 @@ def rank_rss_mib(server_pid: int) -> list[float]:
     return [round(mib) for mib in found if mib is not None]
 
 
-def shards_report(config: ShardsConfig, rows: list[ShardsRow]) -> dict:
-    """The JSON the command writes: the machine, the config, the rows."""
+def machine_meta() -> dict:
+    """The CPU, torch and its CPU capability, the cores, and the load now: call it before the run."""
     from tgserve.benchmark.engine_bench import cpu_model
 
     import torch
 
-    return {"meta": {"cpu_model": cpu_model(), "torch": torch.__version__,
-                     "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                     "cpus": len(os.sched_getaffinity(0)), "load_avg_1m_before": os.getloadavg()[0],
-                     "date": time.strftime("%Y-%m-%d %H:%M")},
-            "config": asdict(config), "results": [asdict(row) for row in rows]}
+    return {"cpu_model": cpu_model(), "torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpus": len(os.sched_getaffinity(0)), "load_avg_1m_before": os.getloadavg()[0],
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def shards_report(meta: dict, config: ShardsConfig, rows: list[ShardsRow]) -> dict:
+    """The JSON the command writes: the machine (`machine_meta` before the run), the config, the rows."""
+    return {"meta": meta, "config": asdict(config), "results": [asdict(row) for row in rows]}
 
 
 _COLUMNS = (("num_shard", "shards"), ("batch_size", "batch"), ("num_decode_steps", "decode steps"),

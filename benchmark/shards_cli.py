@@ -38,7 +38,8 @@ def add_shards_parser(benchmark_commands: argparse._SubParsersAction) -> None:
 def run_shards_command(args: argparse.Namespace) -> int:
     """Handler of `tgserve benchmark shards`; exit code 1 when a server failed."""
     from tgserve.benchmark.engine_cli import _error, _report
-    from tgserve.benchmark.shards import ShardsConfig, format_shards_report, run_shards_bench, shards_report
+    from tgserve.benchmark.shards import (ShardsConfig, format_shards_report, machine_meta, run_shards_bench,
+                                          shards_report)
 
     def config(model_id: str) -> ShardsConfig:
         return ShardsConfig(model_id=model_id, num_shards=args.num_shard, batch_sizes=args.batch_size,
@@ -53,9 +54,10 @@ def run_shards_command(args: argparse.Namespace) -> int:
                 from tgserve.checkpoints.demo_model import write_demo_model
                 model_id = str(write_demo_model(scratch, args.shape, seed=0, progress=False))
             bench_config = config(model_id)
+            meta = machine_meta()
             rows = run_shards_bench(bench_config)
     except (ValueError, OSError) as error:
         return _error(error)
-    report = shards_report(bench_config, rows)
+    report = shards_report(meta, bench_config, rows)
     _report(format_shards_report(report), report, args.result_file)
     return 1 if any(row.error for row in rows) else 0
