@@ -125,6 +125,19 @@ def test_different_seeds_and_steps_draw_differently():
     assert torch.equal(by_seed, again)
 
 
+def test_the_hash_value_that_rounds_to_one_never_wins_the_draw():
+    """Seed 170, step 0: vocabulary id 97881 hashes to the top 24-bit value, whose uniform rounded to
+    1.0 in float32 and made its noise +inf: the id was drawn whatever its probability, and a masked
+    (-inf) id became NaN, which argmax also takes. A vocabulary of Qwen2's size hit this in 0.9% of rows."""
+    vocab, unlikely = 151936, 97881
+    logits = torch.zeros(1, vocab)
+    logits[0, unlikely] = -1e4  # probability ~0: never drawn
+    assert sample(logits, _batch([{"seed": 170}])).next_ids.item() != unlikely
+    logits[0, unlikely] = float("-inf")  # masked
+    drawn = sample(logits, _batch([{"seed": 170}]))
+    assert drawn.next_ids.item() != unlikely and math.isfinite(drawn.logprobs.item())
+
+
 # Chi-square critical value for 5 degrees of freedom at p = 1e-6 (scipy.stats.chi2.isf(1e-6, 5) = 35.9).
 _CHI2_5DOF_1E6 = 35.9
 
