@@ -121,6 +121,7 @@ def test_verified_guesses_the_grammar_refuses_change_nothing(engine, person):
     proposer = FixedProposer({tuple(engine.tokenizer.encode(prompt)): reference.ids}, engine.runner.vocab_size)
     with proposing(engine, proposer):
         (verified,) = run_all(engine, [_request(engine, person, prompt=prompt)])
+    assert not isinstance(verified.events[-1], ErrorEvent), verified.events[-1]
     assert verified.ids == reference.ids
     assert any(event.num_step_tokens > 1 for event in verified.events)
 
