@@ -8,7 +8,8 @@ round runs every workload at every batch size: B greedy requests of the same pro
 `--new-tokens` tokens (unconstrained ones ignore EOS; the grammars cannot complete sooner: the JSON
 one needs more array items than that, the regex one allows any lowercase text). Only decode steps
 with all B requests in them count; a step's time is `StepStats.duration_s`, mask fill and matcher
-advance included. Rounds alternate the workloads so slow spells of a shared machine hit all of them.
+advance included. Rounds rotate the workloads' order so slow spells of a shared machine hit all of them; `us/row` is the
+median step's extra time per constrained row over the unconstrained median.
 """
 from __future__ import annotations
 
@@ -73,16 +74,19 @@ def measure(engine, batch_sizes: list[int], new_tokens: int, num_rounds: int) ->
                  "regex": compiler.compile(GrammarSpec.regex(REGEX))}
     durations = {(b, name): [] for b in batch_sizes for name in workloads}
     run_workload(engine, None, max(batch_sizes), 4)  # first steps of a fresh engine are slow
-    for _ in range(num_rounds):
+    names = list(workloads)
+    for round_index in range(num_rounds):
+        order = names[round_index % len(names):] + names[:round_index % len(names)]  # each goes first in turn
         for batch_size in batch_sizes:
-            for name, grammar in workloads.items():
-                durations[(batch_size, name)] += run_workload(engine, grammar, batch_size, new_tokens)
+            for name in order:
+                durations[(batch_size, name)] += run_workload(engine, workloads[name], batch_size, new_tokens)
     rows = []
     for (batch_size, name), values in durations.items():
         step_ms = statistics.median(values) * 1e3
         base_ms = statistics.median(durations[(batch_size, "none")]) * 1e3
         rows.append({"batch_size": batch_size, "workload": name, "num_steps": len(values), "step_ms": step_ms,
-                     "ms_per_token": step_ms / batch_size, "overhead_pct": 100 * (step_ms / base_ms - 1)})
+                     "ms_per_token": step_ms / batch_size, "overhead_pct": 100 * (step_ms / base_ms - 1),
+                     "extra_us_per_row": 1e3 * (step_ms - base_ms) / batch_size})
     return rows
 
 
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-id", default=None, help="checkpoint folder (default: the demo model)")
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--result-file", default=None)
     args = parser.parse_args(argv)
     from tgserve.checkpoints.demo_model import ensure_demo_model
@@ -107,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     rows = measure(engine, batch_sizes, args.new_tokens, args.rounds)
     print(f"{model_id}; {args.new_tokens} new tokens, {args.rounds} rounds; started {started}")
-    print(f"{'batch':>5} {'workload':>8} {'steps':>5} {'step ms':>8} {'ms/token':>8} {'overhead':>8}")
+    print(f"{'batch':>5} {'workload':>8} {'steps':>5} {'step ms':>8} {'ms/token':>8} {'overhead':>8} {'us/row':>7}")
     for row in rows:
         print(f"{row['batch_size']:>5} {row['workload']:>8} {row['num_steps']:>5} {row['step_ms']:>8.2f} "
-              f"{row['ms_per_token']:>8.3f} {row['overhead_pct']:>7.1f}%")
+              f"{row['ms_per_token']:>8.3f} {row['overhead_pct']:>7.1f}% {row['extra_us_per_row']:>7.1f}")
     if args.result_file:
         with open(args.result_file, "w") as f:
             json.dump({"model_id": model_id, "started_utc": started, "new_tokens": args.new_tokens, "rows": rows}, f, indent=1)

@@ -139,6 +139,8 @@ def test_a_complete_grammar_ends_with_eos_even_when_eos_is_ignored(engine):
         (got,) = run_all(engine, [_request(engine, forced, ignore_eos=ignore_eos)])
         assert got.finish.reason == "eos_token" and got.finish.text == "yes"
         assert got.ids[-1] in engine.tokenizer.eos_token_ids
+        # logprobs are the masked distribution's (as TGI reports them): the forced EOS is certain
+        assert got.events[-1].logprob == 0.0
 
 
 def test_stop_sequence_and_max_new_tokens_still_end_a_constrained_request(engine, person):
