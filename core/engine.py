@@ -58,7 +58,7 @@ class Engine:
                  tokenizer: Tokenizer, scheduler: Scheduler, runner: ModelRunner,
                  on_shutdown: Callable[[], object] = lambda: None, observer: StepObserver | None = None,
                  proposer: Proposer | None = None, acceptance: AcceptanceRule = accept_matching_prefix,
-                 make_request_states: Callable[[GenerationRequest], tuple[RequestState, ...]] | None = None,
+                 make_request_states: Callable[[GenerationRequest], tuple[RequestState, ...]] = grammar_request_states,
                  collective_clock: CollectiveClock | None = None):
         self.config = config
         self.limits = limits
@@ -80,8 +80,9 @@ class Engine:
         # step), and the rule that says how many sampled tokens a sequence keeps. Set before submitting.
         self.proposer = proposer
         self.acceptance = acceptance
-        # request -> its RequestStates, at submit; by default a grammar's state for a request with one
-        self.make_request_states = make_request_states or self._default_request_states
+        # request -> its RequestStates, at submit; by default its own grammar state for a request with a
+        # grammar (each best_of candidate is a request of its own, so it gets its own matcher)
+        self.make_request_states = make_request_states
         self._collective_clock = collective_clock  # sharded: rank 0's time in collectives, taken per step
         # compiles the grammars requests carry (`GenerationRequest.grammar`), off the engine thread; None:
         # grammars are not supported (--disable-grammar-support). Set by start-up (`engine_builder`).
@@ -124,12 +125,6 @@ class Engine:
                        max_tokens, arrival_s=time.monotonic(), states=tuple(self.make_request_states(request)))
         self._inbox.put(("add", _Active(seq, sink, StopMatcher(request.stopping.stop_sequences))))
         return request.request_id
-
-    def _default_request_states(self, request: GenerationRequest) -> tuple[RequestState, ...]:
-        """Its own grammar state for a request with a grammar (each best_of candidate is a request)."""
-        if request.grammar is None:
-            return ()
-        return grammar_request_states(request, self.grammar_compiler.executor)
 
     def set_observer(self, observer: StepObserver | None) -> None:
         """Report every step to `observer` from now on (None: stop reporting); any thread may call it."""

@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING, Sequence as Ids
 if TYPE_CHECKING:
     import torch
 
-    from tgserve.core.request import GenerationRequest
-
 
 class RequestState:
     """Base class with no-op defaults; subclasses override what they need."""
@@ -52,8 +50,3 @@ class MaskingState(RequestState):
             state leaves alone allows every id; a state whose request cannot go on sets `error`.
         Called by the runner once per step that holds states of this class (engine thread)."""
         raise NotImplementedError(f"{cls.__name__} must fill its masks")
-
-
-def no_request_states(request: GenerationRequest) -> tuple[RequestState, ...]:
-    """A `make_request_states` for engines whose requests carry no state (no grammar)."""
-    return ()

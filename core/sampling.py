@@ -3,12 +3,12 @@
 Order, as TGI: watermark (`tgserve.core.watermark`), repetition penalty, frequency penalty,
 temperature, top-k, top-p, typical-p, then greedy argmax or a seeded draw. Allowed-token masks
 (request states such as grammar matchers, `tgserve.core.request_state`) remove the ids they forbid
-after the penalties and before temperature, as TGI's grammar processor, in one batched op over the
-constrained rows only; logprobs are those of the distribution sampled from, masks included (TGI). Rows of the batch are
-independent: a seeded row draws its noise from a counter-based hash of (seed, generated-token
-index, vocabulary id), never from a shared generator, so its text does not depend on what else
-shares the batch. Sampling by argmax(logprobs + Gumbel noise) is an exact draw from the
-distribution.
+after the penalties and before temperature, where TGI applies its grammar processor, in one batched
+op over the constrained rows only; logprobs are those of the distribution drawn from, masks
+included, as TGI reports them. Rows of the batch are independent: a seeded row draws its noise
+from a counter-based hash of (seed, generated-token index, vocabulary id), never from a shared
+generator, so its text does not depend on what else shares the batch. Sampling by
+argmax(logprobs + Gumbel noise) is an exact draw from the distribution.
 """
 from __future__ import annotations
 

@@ -55,13 +55,11 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, *, max_compile_s: float = DEFAULT_MAX_COMPILE_S,
                  max_cached: int = DEFAULT_MAX_CACHED, num_threads: int = 2,
-                 limits: llguidance.LLParserLimits | None = None, num_mask_threads: int | None = None) -> None:
+                 limits: llguidance.LLParserLimits | None = None) -> None:
         """tokenizer: from `core.grammar.vocabulary` (built once per server).
         max_compile_s: wall-clock seconds one compile may take before its requests get a `GrammarError`.
         num_threads: compiles that may run at once (more waits in a queue; queued time is not counted).
-        limits: llguidance's own bounds on grammar size and lexer/parser work (None: its defaults).
-        num_mask_threads: llguidance's threads computing a step's masks (None: its default, 80% of the
-            cores up to 32)."""
+        limits: llguidance's own bounds on grammar size and lexer/parser work (None: its defaults)."""
         if max_compile_s <= 0 or max_cached < 1 or num_threads < 1:
             raise ValueError("max_compile_s must be > 0, max_cached and num_threads >= 1")
         self.max_compile_s = max_compile_s
@@ -71,8 +69,6 @@ class GrammarCompiler:
         self._cache: OrderedDict[GrammarSpec, Future] = OrderedDict()  # oldest use first
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(num_threads, thread_name_prefix="tgserve-grammar")
-        # computes the masks of every constrained row of a step in one call (`core.grammar.state`)
-        self.executor = llguidance.LLExecutor(num_mask_threads)
 
     def submit(self, spec: GrammarSpec) -> Future:
         """The future of `spec`'s `CompiledGrammar` (or `GrammarError`): the cached one, or a new compile."""

@@ -12,6 +12,7 @@ from transformers import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, To
                           TypicalLogitsWarper)
 
 from tgserve.core.sampling import SamplingBatch, argmax_rows, sample
+from tgserve.core.token_bitmask import pack_allowed
 
 _GREEDY = {"greedy": True}
 
@@ -270,8 +271,10 @@ def test_penalty_can_change_the_greedy_choice():
 
 # --- allowed-token mask ----------------------------------------------------------------------------------
 
-def _with_mask(batch: SamplingBatch, allowed: torch.Tensor) -> SamplingBatch:
-    batch.allowed = allowed
+def _with_mask(batch: SamplingBatch, allowed: torch.Tensor, rows: list[int] | None = None) -> SamplingBatch:
+    """Mask `rows` of the batch (None: all) with the bool [len(rows), vocab] `allowed`, packed as the runner does."""
+    batch.allowed_bits = pack_allowed(allowed)
+    batch.allowed_rows = None if rows is None else torch.tensor(rows, dtype=torch.int64)
     return batch
 
 
@@ -291,7 +294,10 @@ def test_masked_rows_draw_only_allowed_ids_and_unmasked_rows_are_unaffected():
         rows = [{"greedy": True}, {"seed": seed, "temperature": 1.5}, {"greedy": True},
                 {"seed": seed, "temperature": 1.5}]
         masked = sample(logits, _with_mask(_batch(rows), allowed))
+        only_masked_rows = sample(logits, _with_mask(_batch(rows), allowed[:2], rows=[0, 1]))
         plain = sample(logits, _batch(rows))
+        assert torch.equal(only_masked_rows.next_ids, masked.next_ids)
+        assert torch.equal(only_masked_rows.logprobs, masked.logprobs)
         for r in range(2):
             assert int(masked.next_ids[r]) in allowed_ids[5 * r:5 * r + 5]
         ids = allowed_ids[:5]

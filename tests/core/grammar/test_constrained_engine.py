@@ -121,6 +121,7 @@ def test_verified_guesses_the_grammar_refuses_change_nothing(engine, person):
     proposer = FixedProposer({tuple(engine.tokenizer.encode(prompt)): reference.ids}, engine.runner.vocab_size)
     with proposing(engine, proposer):
         (verified,) = run_all(engine, [_request(engine, person, prompt=prompt)])
+    assert not isinstance(verified.events[-1], ErrorEvent), verified.events[-1]
     assert verified.ids == reference.ids
     assert any(event.num_step_tokens > 1 for event in verified.events)
 
@@ -138,6 +139,8 @@ def test_a_complete_grammar_ends_with_eos_even_when_eos_is_ignored(engine):
         (got,) = run_all(engine, [_request(engine, forced, ignore_eos=ignore_eos)])
         assert got.finish.reason == "eos_token" and got.finish.text == "yes"
         assert got.ids[-1] in engine.tokenizer.eos_token_ids
+        # logprobs are the masked distribution's (as TGI reports them): the forced EOS is certain
+        assert got.events[-1].logprob == 0.0
 
 
 def test_stop_sequence_and_max_new_tokens_still_end_a_constrained_request(engine, person):
