@@ -11,7 +11,9 @@ The masks are computed one matcher after another on the engine thread, not on ll
 `LLExecutor` pool: measured on the demo model at batch 16 on a shared 2-core machine, the pool took
 5.5 ms a step to fill 16 rows (and slowed the forward after it, its threads competing with torch's)
 where the loop took 0.06 ms; decode steps cost 24-32 ms against 10.4-11.9 ms unconstrained with the
-pool, 10.9-11.2 ms with the loop.
+pool, 10.9-11.2 ms with the loop. On SmolLM2 (49k ids), per decode step: filling the masks took 0.14 ms
+(1 row) / 0.21 ms (16 rows) for a JSON schema, but 0.48 / 5.2 ms for the regex `[a-z ,.]{400,}`
+(llguidance's cost for a long bounded repetition), against steps of 23.5 / 43 ms.
 
 Ends, as TGI: a grammar whose text is complete allows only EOS, so the request ends at EOS
 (finish reason `eos_token`, even with `ignore_eos_token`: nothing may follow). A matcher in error
