@@ -143,4 +143,6 @@ def test_models_tokenize_and_chat_tokenize(client, model_dir, hf_tokenizer):
     assert chat["templated_text"] == CHATML_FRANCE
     assert chat["tokenize_response"] == client.post("/tokenize", json={"inputs": CHATML_FRANCE}).json()
     assert_refused(client.post("/chat_tokenize", json={"messages": FRANCE, "tools": [{"type": "function"}]}),
-                   "validation", f"`tools` {NOT_YET}")
+                   "tool_error", "Tool error: tools[0] must be")
+    with_tools = client.post("/chat_tokenize", json={"messages": FRANCE, "tools": [TOOL]}).json()["templated_text"]
+    assert f"\n---\n{json.dumps([TOOL])}\n" in with_tools  # the demo template reads no `tools`: the prompt lists them
