@@ -84,6 +84,9 @@ class ServerConfig:
     # --disable-grammar-support: requests with a grammar (TGI's `grammar`, OpenAI's `response_format` /
     # `tools`) get TGI's 422 "grammar is not supported"; no grammar tokenizer is built at start.
     disable_grammar_support: bool = False
+    # --grammar-compile-timeout: seconds one grammar may take to compile (off the engine thread) before its
+    # requests get a 422; valid grammars compile in milliseconds (`tgserve.core.grammar.compiler`).
+    grammar_compile_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
@@ -116,6 +119,8 @@ class ServerConfig:
             raise ConfigError(f"`watermark_gamma` must be in (0, 1). Given: {self.watermark_gamma}")
         if not 0.0 < self.cuda_memory_fraction <= 1.0:
             raise ConfigError(f"`cuda_memory_fraction` must be in (0, 1]. Given: {self.cuda_memory_fraction}")
+        if not self.grammar_compile_timeout > 0:
+            raise ConfigError(f"`grammar_compile_timeout` must be > 0. Given: {self.grammar_compile_timeout}")
         if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
             raise ConfigError(f"`kv_cache_gib` must be > 0. Given: {self.kv_cache_gib}")
         if not 1 <= self.master_port <= 65535:

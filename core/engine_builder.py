@@ -127,17 +127,17 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
     engine = Engine(config, limits, info, tokenizer, scheduler, runner, on_shutdown=_shutdown(hook, ranks, loaded),
                     proposer=proposer, collective_clock=tp.clock if tp.world_size > 1 else None)
     if not config.disable_grammar_support:
-        engine.grammar_compiler = _grammar_compiler(tokenizer, model_config.vocab_size)
+        engine.grammar_compiler = _grammar_compiler(tokenizer, model_config.vocab_size, config.grammar_compile_timeout)
     return engine
 
 
-def _grammar_compiler(tokenizer: Tokenizer, num_logits: int) -> GrammarCompiler:
+def _grammar_compiler(tokenizer: Tokenizer, num_logits: int, max_compile_s: float) -> GrammarCompiler:
     """The grammar compile cache over llguidance's view of the tokenizer (its token trie, built once here)."""
     started_s = time.perf_counter()
     grammar_tokenizer = grammar_tokenizer_for(tokenizer.hf, num_logits, tokenizer.eos_token_ids)
     log.info("Grammar support: token trie of %d ids built in %.2fs (--disable-grammar-support skips it)",
              num_logits, time.perf_counter() - started_s)
-    return GrammarCompiler(grammar_tokenizer)
+    return GrammarCompiler(grammar_tokenizer, max_compile_s=max_compile_s)
 
 
 def _shutdown(hook, ranks: Ranks | None, loaded: LoadedModel):

@@ -47,8 +47,19 @@ def mask_disallowed(logits: torch.Tensor, bits: torch.Tensor, rows: torch.Tensor
 
     bits: int32 [G, words], one mask per constrained row; rows: int64 [G], the rows of `logits` they
     belong to, or None when there is one mask per row. Rows not in `rows` are left as they are."""
-    vocab_size = logits.shape[1]
-    if rows is None:  # `where` rather than masked_fill of the negation: one pass fewer (3.0 vs 3.6 ms, 16 x 49k)
-        return torch.where(unpack_allowed(bits, vocab_size), logits, float("-inf"))
-    masked = torch.where(unpack_allowed(bits, vocab_size), logits.index_select(0, rows), float("-inf"))
+    if rows is None:
+        return torch.minimum(logits, _bounds(bits, logits.shape[1], logits.dtype))
+    masked = torch.minimum(logits.index_select(0, rows), _bounds(bits, logits.shape[1], logits.dtype))
     return logits.index_copy(0, rows, masked)
+
+
+def _bounds(bits: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """float [R, vocab_size]: +inf where an id is allowed, -inf where not, so `minimum` with the logits
+    masks them. Arithmetic rather than a bool mask and `where`: each byte's AND with its bit value (0
+    or the bit) becomes a float, and (x - 0.5) * inf is -inf for 0 and +inf for any bit, all vectorised
+    float ops; `where` and `masked_fill` on a bool mask cost 3-4x as much on the CPU (16 x 49k logits,
+    Zen 5, 2 threads: 0.5-0.7 ms against 2.1-2.3 ms for unpack + `where`)."""
+    num_rows = bits.shape[0]
+    byte_bits = torch.tensor(_BYTE_BITS, dtype=torch.uint8, device=bits.device)
+    bit_values = (bits.contiguous().view(torch.uint8).unsqueeze(-1) & byte_bits).view(num_rows, -1)[:, :vocab_size]
+    return bit_values.to(dtype).sub_(0.5).mul_(float("inf"))

@@ -25,16 +25,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import llguidance
+import torch
 
 from tgserve.core.grammar.spec import GrammarError, GrammarSpec
+from tgserve.core.token_bitmask import unpack_allowed
 
 DEFAULT_MAX_COMPILE_S = 5.0  # past this a request gets a 422; valid grammars measured compile in milliseconds
 DEFAULT_MAX_CACHED = 256  # grammars (compiled or failed) kept, least recently used dropped first
+_FIRST_STEP_TRIES = 4  # allowed ids tried for the first-step check (an EOS among the lowest is skipped)
 _KIND_WORDS = {"json": "JSON schema", "regex": "regex"}
 # Whitespace a JSON output may put between tokens: one optional space, as TGI's outlines-built JSON
 # grammars (outlines' WHITESPACE). llguidance's default allows any run of whitespace, and the demo model
 # under it wrote "{" and then newlines until max_new_tokens; a schema's own `x-guidance` still overrides it.
-JSON_DEFAULTS = {"whitespace_pattern": "[ ]?"}
+# `oneOf`: llguidance refuses one whose branches it cannot prove exclusive; coerced, it is enforced as
+# `anyOf` (as TGI's outlines grammars do), so a schema is accepted, and an output matching two overlapping
+# branches is possible.
+JSON_DEFAULTS = {"whitespace_pattern": "[ ]?", "coerce_one_of": True}
 
 
 @dataclass(slots=True, frozen=True)
@@ -143,10 +149,34 @@ def compile_grammar(tokenizer: llguidance.LLTokenizer, spec: GrammarSpec,
         grammar = matcher_class.grammar_from_regex(spec.text)
     template = matcher_class(tokenizer, grammar, log_level=0, limits=limits)
     if not template.is_error():
-        template.compute_bitmask()  # the first mask is the costly one; pay it here, off the engine thread
+        first_mask = template.compute_bitmask()  # the first mask is the costly one; pay it here, off the engine thread
+        if not template.is_error():
+            _first_step_check(spec, template, first_mask)
     if template.is_error():
         raise GrammarError(f"invalid {_KIND_WORDS[spec.kind]}: {one_line(template.get_error())}")
     return CompiledGrammar(spec, grammar, template, time.perf_counter() - start)
+
+
+def _first_step_check(spec: GrammarSpec, template: llguidance.LLMatcher, first_mask: bytes) -> None:
+    """Raise `GrammarError` when a first generated token already breaks the matcher.
+
+    A counted repetition too large for llguidance's lexer (`x{1000000}`, `x{1000}{1000}`) compiles and
+    masks once, then fails on its first character ("too many expressions constructed"): left to the
+    engine, every such request would die on its first token after a mask that stalls the batch for
+    ~0.1 s. So a copy of the template takes the lowest id the first mask allows (one that does not end
+    the grammar) and computes the mask after it, here, off the engine thread."""
+    allowed = unpack_allowed(torch.frombuffer(bytearray(first_mask), dtype=torch.int32).unsqueeze(0),
+                             len(first_mask) * 8)[0]
+    for token_id in torch.nonzero(allowed).flatten()[:_FIRST_STEP_TRIES].tolist():
+        probe = template.deep_copy()
+        if probe.consume_token(token_id) and not probe.is_error():  # an id its own mask allows: no refusal but an error
+            if probe.is_stopped():
+                continue
+            probe.compute_bitmask()
+        if probe.is_error():
+            raise GrammarError(f"{_KIND_WORDS[spec.kind]} too complex for the grammar engine: "
+                               f"{one_line(probe.get_error())}")
+        return
 
 
 def one_line(message: str) -> str:

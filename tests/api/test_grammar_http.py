@@ -33,7 +33,19 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "additionalProperties": False, "required": ["zone"],
     "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}
 NEW_TOKENS = 80
+COMPILE_TIMEOUT_S = 0.25  # this module's --grammar-compile-timeout: every grammar above compiles in ~1 ms
+# Valid but slow to compile: 1,500 alternatives of 10 required properties, ~1 s on a Zen 5 core
+# (llguidance refuses 2,000 of them as too large).
+SLOW_SCHEMA = {"anyOf": [{"type": "object", "properties": {f"p{i}_{j}": {"type": "integer"} for j in range(10)},
+                          "required": [f"p{i}_{j}" for j in range(10)]} for i in range(1500)]}
+# Compiles, but llguidance's lexer gives up on the string's first character: a dead end at run time.
+DEAD_END = {"type": "object", "required": ["a"], "properties": {"a": {"type": "string", "pattern": "^x{1000000}$"}}}
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # text_generation calls pydantic's .dict()
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server("--grammar-compile-timeout", str(COMPILE_TIMEOUT_S))
 
 
 def generate(url: str, grammar: dict, route: str = "/generate", **parameters) -> httpx.Response:
@@ -138,12 +150,15 @@ def test_auto_tools_answer_in_text_or_a_call_and_none_ignores_them(oai):
     assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
 
 
-@pytest.mark.parametrize("grammar, message", [
-    ({"type": "json", "value": {"type": "object", "properties": {"a": {"type": "strin"}}}}, "invalid JSON schema"),
-    ({"type": "regex", "value": "(unclosed"}, "invalid regex"),
-    ({"type": "json", "value": {"type": "string", "pattern": "(?<=a)b"}}, "invalid JSON schema"),
+@pytest.mark.parametrize("grammar, messages", [
+    ({"type": "json", "value": {"type": "object", "properties": {"a": {"type": "strin"}}}}, ["invalid JSON schema"]),
+    ({"type": "regex", "value": "(unclosed"}, ["invalid regex"]),
+    ({"type": "json", "value": {"type": "string", "pattern": "(?<=a)b"}}, ["invalid JSON schema"]),
+    ({"type": "json", "value": SLOW_SCHEMA}, [f"compiling the JSON schema took longer than {COMPILE_TIMEOUT_S:g} s"]),
+    # Refused by the first-step check after ~0.4 s on Zen 5, or by the time limit on a slower machine.
+    ({"type": "regex", "value": "x{1000000}"}, ["regex too complex for the grammar engine", "compiling the regex took longer"]),
 ])
-def test_bad_grammars_are_422s_beside_a_request_in_flight(server, grammar, message):
+def test_bad_grammars_are_422s_beside_a_request_in_flight(server, grammar, messages):
     in_flight: dict = {}
     worker = threading.Thread(target=lambda: in_flight.update(
         response=generate(server.url, {"type": "json", "value": PERSON})))
@@ -153,9 +168,41 @@ def test_bad_grammars_are_422s_beside_a_request_in_flight(server, grammar, messa
     assert response.status_code == 422, response.text
     body = response.json()
     assert body["error_type"] == "validation" and body["error"].startswith("Input validation error: ")
-    assert message in body["error"], body
+    assert any(message in body["error"] for message in messages), body
     assert in_flight["response"].status_code == 200
     valid(in_flight["response"].json()["generated_text"], PERSON)
+
+
+def test_a_grammar_dead_end_fails_its_request_with_the_reason_and_the_server_goes_on(server):
+    in_flight: dict = {}
+    worker = threading.Thread(target=lambda: in_flight.update(
+        response=generate(server.url, {"type": "json", "value": PERSON}, seed=3, do_sample=True)))
+    worker.start()
+    dead = generate(server.url, {"type": "json", "value": DEAD_END})
+    with httpx.stream("POST", f"{server.url}/generate_stream", json={"inputs": "Anna", "parameters": {
+            "max_new_tokens": NEW_TOKENS, "grammar": {"type": "json", "value": DEAD_END}}}, timeout=120) as stream:
+        events = [json.loads(line[len("data:"):]) for line in stream.iter_lines() if line.startswith("data:")]
+    worker.join(timeout=120)
+    assert dead.status_code == 424, dead.text
+    assert dead.json()["error_type"] == "generation"
+    assert "the grammar allowed no next token" in dead.json()["error"] and "too many expressions" in dead.json()["error"]
+    assert "the grammar allowed no next token" in events[-1]["error"] and "generated_text" not in events[-1]
+    assert all(not e.get("token", {}).get("text", "").startswith("x") for e in events)  # the refused token never shows
+    assert in_flight["response"].status_code == 200
+    valid(in_flight["response"].json()["generated_text"], PERSON)
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_best_of_candidates_all_follow_the_grammar(server):
+    response = generate(server.url, {"type": "json", "value": PERSON}, best_of=2, do_sample=True,
+                        temperature=1.5, details=True)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    valid(body["generated_text"], PERSON)
+    others = body["details"]["best_of_sequences"]
+    assert len(others) == 1
+    for other in others:
+        valid(other["generated_text"], PERSON)
 
 
 def test_disable_grammar_support_refuses_as_tgi(start_server):

@@ -43,3 +43,18 @@ def test_mask_disallowed_touches_only_its_rows():
         assert torch.equal(out[row], logits[row].masked_fill(~allowed[mask_row], float("-inf")))
     every_row = mask_disallowed(logits[:2], pack_allowed(allowed), None)
     assert torch.equal(every_row, logits[:2].masked_fill(~allowed, float("-inf")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masking_keeps_allowed_logits_exactly_even_at_the_extremes(dtype):
+    """The masking is arithmetic (a minimum with +-inf bounds), so an allowed id's logit must pass
+    unchanged whatever it is: huge, tiny, -inf already (a penalty or a filter), NaN stays NaN."""
+    extremes = [3.0e38, -3.0e38, 1e-30, -0.0, float("-inf"), float("inf")]
+    logits = torch.tensor([extremes * 2], dtype=dtype)
+    allowed = torch.tensor([[True] * 6 + [False] * 6])
+    out = mask_disallowed(logits, pack_allowed(allowed), None)
+    assert out.dtype == dtype
+    assert torch.equal(out[0, :6], logits[0, :6])
+    assert torch.equal(out[0, 6:], torch.full((6,), float("-inf"), dtype=dtype))
+    nan = mask_disallowed(torch.tensor([[float("nan")]], dtype=dtype), pack_allowed(torch.tensor([[True]])), None)
+    assert torch.isnan(nan).all()

@@ -85,6 +85,29 @@ def test_invalid_grammars_raise_a_grammar_error_naming_the_problem(compiler, spe
     assert named in message and "\n" not in message
 
 
+@pytest.mark.parametrize("regex", ["x{1000000}", "x{1000}{1000}"])
+def test_a_regex_that_breaks_on_its_first_token_is_refused_at_compile(compiler, regex):
+    """llguidance compiles these and computes their first mask, then its lexer gives up on the first
+    character ("too many expressions constructed"): refused before any request runs it."""
+    with pytest.raises(GrammarError, match="^regex too complex for the grammar engine: .*too many expressions"):
+        compiler.compile(GrammarSpec.regex(regex))
+
+
+def test_large_counted_repeats_the_lexer_can_follow_are_accepted(compiler, demo_tokenizer):
+    for regex in ("x{5000}", "[a-z]{1000000}", "(a|b)*a(a|b){10000}"):
+        compiled = compiler.compile(GrammarSpec.regex(regex))
+        assert walk(compiled.new_matcher(), demo_tokenizer, "ab" if regex[0] != "x" else "xx")
+
+
+def test_a_one_of_with_overlapping_branches_is_accepted_as_any_of(compiler, demo_tokenizer):
+    """llguidance alone refuses a `oneOf` it cannot prove exclusive; tgserve enforces it as `anyOf`
+    (as TGI's outlines does) rather than refusing a valid schema."""
+    schema = {"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 5}]}
+    compiled = compiler.compile(GrammarSpec.json_schema(schema))
+    matcher = compiled.new_matcher()
+    assert walk(matcher, demo_tokenizer, '"abc"') and matcher.is_accepting()
+
+
 def test_a_failed_grammar_fails_again_from_the_cache(compiler):
     spec = GrammarSpec.json_schema({"type": "objectx"})
     first = compiler.submit(spec)
