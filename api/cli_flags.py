@@ -104,6 +104,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag(("--node-rank",), "node_rank", int, "This machine's index among the --nnodes machines"),
     Flag(("--disable-grammar-support",), "disable_grammar_support", None,
          "Refuse requests with a grammar (`grammar`, `response_format`, `tools`) instead of constraining output"),
+    Flag(("--prefix-caching",), "prefix_caching", boolean, "true: a request reuses the cached K/V of the full "
+         "blocks of its prompt that an earlier request computed; false: every prompt is computed whole"),
     Flag(("--grammar-compile-timeout",), "grammar_compile_timeout", float,
          "Seconds a grammar may take to compile before its request gets a 422 (tgserve's; TGI has no limit)"),
 )

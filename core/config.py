@@ -87,6 +87,9 @@ class ServerConfig:
     # --grammar-compile-timeout: seconds one grammar may take to compile (off the engine thread) before its
     # requests get a 422; valid grammars compile in milliseconds (`tgserve.core.grammar.compiler`).
     grammar_compile_timeout: float = 5.0
+    # --prefix-caching / PREFIX_CACHING (TGI's variable): reuse the K/V of full blocks a new request's prompt
+    # shares with an earlier one (`tgserve.core.block_manager`); false computes every prompt whole.
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:

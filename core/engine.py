@@ -180,6 +180,11 @@ class Engine:
         return blocks.num_usable_blocks - blocks.num_free_blocks
 
     @property
+    def num_cached_kv_blocks(self) -> int:
+        """Free KV-cache blocks still holding a prefix a new request may reuse (prefix caching)."""
+        return self.scheduler.blocks.num_cached_free_blocks
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._active) + self._inbox.qsize()
 
@@ -416,7 +421,8 @@ class Engine:
             finish = Finish(reason=reason, generated_tokens=len(generated),
                             seed=None if sampling.is_greedy else sampling.seed,
                             text=tokenizer.decode(generated, skip_special_tokens=True),
-                            queue_s=seq.first_scheduled_s - seq.arrival_s, inference_s=now - seq.first_scheduled_s)
+                            queue_s=seq.first_scheduled_s - seq.arrival_s, inference_s=now - seq.first_scheduled_s,
+                            cached_tokens=seq.num_cached_tokens)
             self._release(seq)
             del self._active[seq.request_id]
         active.sink(TokenEvent(

@@ -110,7 +110,12 @@ def build_engine(config: ServerConfig, backend: ActiveBackend, progress: bool = 
         proposer = _draft_proposer(config, hook, draft, sizing.num_blocks, capacity, constraints)
     if proposer is not None:
         log.info("Using speculation %s with %d input ids.", proposer.method, config.speculate)  # TGI's line
-    scheduler = Scheduler(BlockManager(sizing.num_blocks, loaded.block_size), limits.max_batch_prefill_tokens,
+    is_prefix_caching = config.prefix_caching and (constraints is None or (
+        constraints.supports_prefix_caching and not constraints.is_slot_based))
+    log.info("Prefix caching: %s", "on (--prefix-caching false turns it off)" if is_prefix_caching else
+             "off" + ("" if config.prefix_caching else " (--prefix-caching false)"))
+    scheduler = Scheduler(BlockManager(sizing.num_blocks, loaded.block_size, is_prefix_caching),
+                          limits.max_batch_prefill_tokens,
                           limits.max_batch_size, constraints.supports_chunked_prefill if constraints else True,
                           constraints)
     if probe is None:
@@ -189,7 +194,7 @@ def _probe(config: ServerConfig, hook, loaded: LoadedModel, policy: WarmupPolicy
            constraints: ShapeConstraints | None) -> ProbeResult:
     """Time the policy's probe step on a scratch KV cache just big enough for it (freed on return)."""
     num_tokens = min(policy.probe_tokens, loaded.model_config.max_position_embeddings - 1)
-    blocks = BlockManager(-(-(num_tokens + 1) // loaded.block_size) + 1, loaded.block_size)
+    blocks = BlockManager(-(-(num_tokens + 1) // loaded.block_size) + 1, loaded.block_size, is_prefix_caching=False)
     scratch = make_kv_cache(hook, loaded, blocks.num_blocks)
     scheduler = Scheduler(blocks, max_batch_prefill_tokens=num_tokens, max_batch_size=1, constraints=constraints)
     capacity = step_capacity(num_tokens, 1, num_tokens + 1, blocks.num_blocks, loaded.block_size, constraints)

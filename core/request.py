@@ -73,6 +73,7 @@ class Finish:
     text: str  # the whole generated text, special tokens skipped
     queue_s: float = 0.0  # seconds from submit to the first step that computed it
     inference_s: float = 0.0  # seconds from that step to the last token
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache instead of being computed
 
 
 @dataclass(slots=True, frozen=True)

@@ -7,8 +7,9 @@ at the first request that does not fit, so nobody is overtaken and nobody starve
 reserves the blocks for its whole token budget when admitted, so a running request never runs out
 of cache and nothing is ever preempted; a speculating sequence's verified positions stay inside that
 reservation (the engine proposes at most max_tokens - L - 1 tokens after L), so speculation needs no
-extra blocks and a request near its end proposes fewer. At admission the block manager says how much of the prompt
-is already computed (0 until prefix caching); only the rest is scheduled.
+extra blocks and a request near its end proposes fewer. At admission the block manager names the cached
+blocks that hold a prefix of the prompt (prefix caching); the request holds them with the others it
+allocates, counted once, and only the rest of its prompt is scheduled.
 
 A backend's `ShapeConstraints` bound every step: never more tokens than its largest prefill bucket
 nor more sequences than its largest batch bucket, and on a slot-based backend each admitted request
@@ -79,15 +80,18 @@ class Scheduler:
             budget -= num_tokens
         while self.waiting and budget > 0 and self._has_batch_room():
             seq = self.waiting[0]
-            num_computed = self._num_computed_at_admission(seq)
+            cached_ids, cached_hashes = self._cached_prefix(seq)
+            num_computed = len(cached_ids) * self.blocks.block_size
             num_uncomputed = len(seq.token_ids) - num_computed
             num_tokens = min(num_uncomputed, budget)
-            num_blocks = self.blocks.blocks_for(seq.max_tokens)
+            num_blocks = self.blocks.blocks_for(seq.max_tokens) - len(cached_ids)
             is_whole = num_tokens == num_uncomputed
-            if not (is_whole or self.is_chunking_allowed) or not self.blocks.can_allocate(num_blocks):
+            if not (is_whole or self.is_chunking_allowed) or not self.blocks.can_allocate(num_blocks, cached_ids):
                 break
             self.waiting.popleft()
-            seq.block_ids = self.blocks.allocate(num_blocks)
+            seq.block_ids = self.blocks.reuse(cached_ids) + self.blocks.allocate(num_blocks)
+            seq.block_hashes = cached_hashes
+            seq.num_cached_tokens = num_computed
             if self._free_slots is not None:
                 seq.batch_slot = heapq.heappop(self._free_slots)
             seq.num_computed_tokens = num_computed
@@ -109,13 +113,16 @@ class Scheduler:
         del seq.token_ids[len(seq.token_ids) - num_dropped:]
         seq.num_proposed_tokens -= num_dropped
 
-    def _num_computed_at_admission(self, seq: Sequence) -> int:
-        """The block manager's answer for how much of `seq`'s prompt is computed, checked."""
-        num_computed = self.blocks.num_computed_prompt_tokens(seq.token_ids)
-        if not 0 <= num_computed < len(seq.token_ids) or num_computed % self.blocks.block_size:
-            raise EngineInvariantError(f"{num_computed} of {len(seq.token_ids)} prompt tokens computed: "
+    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], list[bytes]]:
+        """The block manager's cached blocks of `seq`'s prompt (none for a request that wants its prompt's
+        logprobs: they come from computing it, as TGI turns reuse off for decoder_input_details), checked."""
+        if seq.request.prefill_logprobs:
+            return [], []
+        block_ids, hashes = self.blocks.cached_prefix(seq.token_ids)
+        if len(block_ids) != len(hashes) or len(block_ids) * self.blocks.block_size >= len(seq.token_ids):
+            raise EngineInvariantError(f"{len(block_ids)} cached blocks for {len(seq.token_ids)} prompt tokens: "
                                        "not whole blocks short of the last token")
-        return num_computed
+        return block_ids, hashes
 
     def advance(self, seq: Sequence, num_tokens: int) -> None:
         """Record that `num_tokens` more tokens of `seq` are computed and accepted (their K/V stay in the

@@ -24,6 +24,7 @@ class Sequence:
     max_tokens: int  # prompt + max_new_tokens: the KV slots reserved at admission
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # prompt tokens whose K/V it reused from the prefix cache at admission
     block_ids: list[int] = field(default_factory=list)
     # Content hashes of the leading blocks full of computed tokens, in order (BlockManager.hash_full_blocks).
     block_hashes: list[bytes] = field(default_factory=list)

@@ -23,6 +23,8 @@ class ShapeConstraints:
     decode_batch_buckets: tuple[int, ...] = ()
     is_slot_based: bool = False  # each request owns one of `max_batch_size` fixed slots for its whole life
     supports_chunked_prefill: bool = True  # False: a prompt is always prefilled in one step
+    # False: a request never starts from cached blocks (e.g. the device keeps K/V per slot, not in blocks)
+    supports_prefix_caching: bool = True
 
 
 def bucket_for(size: int, buckets: tuple[int, ...]) -> int:

@@ -48,7 +48,7 @@ async def completions(request: Request, body: CompletionRequest, state: ServerSt
         return SSEResponse(_completion_events(lifecycles, bodies, meta, body), headers=headers)
     results = await cancel_on_disconnect(request, gather_or_cancel([lifecycle.run() for lifecycle in lifecycles]))
     choices, all_headers = [], []
-    num_prompt_tokens = num_completion_tokens = 0
+    num_prompt_tokens = num_completion_tokens = num_cached_tokens = 0
     for index, (generated, lifecycle, prompt) in enumerate(zip(results, lifecycles, prompts)):
         prepared, finish = generated.prepared, generated.finish
         prefix = prompt if body.echo else ""
@@ -57,9 +57,10 @@ async def completions(request: Request, body: CompletionRequest, state: ServerSt
                                               openai_finish_reason(finish.reason)))
         num_prompt_tokens += prepared.input_length
         num_completion_tokens += finish.generated_tokens
+        num_cached_tokens += finish.cached_tokens
         all_headers.append(lifecycle.timer.headers(finish, compute_type=state.compute_type, num_characters=len(prompt),
                                          num_prompt_tokens=prepared.input_length))
-    body_json = completion_json(meta, choices, usage_json(num_prompt_tokens, num_completion_tokens))
+    body_json = completion_json(meta, choices, usage_json(num_prompt_tokens, num_completion_tokens, num_cached_tokens))
     return JSONResponse(body_json, headers=sum_headers(all_headers))
 
 

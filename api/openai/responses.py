@@ -33,10 +33,12 @@ def openai_logprob(value: float) -> float:
     return MIN_LOGPROB if math.isnan(value) or value < MIN_LOGPROB else value
 
 
-def usage_json(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
-    """OpenAI's `usage` object."""
+def usage_json(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int = 0) -> dict:
+    """OpenAI's `usage` object; `prompt_tokens_details.cached_tokens` counts the prompt tokens whose K/V
+    came from the prefix cache (OpenAI's field; TGI has none)."""
     return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
-            "total_tokens": num_prompt_tokens + num_completion_tokens}
+            "total_tokens": num_prompt_tokens + num_completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": num_cached_tokens}}
 
 
 def visible_text(event: TokenEvent) -> str:
@@ -97,7 +99,7 @@ def chat_completion_json(meta: ResponseMeta, collected: CollectedGeneration, *, 
         finish_reason = "tool_calls" if tool_answer.name is not None else finish_reason
     choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**meta.envelope("chat.completion"), "choices": [choice],
-            "usage": usage_json(num_prompt_tokens, finish.generated_tokens)}
+            "usage": usage_json(num_prompt_tokens, finish.generated_tokens, finish.cached_tokens)}
 
 
 def chat_chunk_json(meta: ResponseMeta, event: TokenEvent, *, is_logprobs: bool) -> dict:
@@ -132,7 +134,7 @@ def _marking_last(items: list) -> list[tuple[bool, object]]:
 def chat_usage_chunk_json(meta: ResponseMeta, finish: Finish, num_prompt_tokens: int) -> dict:
     """The extra chunk `stream_options.include_usage` asks for: no choices, only usage."""
     return {**meta.envelope("chat.completion.chunk"), "choices": [],
-            "usage": usage_json(num_prompt_tokens, finish.generated_tokens)}
+            "usage": usage_json(num_prompt_tokens, finish.generated_tokens, finish.cached_tokens)}
 
 
 def completion_logprobs_json(events: list[TokenEvent], text_offset: int) -> dict:
@@ -162,5 +164,5 @@ def completion_chunk_json(meta: ResponseMeta, choice: dict, finish: Finish | Non
     """One streamed `text_completion` chunk; TGI's last chunk of each prompt also carries its usage."""
     body = {**meta.envelope("text_completion"), "choices": [choice]}
     if finish is not None:
-        body["usage"] = usage_json(num_prompt_tokens, finish.generated_tokens)
+        body["usage"] = usage_json(num_prompt_tokens, finish.generated_tokens, finish.cached_tokens)
     return body

@@ -71,6 +71,10 @@ class ServerMetrics:
             "tgi_request_max_new_tokens", "max_new_tokens per request", linear_buckets(limits.max_total_tokens))
         # TGI (backends/v3/src/backend.rs): one observation per request per step, the tokens the step
         # gave it less one; buckets 0..speculate (router/src/server.rs).
+        # Not TGI's (vLLM's prefix_cache_hits): prompt tokens of finished requests whose K/V were reused;
+        # beside tgi_request_input_length_sum it gives the cache's hit rate.
+        self.request_cached_tokens = self._counter(
+            "tgserve_request_cached_tokens", "Prompt tokens of finished requests reused from the prefix cache")
         self.request_skipped_tokens = self._histogram(
             "tgi_request_skipped_tokens", "Speculated tokens accepted per step beyond the first",
             tuple(float(n) for n in range(speculate + 1)))
@@ -84,6 +88,8 @@ class ServerMetrics:
         # Not one of TGI's: the blocks themselves, read from the block manager at scrape time (see
         # `watch_kv_cache`), so a leak shows even when the batch gauges read zero.
         self.kv_cache_blocks_used = self._gauge("tgserve_kv_cache_blocks_used", "KV-cache blocks held by requests")
+        self.kv_cache_blocks_cached = self._gauge(
+            "tgserve_kv_cache_blocks_cached", "Free KV-cache blocks whose content a new request may still reuse")
         self.batch_next_size = self._histogram("tgi_batch_next_size", "Requests admitted from the queue at once",
                                                BATCH_SIZE_BUCKETS)
         method = ("method",)
@@ -114,9 +120,10 @@ class ServerMetrics:
         self.batch_concat_duration = self._histogram(
             "tgi_batch_concat_duration", "Seconds merging new requests into a running batch", seconds, method)
 
-    def watch_kv_cache(self, num_used_blocks: Callable[[], int]) -> None:
-        """Read `tgserve_kv_cache_blocks_used` from `num_used_blocks()` at every scrape."""
+    def watch_kv_cache(self, num_used_blocks: Callable[[], int], num_cached_blocks: Callable[[], int]) -> None:
+        """Read `tgserve_kv_cache_blocks_used` / `_cached` from the block manager at every scrape."""
         self.kv_cache_blocks_used.set_function(num_used_blocks)
+        self.kv_cache_blocks_cached.set_function(num_cached_blocks)
 
     def record_request(self) -> None:
         """A generation request arrived (counted before validation and admission, as TGI does)."""
@@ -131,10 +138,12 @@ class ServerMetrics:
         """A request failed; `err` is one of `FAILURE_ERRORS`."""
         self.request_failure.labels(err).inc()
 
-    def record_success(self, split_s: tuple[float, float, float, float], generated_tokens: int) -> None:
+    def record_success(self, split_s: tuple[float, float, float, float], generated_tokens: int,
+                       cached_tokens: int = 0) -> None:
         """A request finished; `split_s` is `RequestTimer.split_s`: (total, validation, queue, inference)."""
         total_s, validation_s, queue_s, inference_s = split_s
         self.request_success.inc()
+        self.request_cached_tokens.inc(cached_tokens)
         self.request_duration.observe(total_s)
         self.request_validation_duration.observe(validation_s)
         self.request_queue_duration.observe(queue_s)

@@ -45,7 +45,8 @@ async def metered_stream(metrics: ServerMetrics, events: AsyncIterator[TokenEven
                 if event.finish is not None and not is_recorded:
                     is_recorded = True
                     timer.mark_end()
-                    metrics.record_success(timer.split_s(event.finish), event.finish.generated_tokens)
+                    metrics.record_success(timer.split_s(event.finish), event.finish.generated_tokens,
+                                           event.finish.cached_tokens)
                 yield event
         if not is_recorded:
             is_recorded = True

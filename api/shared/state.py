@@ -30,7 +30,7 @@ class ServerState:
         """Derive the shared state from a built engine's config, limits and model info."""
         config, limits = engine.config, engine.limits
         metrics = ServerMetrics(limits, config.speculate or 0)
-        metrics.watch_kv_cache(lambda: engine.num_used_kv_blocks)
+        metrics.watch_kv_cache(lambda: engine.num_used_kv_blocks, lambda: engine.num_cached_kv_blocks)
         return cls(
             engine=engine,
             limiter=ConcurrencyLimiter(config.max_concurrent_requests, metrics),

@@ -224,8 +224,8 @@ def test_only_computed_tokens_fill_a_block():
     assert seq.block_hashes == hashes
 
 
-def test_the_hash_lookup_finds_the_first_held_block_and_forgets_it_when_freed():
-    blocks = BlockManager(num_blocks=32, block_size=4)
+def test_without_prefix_caching_the_lookup_forgets_a_block_when_freed():
+    blocks = BlockManager(num_blocks=32, block_size=4, is_prefix_caching=False)
     a = _computed_seq(blocks, list(range(1, 9)), 8)
     b = _computed_seq(blocks, list(range(1, 9)), 8)  # computed again, into its own blocks
     assert b.block_hashes == a.block_hashes
@@ -235,10 +235,83 @@ def test_the_hash_lookup_finds_the_first_held_block_and_forgets_it_when_freed():
     blocks.free(a.block_ids)  # the first block still has a holder, the second has none
     assert blocks.cached_block(a.block_hashes[0]) == a.block_ids[0]
     assert blocks.cached_block(a.block_hashes[1]) is None
+    assert blocks.cached_prefix(list(range(1, 13))) == ([], [])
+    assert blocks.num_cached_free_blocks == 0
+    blocks.check_invariants()
 
 
-def test_nothing_is_computed_at_admission_until_prefix_caching():
+# --- prefix caching ----------------------------------------------------------------------------------
+
+
+def test_freed_full_blocks_stay_findable_and_a_prompt_finds_its_longest_cached_prefix():
     blocks = BlockManager(num_blocks=32, block_size=4)
-    prompt = list(range(1, 13))
-    _computed_seq(blocks, prompt, 12)
-    assert blocks.num_computed_prompt_tokens(prompt) == 0
+    a = _computed_seq(blocks, list(range(1, 11)), 10)  # two full blocks, a third holding 2 tokens
+    blocks.free(a.block_ids)
+    assert blocks.num_cached_free_blocks == 2 and blocks.num_free_blocks == 31
+    assert blocks.cached_prefix(list(range(1, 11)) + [99]) == (a.block_ids[:2], a.block_hashes)
+    assert blocks.cached_prefix([1, 2, 3, 4, 5, 6, 0, 8, 9]) == (a.block_ids[:1], a.block_hashes[:1])
+    assert blocks.cached_prefix([0, 2, 3, 4, 5, 6, 7, 8, 9]) == ([], [])
+    # The last prompt token is always computed: a prompt of exactly two cached blocks reuses one.
+    assert blocks.cached_prefix(list(range(1, 9))) == (a.block_ids[:1], a.block_hashes[:1])
+    blocks.check_invariants()
+
+
+def test_reuse_takes_holders_and_admission_counts_shared_blocks_once():
+    blocks = BlockManager(num_blocks=6, block_size=4)  # 5 usable
+    a = _computed_seq(blocks, list(range(1, 9)), 8)  # 3 blocks (8 tokens + 1)
+    cached, _ = blocks.cached_prefix(list(range(1, 9)) + [50])
+    assert cached == a.block_ids[:2]
+    assert blocks.can_allocate(2, reusing=cached)  # held blocks cost nothing: 2 free
+    assert not blocks.can_allocate(3, reusing=cached)
+    blocks.free(a.block_ids)  # now the two cached blocks are free, and taking them uses up free blocks
+    assert blocks.num_free_blocks == 5
+    assert blocks.can_allocate(3, reusing=cached) and not blocks.can_allocate(4, reusing=cached)
+    assert blocks.reuse(cached) == cached
+    assert [blocks.ref_count(b) for b in cached] == [1, 1] and blocks.num_cached_free_blocks == 0
+    assert blocks.num_free_blocks == 3
+    blocks.reuse(cached)  # a second request on the same prefix
+    assert [blocks.ref_count(b) for b in cached] == [2, 2]
+    blocks.check_invariants()
+    with pytest.raises(EngineInvariantError):
+        blocks.reuse([a.block_ids[2]])  # never full: no cached content
+
+
+def test_allocation_takes_never_cached_blocks_first_then_evicts_the_least_recently_freed():
+    blocks = BlockManager(num_blocks=8, block_size=2)  # 7 usable
+    old = _computed_seq(blocks, [1, 2, 3, 4], 4)  # 3 blocks, 2 full
+    new = _computed_seq(blocks, [5, 6, 7, 8], 4)
+    blocks.free(old.block_ids)
+    blocks.free(new.block_ids)
+    assert blocks.num_cached_free_blocks == 4 and blocks.num_free_blocks == 7
+    blocks.allocate(3)  # the never-cached free blocks: every cached prefix is still findable
+    assert blocks.cached_prefix([1, 2, 3, 4, 0])[0] == old.block_ids[:2]
+    blocks.allocate(1)  # evicts the least recently freed: the last block of the older sequence
+    assert blocks.cached_prefix([1, 2, 3, 4, 0])[0] == old.block_ids[:1]
+    assert blocks.cached_prefix([5, 6, 7, 8, 0])[0] == new.block_ids[:2]
+    blocks.allocate(1)
+    assert blocks.cached_prefix([1, 2, 3, 4, 0]) == ([], [])
+    blocks.check_invariants()
+
+
+def test_a_duplicate_block_is_freed_plainly_and_the_first_stays_the_cached_one():
+    blocks = BlockManager(num_blocks=32, block_size=4)
+    a = _computed_seq(blocks, list(range(1, 9)), 8)
+    b = _computed_seq(blocks, list(range(1, 9)), 8)  # admitted before `a` was computed: its own copy
+    blocks.free(b.block_ids)
+    assert blocks.num_cached_free_blocks == 0  # `a`'s blocks are the findable ones
+    blocks.free(a.block_ids)
+    assert blocks.num_cached_free_blocks == 2
+    assert blocks.cached_prefix(list(range(1, 10)))[0] == a.block_ids[:2]
+    blocks.check_invariants()
+
+
+def test_clearing_the_cache_forgets_free_blocks_and_keeps_held_ones():
+    blocks = BlockManager(num_blocks=32, block_size=4)
+    a = _computed_seq(blocks, list(range(1, 9)), 8)
+    b = _computed_seq(blocks, list(range(11, 19)), 8)
+    blocks.free(a.block_ids)
+    blocks.clear_cache()
+    assert blocks.num_cached_free_blocks == 0 and blocks.num_free_blocks == 31 - 3
+    assert blocks.cached_prefix(list(range(1, 10))) == ([], [])
+    assert blocks.cached_prefix(list(range(11, 20)))[0] == b.block_ids[:2]
+    blocks.check_invariants()

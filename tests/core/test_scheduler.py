@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,8 +23,9 @@ from tgserve.core.sequence import Sequence, SequenceStatus
 _NEXT_TOKEN = 7
 
 
-def _seq(request_id: int, num_prompt_tokens: int, max_new_tokens: int) -> Sequence:
-    prompt = [1 + i % 50 for i in range(num_prompt_tokens)]
+def _seq(request_id: int, num_prompt_tokens: int, max_new_tokens: int, variant: int = 0) -> Sequence:
+    """A request of the shared prompt 1, 2, ... 50, 1, ... (`variant` n > 0: its token 3 is 100 + n)."""
+    prompt = [1 + i % 50 if i != 3 or not variant else 100 + variant for i in range(num_prompt_tokens)]
     request = GenerationRequest(prompt, SamplingParams(), StoppingParams(max_new_tokens), request_id=request_id)
     return Sequence(request_id, request, list(prompt), num_prompt_tokens, num_prompt_tokens + max_new_tokens)
 
@@ -93,9 +95,10 @@ def test_empty_scheduler_plans_nothing():
 
 
 def test_later_small_request_never_overtakes_earlier_big_one():
-    # 8 usable blocks of 4 tokens. A holds 6 blocks; B needs 4 (does not fit), C needs 1 (would fit).
+    # 8 usable blocks of 4 tokens. A holds 6 blocks; B needs 4 (does not fit: its prompt shares no block
+    # with A's), C needs 1 (would fit).
     scheduler = _scheduler(num_blocks=9, block_size=4)
-    a, b, c = _seq(0, 20, 4), _seq(1, 12, 4), _seq(2, 2, 2)
+    a, b, c = _seq(0, 20, 4), _seq(1, 12, 4, variant=1), _seq(2, 2, 2)
     scheduler.add(a)
     _step(scheduler)
     scheduler.add(b)
@@ -253,38 +256,54 @@ def test_request_that_can_never_fit_is_refused():
         scheduler.add(_seq(0, 5, 4))
 
 
-class _CachedPrefixBlocks(BlockManager):
-    """A stub of prefix caching's answer: one block of any longer prompt is already computed."""
-
-    def num_computed_prompt_tokens(self, token_ids):
-        return self.block_size if len(token_ids) > self.block_size else 0
-
-
-def test_admission_starts_after_the_prompt_tokens_the_block_manager_says_are_computed():
-    scheduler = Scheduler(_CachedPrefixBlocks(64, 4), max_batch_prefill_tokens=9, max_batch_size=None)
-    long, short, third = _seq(0, 10, 3), _seq(1, 3, 3), _seq(2, 9, 3)
-    for seq in (long, short, third):
+def test_admission_starts_after_the_cached_prefix_and_holds_its_blocks_once():
+    scheduler = _scheduler(num_blocks=12, block_size=4, max_step_tokens=64)  # 11 usable blocks
+    first = _seq(0, 10, 1)  # prompt 1..10: two full blocks once computed
+    scheduler.add(first)
+    plan = scheduler.schedule()
+    first_blocks = list(first.block_ids)
+    _compute(scheduler, plan)  # prompt computed, one token sampled: max_new_tokens reached, finished
+    assert first.status is SequenceStatus.FINISHED
+    assert scheduler.blocks.num_cached_free_blocks == 2
+    same, other = _seq(1, 10, 6), _seq(2, 3, 2)
+    same.token_ids[9] = same.request.input_ids[9] = 49  # the same first 8 tokens, a different last one
+    for seq in (same, other):
         scheduler.add(seq)
     plan = scheduler.schedule()
-    # 10 - 4 = 6 tokens for the first, the whole 3-token prompt for the second: the budget of 9 is spent.
-    assert _tokens(plan) == {0: 6, 1: 3}
-    assert (long.num_computed_tokens, short.num_computed_tokens) == (4, 0)
-    assert all(item.is_sampling for item in plan.scheduled)
-    assert list(scheduler.waiting) == [third] and third.num_computed_tokens == 0  # asked again when admitted
-    assert len(long.block_ids) == 4  # the whole budget is reserved, computed prefix included
+    assert _tokens(plan) == {1: 2, 2: 3}  # 10 - 8 cached tokens, and the whole short prompt
+    assert (same.num_computed_tokens, same.num_cached_tokens) == (8, 8)
+    assert same.block_ids[:2] == first_blocks[:2] and len(same.block_ids) == 4  # 16 slots reserved
+    assert same.block_hashes == first.block_hashes[:2]
+    assert scheduler.blocks.num_free_blocks == 11 - 4 - 2
     _compute(scheduler, plan)
-    assert _tokens(_step(scheduler)) == {0: 1, 1: 1, 2: 5}
+    assert len(same.block_hashes) == 2  # the third block holds 2 computed tokens: not full yet
+    twin = _seq(3, 10, 6)  # the first prompt again, while `same` holds the shared blocks
+    scheduler.add(twin)
+    _step(scheduler)
+    assert twin.block_ids[:2] == same.block_ids[:2] and twin.num_cached_tokens == 8
+    assert [scheduler.blocks.ref_count(b) for b in twin.block_ids[:2]] == [2, 2]
+    scheduler.blocks.check_invariants()
 
 
-@pytest.mark.parametrize("answer", [8, 2, -4])  # the whole prompt (nothing left to sample from), not whole blocks
-def test_an_impossible_computed_answer_is_an_invariant_error(answer):
+def test_a_request_asking_for_its_prompt_logprobs_computes_the_whole_prompt():
+    scheduler = _scheduler(block_size=4)
+    scheduler.add(_seq(0, 10, 1))
+    _step(scheduler)
+    seq = _seq(1, 10, 1)
+    seq.request.prefill_logprobs = True
+    scheduler.add(seq)
+    assert _tokens(scheduler.schedule()) == {1: 10} and seq.num_cached_tokens == 0
+
+
+@pytest.mark.parametrize("num_blocks", [3, -1])  # the whole prompt (nothing left to sample from); hashes missing
+def test_an_impossible_cached_prefix_is_an_invariant_error(num_blocks):
     class Broken(BlockManager):
-        def num_computed_prompt_tokens(self, token_ids):
-            return answer
+        def cached_prefix(self, token_ids):
+            return [1, 2, 3][:num_blocks], [b"h"] * 3
 
     scheduler = Scheduler(Broken(64, 4), 64, None)
-    scheduler.add(_seq(0, 8, 2))
-    with pytest.raises(EngineInvariantError, match="prompt tokens computed"):
+    scheduler.add(_seq(0, 12, 2))
+    with pytest.raises(EngineInvariantError, match="cached blocks for 12 prompt tokens"):
         scheduler.schedule()
 
 
@@ -341,27 +360,49 @@ _limits = st.fixed_dictionaries({
     "chunking": st.booleans(),
 })
 _op = st.one_of(
-    st.tuples(st.just("arrive"), st.integers(1, 40), st.integers(1, 12)),
+    # prompt length, max_new_tokens, prompt variant (0: the shared prompt, so prefixes repeat and blocks are reused)
+    st.tuples(st.just("arrive"), st.integers(1, 40), st.integers(1, 12), st.integers(0, 2)),
     st.tuples(st.just("cancel"), st.integers(0, 50)),
     st.tuples(st.just("step")),
 )
 
 
-def _check_invariants(scheduler: Scheduler, limits: dict) -> None:
+def _check_invariants(scheduler: Scheduler, limits: dict, kv: dict | None = None) -> None:
+    """The block manager's own check, holders = the running sequences' references, and (with `kv`,
+    what `_write_kv` recorded) every computed position of every running sequence still holds its token."""
     blocks = scheduler.blocks
-    held = [b for seq in scheduler.running for b in seq.block_ids]
-    assert len(held) == len(set(held)), "a block is held twice"
+    blocks.check_invariants()
+    held = Counter(b for seq in scheduler.running for b in seq.block_ids)
+    assert all(len(seq.block_ids) == len(set(seq.block_ids)) for seq in scheduler.running), "a block twice in one"
     assert 0 not in held, "block 0 handed out"
+    assert all(blocks.ref_count(b) == n for b, n in held.items()), "holders differ from the references"
     assert blocks.num_free_blocks + len(held) == blocks.num_usable_blocks, "a block was lost or double-freed"
     if limits["max_batch_size"] is not None:
         assert len(scheduler.running) <= limits["max_batch_size"]
-    assert all(blocks.ref_count(b) == 1 for b in held), "one holder per block while nothing shares"
+    size = blocks.block_size
     for seq in scheduler.running:
         assert seq.status is SequenceStatus.RUNNING
         assert len(seq.block_ids) == blocks.blocks_for(seq.max_tokens)
-        assert len(seq.block_hashes) == seq.num_computed_tokens // blocks.block_size, "a full block unhashed"
+        assert len(seq.block_hashes) == seq.num_computed_tokens // size, "a full block unhashed"
+        if kv is not None:
+            for pos in range(seq.num_computed_tokens):
+                written = kv.get((seq.block_ids[pos // size], pos % size))
+                assert written == seq.token_ids[pos], f"request {seq.request_id} position {pos} overwritten or unset"
     for seq in scheduler.waiting:
         assert seq.status is SequenceStatus.WAITING and seq.block_ids == [] and seq.num_computed_tokens == 0
+
+
+def _write_kv(scheduler: Scheduler, plan, kv: dict) -> None:
+    """What the model does with a plan's K/V: write each computed position's token into its slot, only
+    ever into a block its sequence alone holds and that no one can find through the prefix cache."""
+    blocks, size = scheduler.blocks, scheduler.blocks.block_size
+    for item in plan.scheduled:
+        seq = item.seq
+        for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens):
+            block_id = seq.block_ids[pos // size]
+            assert blocks.ref_count(block_id) == 1, f"writing block {block_id}, which another request holds"
+            assert pos // size >= len(seq.block_hashes), "writing a full, hashed (findable) block"
+            kv[(block_id, pos % size)] = seq.token_ids[pos]
 
 
 def _check_plan(plan, scheduler: Scheduler, limits: dict) -> None:
@@ -386,15 +427,19 @@ def test_random_traffic_keeps_invariants_and_serves_everyone(limits, ops):
     arrived: list[Sequence] = []
     cancelled: set[int] = set()
     admitted: list[int] = []
+    kv: dict[tuple[int, int], int] = {}  # (block, slot) -> the token whose K/V it holds
 
     def step():
         plan = scheduler.schedule()
         _check_plan(plan, scheduler, limits)
         # Requests admitted in the same step are simultaneous (the plan lists one-token rows first).
-        admitted.extend(sorted(item.seq.request_id for item in plan.scheduled if item.seq.num_computed_tokens == 0))
-        _check_invariants(scheduler, limits)
+        admitted.extend(sorted(item.seq.request_id for item in plan.scheduled
+                               if item.seq.num_computed_tokens == item.seq.num_cached_tokens
+                               and item.seq.num_computed_tokens < item.seq.num_prompt_tokens))
+        _check_invariants(scheduler, limits, kv)
+        _write_kv(scheduler, plan, kv)
         _compute(scheduler, plan)
-        _check_invariants(scheduler, limits)
+        _check_invariants(scheduler, limits, kv)
 
     for op in ops:
         if op[0] == "arrive":
@@ -403,7 +448,7 @@ def test_random_traffic_keeps_invariants_and_serves_everyone(limits, ops):
                 prompt = min(prompt, limits["max_step_tokens"])  # start-up ensures max_input <= prefill budget
             if not scheduler.can_ever_fit(prompt + max_new):
                 continue  # the engine refuses it at submit
-            seq = _seq(len(arrived), prompt, max_new)
+            seq = _seq(len(arrived), prompt, max_new, op[3])
             arrived.append(seq)
             scheduler.add(seq)
         elif op[0] == "cancel":

@@ -161,6 +161,7 @@ def test_greedy_concurrent_with_prefill_chunks_equals_speculate_0(engine, prompt
                                                                     speculate):
     """All prompts at once, the long one prefilling in chunks while the others verify guesses."""
     (long_ref,) = run(engine, 0, [request(long_prompt, top_n_tokens=2)])
+    engine.scheduler.blocks.clear_cache()  # the long prompt prefills in chunks again, not from the cache
     with PlanRecorder(engine.scheduler) as recorder:
         *got, long_got = run(engine, speculate, [request(ids, top_n_tokens=2) for ids in prompts]
                              + [request(long_prompt, top_n_tokens=2)])
@@ -185,6 +186,7 @@ def test_adaptive_lengths_keep_greedy_output_and_ration_rows(engine, prompts, lo
     (long_ref,) = run(engine, 0, [request(long_prompt, top_n_tokens=2)])
     rows = {}
     for knee_rows in (64.0, 1.0):
+        engine.scheduler.blocks.clear_cache()  # both runs prefill the long prompt in chunks
         with speculating(engine, AdaptiveProposer(NgramProposer(4), knee_rows=knee_rows, is_knee_fixed=True)):
             with PlanRecorder(engine.scheduler) as recorder:
                 *got, long_got = run_all(engine, [request(ids, top_n_tokens=2) for ids in prompts]
