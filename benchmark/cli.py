@@ -45,7 +45,9 @@ def add_serve_parser(benchmark_commands: argparse._SubParsersAction) -> None:
     target.add_argument("--base-url", default="http://127.0.0.1:3000", help="default: http://127.0.0.1:3000")
     target.add_argument("--model", default=None, help="model name for OpenAI routes (default: the first of /v1/models)")
     data = serve.add_argument_group("dataset")
-    data.add_argument("--dataset", choices=("random", "sharegpt"), default="random", help="default: random")
+    data.add_argument("--dataset", choices=("random", "sharegpt", "multiturn"), default="random",
+                      help="default: random; multiturn: --num-prompts conversations of --num-turns turns, each "
+                           "turn's prompt the conversation so far, all opening with one --prefix-len system text")
     data.add_argument("--dataset-path", default=None, help="ShareGPT JSON file (with --dataset sharegpt)")
     data.add_argument("--tokenizer", default=None,
                       help="Hugging Face tokenizer folder (the served checkpoint) for exact prompt token counts")
@@ -54,7 +56,9 @@ def add_serve_parser(benchmark_commands: argparse._SubParsersAction) -> None:
     data.add_argument("--output-len", type=int, default=64, help="random: mean output tokens (default: 64)")
     data.add_argument("--range-ratio", type=float, default=0.0,
                       help="random: lengths vary uniformly by +-this fraction of the mean (default: 0.0)")
-    data.add_argument("--prefix-len", type=int, default=0, help="random: tokens of a prefix shared by all prompts")
+    data.add_argument("--prefix-len", type=int, default=0,
+                      help="random: tokens of a prefix shared by all prompts; multiturn: of the system text")
+    data.add_argument("--num-turns", type=int, default=6, help="multiturn: turns per conversation (default: 6)")
     data.add_argument("--sharegpt-output-len", type=int, default=None,
                       help="sharegpt: ask for this many output tokens instead of the reply's length")
     load = serve.add_argument_group("load")

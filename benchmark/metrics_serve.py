@@ -32,6 +32,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0  # the server's count when it reports one, else the dataset's
     num_reported_output_tokens: int | None = None  # the server's count of generated tokens, if reported
     num_requested_output_tokens: int = 0  # max_new_tokens / max_tokens asked for
+    generated_text: str = ""  # the streamed text (a multi-turn conversation's next prompt includes it)
 
     @property
     def num_output_tokens(self) -> int:

@@ -16,7 +16,8 @@ import httpx
 from tqdm import tqdm
 
 from tgserve.benchmark.arrivals import format_rate, send_offsets_s
-from tgserve.benchmark.datasets import SampleRequest
+from tgserve.benchmark.conversations import Conversation, run_conversation
+from tgserve.benchmark.datasets import SampleRequest, TextTokenizer
 from tgserve.benchmark.metrics_serve import RequestOutput, ServeMetrics, compute_metrics
 from tgserve.benchmark.serve_backends import BACKENDS, send_request
 
@@ -38,6 +39,8 @@ class ServeBenchConfig:
     force_output_len: bool = False  # ask the server to generate exactly the requested tokens
     goodput_slos_ms: tuple[tuple[str, float], ...] = ()  # (metric, limit in ms) pairs
     is_progress_shown: bool = True
+    # Counts the prompt tokens of a multi-turn conversation's later turns (None: words, as the datasets).
+    tokenizer: TextTokenizer | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -52,7 +55,7 @@ class RateResult:
 
     request_rate: float  # requests per second (inf: all at once)
     metrics: ServeMetrics
-    outputs: list[RequestOutput]  # [num_prompts], in dataset order
+    outputs: list[RequestOutput]  # [num_prompts] in dataset order; conversations: each one's turns in order
 
 
 def make_client(max_concurrency: int | None) -> httpx.AsyncClient:
@@ -83,31 +86,39 @@ async def resolve_model(client: httpx.AsyncClient, base_url: str) -> str:
     return models[0]["id"]
 
 
-async def run_rate(client: httpx.AsyncClient, config: ServeBenchConfig, samples: list[SampleRequest],
-                   request_rate: float) -> RateResult:
-    """Send every sample on its arrival schedule; return the outputs and their metrics."""
+async def run_rate(client: httpx.AsyncClient, config: ServeBenchConfig,
+                   samples: list[SampleRequest] | list[Conversation], request_rate: float) -> RateResult:
+    """Send every sample (or conversation: its turns one after another) on its arrival schedule; return
+    the outputs (a conversation's in turn order) and their metrics."""
     backend = BACKENDS[config.backend]
     offsets_s = send_offsets_s(len(samples), request_rate, config.burstiness, config.seed)
     semaphore = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
-    progress = tqdm(total=len(samples), desc=f"rate {format_rate(request_rate)}", unit="req",
+    num_requests = sum(len(s.user_turns) if isinstance(s, Conversation) else 1 for s in samples)
+    progress = tqdm(total=num_requests, desc=f"rate {format_rate(request_rate)}", unit="req",
                     disable=not config.is_progress_shown)
     start_s = time.perf_counter()
 
-    async def one(sample: SampleRequest, offset_s: float) -> RequestOutput:
+    async def one(sample: SampleRequest | Conversation, offset_s: float) -> list[RequestOutput]:
         await asyncio.sleep(max(0.0, start_s + offset_s - time.perf_counter()))
-        async with semaphore or contextlib.nullcontext():
-            output = await send_request(client, backend, config.base_url, config.model, sample, config.force_output_len)
-        progress.update(1)
-        return output
+        if isinstance(sample, Conversation):
+            outputs = await run_conversation(client, backend, config.base_url, config.model, sample,
+                                             config.force_output_len, config.tokenizer, semaphore)
+        else:
+            async with semaphore or contextlib.nullcontext():
+                outputs = [await send_request(client, backend, config.base_url, config.model, sample,
+                                              config.force_output_len)]
+        progress.update(len(outputs))
+        return outputs
 
-    outputs = await asyncio.gather(*(one(sample, float(offset)) for sample, offset in zip(samples, offsets_s)))
+    per_sample = await asyncio.gather(*(one(sample, float(offset)) for sample, offset in zip(samples, offsets_s)))
     duration_s = time.perf_counter() - start_s
     progress.close()
-    metrics = compute_metrics(list(outputs), duration_s, dict(config.goodput_slos_ms))
-    return RateResult(request_rate, metrics, list(outputs))
+    outputs = [output for sample_outputs in per_sample for output in sample_outputs]
+    metrics = compute_metrics(outputs, duration_s, dict(config.goodput_slos_ms))
+    return RateResult(request_rate, metrics, outputs)
 
 
-async def run_sweep(config: ServeBenchConfig, samples: list[SampleRequest],
+async def run_sweep(config: ServeBenchConfig, samples: list[SampleRequest] | list[Conversation],
                     on_result: Callable[[RateResult], None] | None = None,
                     ) -> tuple[ServeBenchConfig, list[RateResult]]:
     """Check the server, then run the dataset once per rate; `on_result(result)` after each run.
@@ -120,7 +131,8 @@ async def run_sweep(config: ServeBenchConfig, samples: list[SampleRequest],
     async with make_client(config.max_concurrency) as client:
         if config.model is None and config.backend.startswith("openai"):
             config = replace(config, model=await resolve_model(client, config.base_url))
-        await check_server(client, config, samples[0])
+        first = samples[0]  # a conversation's check shares nothing with it: no prefix is cached before the run
+        await check_server(client, config, first if isinstance(first, SampleRequest) else SampleRequest("Hello", 1, 1))
         for request_rate in config.request_rates:
             result = await run_rate(client, config, samples, request_rate)
             results.append(result)

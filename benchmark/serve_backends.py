@@ -31,6 +31,7 @@ class StreamEvent:
     error: str = ""  # an in-stream error (TGI reports validation errors this way)
     num_prompt_tokens: int | None = None  # the server's prompt token count, when it tells
     num_output_tokens: int | None = None  # the server's running / final generated token count
+    text: str = ""  # the text this event delivered (special tokens left out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +56,10 @@ def parse_tgi_event(data: dict[str, Any], num_tokens_so_far: int) -> StreamEvent
     if "error" in data:
         return StreamEvent(error=f"{data.get('error_type', 'error')}: {data['error']}")
     details = data.get("details") or {}
+    token = data.get("token") or {}
     return StreamEvent(num_tokens=1 if "token" in data else 0, num_prompt_tokens=details.get("input_length"),
-                       num_output_tokens=details.get("generated_tokens"))
+                       num_output_tokens=details.get("generated_tokens"),
+                       text="" if token.get("special") else str(token.get("text", "")))
 
 
 def _openai_common(sample: SampleRequest, model: str | None, force_output_len: bool) -> dict[str, Any]:
@@ -97,7 +100,8 @@ def parse_openai_event(data: dict[str, Any], num_tokens_so_far: int) -> StreamEv
         num_tokens = max(num_output_tokens - num_tokens_so_far, 0)
     else:
         num_tokens = 1 if text else 0
-    return StreamEvent(num_tokens=num_tokens, num_prompt_tokens=num_prompt_tokens, num_output_tokens=num_output_tokens)
+    return StreamEvent(num_tokens=num_tokens, num_prompt_tokens=num_prompt_tokens, num_output_tokens=num_output_tokens,
+                       text=text)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -151,6 +155,7 @@ async def _read_events(response: httpx.Response, backend: Backend, output: Reque
         if event.error:
             output.error = event.error
             return
+        output.generated_text += event.text
         if event.num_tokens > 0:
             output.event_times_s.append(now_s)
             output.event_num_tokens.append(event.num_tokens)

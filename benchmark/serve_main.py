@@ -7,14 +7,15 @@ import sys
 from typing import Any
 
 from tgserve.benchmark.arrivals import format_rate, parse_request_rates
+from tgserve.benchmark.conversations import Conversation, multiturn_dataset
 from tgserve.benchmark.datasets import SampleRequest, load_tokenizer, random_dataset, sharegpt_dataset
 from tgserve.benchmark.metrics_serve import parse_goodput
 from tgserve.benchmark.serve import RateResult, ServeBenchConfig, run_sweep
 from tgserve.benchmark.serve_report import format_result_table, format_sweep_table, write_result_file
 
 
-def build_dataset(args: argparse.Namespace) -> list[SampleRequest]:
-    """The prompts the flags describe (ValueError for a bad combination)."""
+def build_dataset(args: argparse.Namespace) -> list[SampleRequest] | list[Conversation]:
+    """The prompts (or conversations) the flags describe (ValueError for a bad combination)."""
     for name in ("num_prompts", "input_len", "output_len"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0")
@@ -28,6 +29,9 @@ def build_dataset(args: argparse.Namespace) -> list[SampleRequest]:
         if len(samples) < args.num_prompts:
             print(f"note: {args.dataset_path} has only {len(samples)} usable conversations", file=sys.stderr)
         return samples
+    if args.dataset == "multiturn":
+        return multiturn_dataset(args.num_prompts, args.num_turns, args.prefix_len, args.input_len, args.output_len,
+                                 args.range_ratio, args.seed, tokenizer)
     return random_dataset(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.prefix_len,
                           args.seed, tokenizer)
 
@@ -35,11 +39,12 @@ def build_dataset(args: argparse.Namespace) -> list[SampleRequest]:
 def build_config(args: argparse.Namespace) -> ServeBenchConfig:
     """The load to apply (ValueError for bad rates, SLOs or limits)."""
     slos_ms = parse_goodput(args.goodput) if args.goodput else {}
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer and args.dataset == "multiturn" else None
     return ServeBenchConfig(
         backend=args.backend, base_url=args.base_url, model=args.model,
         request_rates=tuple(parse_request_rates(args.request_rate)), burstiness=args.burstiness,
         max_concurrency=args.max_concurrency, seed=args.seed, force_output_len=args.force_output_len,
-        goodput_slos_ms=tuple(slos_ms.items()), is_progress_shown=not args.disable_tqdm)
+        goodput_slos_ms=tuple(slos_ms.items()), is_progress_shown=not args.disable_tqdm, tokenizer=tokenizer)
 
 
 def config_json(args: argparse.Namespace, config: ServeBenchConfig, num_prompts: int) -> dict[str, Any]:
@@ -48,6 +53,7 @@ def config_json(args: argparse.Namespace, config: ServeBenchConfig, num_prompts:
             "dataset": args.dataset, "dataset_path": args.dataset_path, "tokenizer": args.tokenizer,
             "num_prompts": num_prompts, "input_len": args.input_len, "output_len": args.output_len,
             "range_ratio": args.range_ratio, "prefix_len": args.prefix_len,
+            "num_turns": args.num_turns if args.dataset == "multiturn" else None,
             "request_rates": [format_rate(rate) for rate in config.request_rates], "burstiness": config.burstiness,
             "max_concurrency": config.max_concurrency, "force_output_len": config.force_output_len,
             "goodput_slos_ms": dict(config.goodput_slos_ms), "seed": config.seed}
@@ -57,7 +63,8 @@ def run_serve(args: argparse.Namespace) -> int:
     """Run the benchmark the flags describe; 0 if any request completed at every rate, else 1."""
     config = build_config(args)
     samples = build_dataset(args)
-    print(f"benchmark serve: {len(samples)} prompts, {config.backend} at {config.base_url}, "
+    what = "conversations" if args.dataset == "multiturn" else "prompts"
+    print(f"benchmark serve: {len(samples)} {what}, {config.backend} at {config.base_url}, "
           f"rates {', '.join(format_rate(rate) for rate in config.request_rates)}", flush=True)
 
     def on_result(result: RateResult) -> None:

@@ -69,3 +69,27 @@ def test_bad_flags_are_rejected_before_any_request():
     assert completed.returncode == 1 and "request rate" in completed.stderr
     completed = run_benchmark("--goodput", "latency:5")
     assert completed.returncode == 1 and "goodput" in completed.stderr
+
+
+def test_multiturn_conversations_grow_turn_by_turn_and_hit_the_prefix_cache(server: ServerProcess,
+                                                                           demo_model_dir: Path, tmp_path: Path):
+    """3 conversations x 3 turns on a shared 64-token system text: each turn's prompt is longer than the
+    one before (it carries the previous prompt and answer), and the server served part of them from
+    its prefix cache (its own counter, scraped before and after)."""
+    from tests.api.metrics_scrape import scrape, value
+
+    before = value(scrape(server.url)[0], "tgserve_request_cached_tokens")
+    result_path = tmp_path / "multiturn.json"
+    completed = run_benchmark(
+        "--backend", "tgi", "--base-url", server.url, "--tokenizer", str(demo_model_dir), "--dataset", "multiturn",
+        "--num-prompts", "3", "--num-turns", "3", "--prefix-len", "64", "--input-len", "12", "--output-len", "6",
+        "--result-file", str(result_path), "--disable-tqdm")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "benchmark serve: 3 conversations" in completed.stdout
+    (result,) = json.loads(result_path.read_text())["results"]
+    requests = result["requests"]
+    assert (result["num_completed"], len(requests)) == (9, 9)
+    for conversation in range(3):
+        lengths = [r["num_prompt_tokens"] for r in requests[3 * conversation:3 * conversation + 3]]
+        assert 64 < lengths[0] < lengths[1] < lengths[2], lengths
+    assert value(scrape(server.url)[0], "tgserve_request_cached_tokens") - before >= 3 * 64
