@@ -157,7 +157,13 @@ def test_two_shards_serve_one_shard_ids_and_a_killed_rank_ends_the_server(start_
     assert httpx.get(f"{sharded.url}/info", timeout=10).json()["num_shard"] == 2
     assert httpx.get(f"{one_shard.url}/info", timeout=10).json()["num_shard"] == 1
     reference = generate_all(one_shard.url)
-    assert_same_generation(generate_all(sharded.url), reference)
+    first = generate_all(sharded.url)
+    assert_same_generation(first, reference)
+    # A repeat reuses the blocks rank 0's prefix cache names, which every rank holds the same K/V in.
+    cached_before = value(scrape(sharded.url)[0], "tgserve_request_cached_tokens")
+    again = generate(sharded.url, PROMPTS[1], 2)
+    assert [t["id"] for t in again["tokens"]] == [t["id"] for t in first[1]["tokens"]]
+    assert value(scrape(sharded.url)[0], "tgserve_request_cached_tokens") - cached_before >= 16
     ids, streamed, text = client_outputs(sharded)
     assert ids == streamed == [t["id"] for t in reference[2]["tokens"]]
     assert (ids, streamed, text) == client_outputs(one_shard)
