@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from tgserve.core.hookspecs import hookimpl
 from tgserve.core.kv_cache import KVCache
+from tgserve.core.layers.fused_ops import TorchFusedOps
 from tgserve.core.layers.attention import TorchPagedAttention
 from tgserve.core.layers.linear import LinearMethod
 from tgserve.core.model_runner import ModelRunner
@@ -53,9 +54,14 @@ def tgserve_get_device_count():
 
 
 @hookimpl(trylast=True)
-def tgserve_make_model(model_config, device, dtype, linear_method, attention, tensor_parallel):
+def tgserve_make_fused_ops(dtype, device):
+    return TorchFusedOps()
+
+
+@hookimpl(trylast=True)
+def tgserve_make_model(model_config, device, dtype, linear_method, attention, tensor_parallel, fused_ops):
     return model_class(model_config.model_type)(model_config, linear_method, attention, dtype, device,
-                                                tensor_parallel)
+                                                tensor_parallel, fused_ops)
 
 
 @hookimpl(trylast=True)

@@ -189,11 +189,26 @@ def tgserve_make_attention(model_config, block_size, device, dtype):
 
 
 @hookspec(firstresult=True)
-def tgserve_make_model(model_config, device, dtype, linear_method, attention, tensor_parallel):
+def tgserve_make_fused_ops(dtype, device):
+    """The elementwise work between a decoder layer's GEMMs: RMSNorm with the residual add fused in,
+    and the MLP's SiLU-and-multiply.
+
+    Returns: an object like `tgserve.core.layers.fused_ops.TorchFusedOps` (`rms_norm(x, weight, eps)`,
+    `add_rms_norm(x, residual, weight, eps) -> (normalized, x + residual)`, `silu_and_mul(gate_up)`,
+    and a `name` for the log), used by every layer of the model; its results must match the reference's
+    (statistics in float32, the sum and the outputs in `dtype`). A backend with fused kernels returns
+    them here; a single op it cannot run for some input it hands to the reference itself.
+    Called once per model built (the served one, a draft), before `tgserve_make_model`. First non-None
+    result wins; the core's torch reference is the default.
+    """
+
+
+@hookspec(firstresult=True)
+def tgserve_make_model(model_config, device, dtype, linear_method, attention, tensor_parallel, fused_ops):
     """Build the runnable model for `model_config` on `device`, weights not yet loaded.
 
     model_config: the whole model's (layers slice the checkpoint themselves); attention: built for
-    the rank's local heads. tensor_parallel: this process's `tgserve.core.distributed.tensor_parallel.
+    the rank's local heads; fused_ops: what `tgserve_make_fused_ops` returned. tensor_parallel: this process's `tgserve.core.distributed.tensor_parallel.
     TensorParallel` (rank, world size, process group; `TensorParallel.single()` when unsharded): the
     model holds this rank's shard of every layer and runs its collectives through it.
     Returns: a `tgserve.core.models.registry.RunnableModel` (`load_weights(weights)`,

@@ -136,8 +136,10 @@ def load_model(quantization: QuantizationConfig | None, hook, checkpoint: Checkp
     local_config = local_model_config(model_config, tp.world_size)  # ShardCountError before any weight loads
     attention = hook.tgserve_make_attention(model_config=local_config, block_size=block_size, device=device,
                                             dtype=dtype)
+    fused_ops = hook.tgserve_make_fused_ops(dtype=dtype, device=device)
     model = hook.tgserve_make_model(model_config=model_config, device=device, dtype=dtype,
-                                    linear_method=linear_method, attention=attention, tensor_parallel=tp)
+                                    linear_method=linear_method, attention=attention, tensor_parallel=tp,
+                                    fused_ops=fused_ops)
     model.load_weights(checkpoint.iter_weights(progress=progress))
     # each rank's shard may place its weights differently (only some row-parallel slices cut groups);
     # the other ranks log at WARNING, so rank 0 says where every rank's went

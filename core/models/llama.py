@@ -7,19 +7,23 @@ and get this rank's place from a `TensorParallel` context: each rank holds its q
 heads (KV heads replicated when ranks outnumber them), sums o and down's partial outputs, embeds
 its vocabulary rows and hands its logits slice to be gathered on rank 0. At one rank the same code
 runs: every layer holds the whole tensor and both collectives return at once.
+
+The residual stream travels beside the hidden states: each layer's norms add the previous sublayer's
+(all-reduced) output into it and normalize the sum in one fused-ops call (`tgserve_make_fused_ops`),
+as do the final norm and the MLP's SiLU-and-multiply.
 """
 from __future__ import annotations
 
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tgserve.core.distributed.head_sharding import shard_heads
 from tgserve.core.distributed.tensor_parallel import TensorParallel
 from tgserve.core.distributed.vocab_parallel_embedding import VocabParallelEmbedding
 from tgserve.core.forward_batch import ForwardBatch
+from tgserve.core.layers.fused_ops import TorchFusedOps
 from tgserve.core.layers.attention import PagedAttention
 from tgserve.core.layers.linear import Linear, LinearMethod, Parallel
 from tgserve.core.layers.norm import RMSNorm
@@ -29,7 +33,7 @@ from tgserve.core.model_config import ModelConfig
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, method: LinearMethod, attention: PagedAttention,
-                 dtype: torch.dtype, device: torch.device, prefix: str, tp: TensorParallel):
+                 dtype: torch.dtype, device: torch.device, prefix: str, tp: TensorParallel, fused_ops):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         heads = shard_heads(cfg, tp.world_size)
@@ -46,22 +50,30 @@ class DecoderLayer(nn.Module):
                                    prefixes=(mlp + "gate_proj", mlp + "up_proj"), **kw)
         self.down_proj = Linear(cfg.intermediate_size, [h], False, parallel=Parallel.ROW,
                                 prefixes=(mlp + "down_proj",), **kw)
-        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
-        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device, fused_ops)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device, fused_ops)
+        self.fused_ops = fused_ops
         self.attention = attention
         self.intermediate_size = cfg.intermediate_size // tp.world_size  # this rank's gate / up width
         self.tp = tp
 
-    def forward(self, x: torch.Tensor, cos_sin, layer_cache, batch: ForwardBatch) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]; cos_sin: this step's rotary tables, [T, 1, head_dim] each."""
-        qkv = self.qkv_proj(self.input_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin, layer_cache,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output [T, hidden] (the embeddings, with `residual` None, at the
+        first layer); residual: the stream before it. Returns (this layer's MLP output, the stream before
+        it), whose sum is this layer's output. cos_sin: the step's rotary tables, [T, 1, head_dim] each."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        qkv = self.qkv_proj(x)
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = apply_rotary(cos_sin, qk.unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim)))
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         attn = self.attention.forward(q, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim)), layer_cache, batch)
-        x = x + self.tp.all_reduce(self.o_proj(attn))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).split(self.intermediate_size, dim=-1)
-        return x + self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
+        x, residual = self.post_attention_layernorm(self.tp.all_reduce(self.o_proj(attn)), residual)
+        x = self.fused_ops.silu_and_mul(self.gate_up_proj(x))
+        return self.tp.all_reduce(self.down_proj(x)), residual
 
 
 # checkpoint sub-name -> (our attribute, its fused part inside that layer)
@@ -78,18 +90,21 @@ class LlamaForCausalLM(nn.Module):
     `tp` places this process among the ranks sharing the model (default: unsharded). `attention`
     must be sized for this rank's heads (`core.distributed.head_sharding.local_model_config`), and so
     must the KV cache `forward` is given. Raises ShardCountError when the heads do not split over the ranks.
+    `fused_ops` (default: the torch reference) runs the norms and the MLP's activation.
     """
 
     def __init__(self, cfg: ModelConfig, method: LinearMethod, attention: PagedAttention,
-                 dtype: torch.dtype, device: torch.device, tp: TensorParallel | None = None):
+                 dtype: torch.dtype, device: torch.device, tp: TensorParallel | None = None, fused_ops=None):
         super().__init__()
         tp = tp or TensorParallel.single()
+        fused_ops = fused_ops or TorchFusedOps()
         shard_heads(cfg, tp.world_size)  # the named error before any layer's own, less helpful one
         self.config, self.tp = cfg, tp
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, method, attention, dtype, device, f"model.layers.{index}.", tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, method, attention, dtype, device, f"model.layers.{index}.", tp,
+                                                 fused_ops)
                                     for index in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, fused_ops)
         self.lm_head = Linear(cfg.hidden_size, [cfg.vocab_size], False, method, dtype, device, Parallel.COLUMN,
                               tp.rank, tp.world_size, prefixes=("lm_head",))
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.num_rope_positions, cfg.rope_theta,
@@ -99,9 +114,10 @@ class LlamaForCausalLM(nn.Module):
         """Run every layer over the packed tokens of `batch`; returns hidden states [T, hidden]."""
         x = self.embed_tokens(batch.input_ids)
         cos_sin = self.rotary.lookup(batch.positions)
+        residual = None
         for layer, layer_cache in zip(self.layers, kv_cache.layers):
-            x = layer(x, cos_sin, layer_cache, batch)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos_sin, layer_cache, batch)
+        return self.norm(x, residual)[0] if residual is not None else self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [N, hidden] -> float32 logits [N, vocab] on rank 0, None on the other ranks (which must

@@ -72,8 +72,8 @@ def tgserve_get_backend_status():
 
 
 @hookimpl
-def tgserve_make_model(model_config, device, dtype, linear_method, attention, tensor_parallel):
+def tgserve_make_model(model_config, device, dtype, linear_method, attention, tensor_parallel, fused_ops):
     model = default_plugin.tgserve_make_model(model_config=model_config, device=device, dtype=dtype,
                                               linear_method=linear_method, attention=attention,
-                                              tensor_parallel=tensor_parallel)
+                                              tensor_parallel=tensor_parallel, fused_ops=fused_ops)
     return FaultyModel(model, Path(os.environ[FAULT_FILE_ENV]))

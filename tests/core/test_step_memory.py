@@ -47,7 +47,7 @@ def _build_runner():
     attention = hook.tgserve_make_attention(model_config=model_config, block_size=16, device=device, dtype=dtype)
     model = hook.tgserve_make_model(
         model_config=model_config, device=device, dtype=dtype, attention=attention,
-        tensor_parallel=TensorParallel.single(),
+        tensor_parallel=TensorParallel.single(), fused_ops=hook.tgserve_make_fused_ops(dtype=dtype, device=device),
         linear_method=hook.tgserve_make_linear_method(quantize=None, quantization=None, dtype=dtype, device=device))
     model.load_weights(state.items())
     blocks = BlockManager(STEP_TOKENS // 16 + 2, 16)
