@@ -5,6 +5,7 @@ leaves the machine responsive, oneDNN-packed linear layers, and the dtype this C
 `TGSERVE_CPU_ISA` (auto | avx2) is read once, by `cpu_kernels`, on the first hook call;
 `TGSERVE_CPU_NATIVE_KERNELS` (1 | 0) and `XDG_CACHE_HOME` once, by `native_ops`, at the first quantized load;
 the same and `TGSERVE_CPU_NATIVE_ATTENTION` (1 | 0) once, by `native_attention_ops`, at the first model build;
+the same and `TGSERVE_CPU_NATIVE_FUSED` (1 | 0) once, by `native_fused_ops`, at the first model build;
 `TGSERVE_CPU_INT8_ACTIVATIONS` (1 | 0) at each quantized load, by `tgserve_make_linear_method`.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from tgserve.backends.cpu import host
 from tgserve.backends.cpu.kernels import ISA_ENV, CpuIsaError, CpuKernels, detect_kernels
 from tgserve.backends.cpu.linear import make_onednn_linear_method
 from tgserve.backends.cpu.native_attention import make_native_attention
-from tgserve.backends.cpu.native_kernels import ATTENTION, NativeBuildError, load_ops
+from tgserve.backends.cpu.native_fused import make_native_fused_ops
+from tgserve.backends.cpu.native_kernels import ATTENTION, FUSED, NativeBuildError, load_ops
 from tgserve.backends.cpu.native_weight_only import make_native_kernels
 from tgserve.backends.cpu.weight_only import make_weight_only_kernels
 from tgserve.core.layers.linear import LinearMethod
@@ -61,6 +63,8 @@ def cpu_kernels() -> CpuKernels:
 NATIVE_ENV = "TGSERVE_CPU_NATIVE_KERNELS"  # "0" turns every native kernel off (weight-only and attention)
 # "0" turns only the native paged attention off (native_attention.py): the core's torch attention serves
 ATTENTION_ENV = "TGSERVE_CPU_NATIVE_ATTENTION"
+# "0" turns only the native fused norm and activation off (native_fused.py): the core's torch ops serve
+FUSED_ENV = "TGSERVE_CPU_NATIVE_FUSED"
 # "0" keeps bf16 / fp16 activations unrounded in the native kernels (native_weight_only.py) at any batch
 INT8_ACTIVATIONS_ENV = "TGSERVE_CPU_INT8_ACTIVATIONS"
 
@@ -82,6 +86,16 @@ def native_attention_ops():
     build fails; either way one log line says so, and the core's torch attention serves instead."""
     return _native_or_none(ATTENTION, (NATIVE_ENV, ATTENTION_ENV), "native paged attention",
                            "the core's torch attention serves")
+
+
+@functools.cache
+def native_fused_ops():
+    """torch.ops.tgserve_cpu_fused (native/fused_elementwise.cpp, built at first use and cached), or None.
+
+    Called at the first model build, never in a step. None when NATIVE_ENV=0, FUSED_ENV=0 or the build
+    fails; either way one log line says so, and the core's torch norm and activation serve instead."""
+    return _native_or_none(FUSED, (NATIVE_ENV, FUSED_ENV), "native fused norm and activation",
+                           "the core's torch ops serve")
 
 
 def _native_or_none(library, switches: tuple[str, ...], what: str, instead: str):
@@ -231,3 +245,16 @@ def tgserve_make_attention(model_config, block_size, device, dtype):
                                       model_config.num_key_value_heads, model_config.head_dim, block_size, dtype)
     log.info("paged attention for %s: %s", dtype, attention.name if attention else "the core's torch reference")
     return attention
+
+
+@hookimpl
+def tgserve_make_fused_ops(dtype, device):
+    """The native fused RMSNorm (+ residual) and SiLU-and-multiply (native_fused.py) where they built and
+    passed their probe for `dtype`; else None, and the core's torch reference serves."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        return None
+    ops = make_native_fused_ops(native_fused_ops(), dtype)
+    log.info("norm and activation for %s: %s", dtype, ops.name if ops else "the core's torch reference")
+    return ops

@@ -1,0 +1,173 @@
+// The decoder layer's elementwise work between its GEMMs for the cpu backend (backends/cpu/native_fused.py):
+// RMSNorm with the residual add fused in, and the MLP's SiLU-and-multiply, each one pass over its rows
+// instead of the ~6 and 3 torch ops (and their temporaries) of the reference (core/layers/fused_ops.py).
+//
+//   rms_norm(x [T, h], weight [h], eps)                 -> x / rms(x) * weight                 [T, h]
+//   add_rms_norm(x [T, h], residual [T, h], weight, eps) -> (rms_norm(residual + x), residual + x)
+//   silu_and_mul(gate_up [T, 2 I])                      -> silu(gate) * up                     [T, I]
+//
+// Same roundings as the reference, so float32 agrees to summation order and bf16 / fp16 to one rounding:
+// the residual sum is rounded to the model dtype before its statistics; the mean of squares is float32;
+// x * rsqrt(mean + eps) is rounded to the model dtype, then multiplied by the weight and rounded again;
+// silu(gate) is rounded before the product. Rows go to torch's own pool (at::parallel_for); the inner
+// loops are `omp simd` over the row, vectorized for -march (the host's, or haswell for the AVX2 build).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+namespace {
+
+// Elements per parallel_for chunk: below this a row set runs on the calling thread (a batch-1 row of
+// 896 or 4864 elements takes well under a microsecond; waking the pool costs more).
+constexpr int64_t GRAIN_ELEMENTS = 32768;
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return __builtin_bit_cast(float, uint32_t(x.x) << 16); }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+// Round to the model dtype and back: the value the reference holds after each of its ops.
+template <typename T> inline T from_float(float x) { return static_cast<T>(x); }
+template <> inline c10::BFloat16 from_float<c10::BFloat16>(float x) {
+  // round to nearest even (inputs here are finite or inf; a NaN stays a NaN by keeping its high bits set)
+  uint32_t bits = __builtin_bit_cast(uint32_t, x);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return c10::BFloat16(uint16_t((bits >> 16) | 0x40), c10::BFloat16::from_bits());
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return c10::BFloat16(uint16_t(bits >> 16), c10::BFloat16::from_bits());
+}
+template <typename T> inline float round_to(float x) { return to_float(from_float<T>(x)); }
+
+// exp(x) within ~2 ulp for x in [-87, 88] (clamped there): 2^n * p(r), r = x - n ln 2 (Cephes expf),
+// written so `omp simd` loops vectorize it (glibc's expf runs one lane at a time).
+inline float exp_clamped(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+}
+
+int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, GRAIN_ELEMENTS / std::max<int64_t>(1, width)); }
+
+void check_rows(const at::Tensor& x, const at::Tensor& weight, const char* what) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, what, ": x must be [T, hidden] with contiguous rows");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous(), what,
+              ": weight must be contiguous [hidden]");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), what, ": weight and x must share a dtype");
+}
+
+// One row: out = round(round(s * r) * w), r = 1 / sqrt(mean(s^2) + eps), s already in the model dtype.
+template <typename T>
+inline void normalize_row(const T* __restrict__ s, const T* __restrict__ w, T* __restrict__ out, int64_t h,
+                          float eps) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < h; ++i) {
+    const float v = to_float(s[i]);
+    sum += v * v;
+  }
+  const float r = 1.0f / std::sqrt(sum / static_cast<float>(h) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < h; ++i) out[i] = from_float<T>(round_to<T>(to_float(s[i]) * r) * to_float(w[i]));
+}
+
+// One row of the residual add: sum = round(residual + x), then normalized into out.
+template <typename T>
+inline void add_normalize_row(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ w,
+                              T* __restrict__ sum, T* __restrict__ out, int64_t h, float eps) {
+#pragma omp simd
+  for (int64_t i = 0; i < h; ++i) sum[i] = from_float<T>(to_float(residual[i]) + to_float(x[i]));
+  normalize_row<T>(sum, w, out, h, eps);
+}
+
+// One row of the MLP: out = round(round(silu(gate)) * up), silu(g) = g / (1 + exp(-g)).
+template <typename T>
+inline void silu_and_mul_row(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out,
+                             int64_t width) {
+#pragma omp simd
+  for (int64_t i = 0; i < width; ++i) {
+    const float g = to_float(gate[i]);
+    out[i] = from_float<T>(round_to<T>(g / (1.0f + exp_clamped(-g))) * to_float(up[i]));
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, weight, "rms_norm");
+  const int64_t rows = x.size(0), h = x.size(1);
+  at::Tensor out = at::empty({rows, h}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* x_data = x.data_ptr<scalar_t>();
+    const scalar_t* w_data = weight.data_ptr<scalar_t>();
+    scalar_t* out_data = out.data_ptr<scalar_t>();
+    const int64_t x_stride = x.stride(0);
+    at::parallel_for(0, rows, grain_rows(h), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row)
+        normalize_row<scalar_t>(x_data + row * x_stride, w_data, out_data + row * h, h, static_cast<float>(eps));
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps) {
+  check_rows(x, weight, "add_rms_norm");
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.stride(1) == 1 && residual.scalar_type() == x.scalar_type(),
+              "add_rms_norm: residual must match x's shape and dtype, rows contiguous");
+  const int64_t rows = x.size(0), h = x.size(1);
+  at::Tensor out = at::empty({rows, h}, x.options());
+  at::Tensor sum = at::empty({rows, h}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
+    const scalar_t* x_data = x.data_ptr<scalar_t>();
+    const scalar_t* r_data = residual.data_ptr<scalar_t>();
+    const scalar_t* w_data = weight.data_ptr<scalar_t>();
+    scalar_t* out_data = out.data_ptr<scalar_t>();
+    scalar_t* sum_data = sum.data_ptr<scalar_t>();
+    const int64_t x_stride = x.stride(0), r_stride = residual.stride(0);
+    at::parallel_for(0, rows, grain_rows(h), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row)
+        add_normalize_row<scalar_t>(x_data + row * x_stride, r_data + row * r_stride, w_data, sum_data + row * h,
+                                    out_data + row * h, h, static_cast<float>(eps));
+    });
+  });
+  return {out, sum};
+}
+
+at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
+              "silu_and_mul: gate_up must be [T, 2 * I] with contiguous rows");
+  const int64_t rows = gate_up.size(0), width = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({rows, width}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_and_mul", [&] {
+    const scalar_t* in = gate_up.data_ptr<scalar_t>();
+    scalar_t* out_data = out.data_ptr<scalar_t>();
+    const int64_t in_stride = gate_up.stride(0);
+    at::parallel_for(0, rows, grain_rows(2 * width), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row)
+        silu_and_mul_row<scalar_t>(in + row * in_stride, in + row * in_stride + width, out_data + row * width, width);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tgserve_cpu_fused, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tgserve_cpu_fused, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("silu_and_mul", &silu_and_mul);
+}
