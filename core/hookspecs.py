@@ -208,7 +208,8 @@ def tgserve_make_model(model_config, device, dtype, linear_method, attention, te
     """Build the runnable model for `model_config` on `device`, weights not yet loaded.
 
     model_config: the whole model's (layers slice the checkpoint themselves); attention: built for
-    the rank's local heads; fused_ops: what `tgserve_make_fused_ops` returned. tensor_parallel: this process's `tgserve.core.distributed.tensor_parallel.
+    the rank's local heads; fused_ops: what `tgserve_make_fused_ops` returned, for the norms and the
+    MLP's activation. tensor_parallel: this process's `tgserve.core.distributed.tensor_parallel.
     TensorParallel` (rank, world size, process group; `TensorParallel.single()` when unsharded): the
     model holds this rank's shard of every layer and runs its collectives through it.
     Returns: a `tgserve.core.models.registry.RunnableModel` (`load_weights(weights)`,

@@ -64,11 +64,13 @@ def is_usable(ops, dtype: torch.dtype) -> bool:
     """Start-up probe, once per library and dtype: each op on 3 odd-width rows against the reference."""
     generator = torch.Generator().manual_seed(0)
     x, residual = (torch.randn(3, 37, generator=generator).to(dtype) for _ in range(2))
-    weight, gate_up = torch.rand(37, generator=generator).to(dtype), (4 * torch.randn(3, 42, generator=generator)).to(dtype)
+    weight = torch.rand(37, generator=generator).to(dtype)
+    gate_up = (4 * torch.randn(3, 42, generator=generator)).to(dtype)
     native, reference = NativeFusedOps(ops), TorchFusedOps()
     try:
         pairs = [(native.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6)),
-                 *zip(native.add_rms_norm(x, residual, weight, 1e-6), reference.add_rms_norm(x, residual, weight, 1e-6)),
+                 *zip(native.add_rms_norm(x, residual, weight, 1e-6),
+                      reference.add_rms_norm(x, residual, weight, 1e-6)),
                  (native.silu_and_mul(gate_up), reference.silu_and_mul(gate_up))]
     except RuntimeError:  # the library refused its own inputs: a bug, but not a reason to stop serving
         return False
