@@ -5,7 +5,7 @@ leaves the machine responsive, oneDNN-packed linear layers, and the dtype this C
 `TGSERVE_CPU_ISA` (auto | avx2) is read once, by `cpu_kernels`, on the first hook call;
 `TGSERVE_CPU_NATIVE_KERNELS` (1 | 0) and `XDG_CACHE_HOME` once, by `native_ops`, at the first quantized load;
 the same and `TGSERVE_CPU_NATIVE_ATTENTION` (1 | 0) once, by `native_attention_ops`, at the first model build;
-the first, once, by `native_bf16_ops`, at the first bf16 load where oneDNN has no bf16 path (AVX2-only CPUs);
+`TGSERVE_CPU_NATIVE_KERNELS` also once by `native_bf16_ops`, at the first bf16 load where oneDNN has no bf16 path;
 `TGSERVE_CPU_INT8_ACTIVATIONS` (1 | 0) at each quantized load, by `tgserve_make_linear_method`.
 """
 from __future__ import annotations
