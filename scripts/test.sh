@@ -32,6 +32,7 @@ if [ "$#" -eq 0 ]; then
     # The AVX2 path on this CPU too, whatever ISA it has: the kernels other x86-64 machines run.
     TGSERVE_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
         "$PY" -m pytest -q tests/core/test_engine_correctness.py tests/core/test_bf16_logits.py \
-        tests/backends/test_cpu_native_kernels.py tests/backends/test_cpu_native_fused.py || status=$?
+        tests/backends/test_cpu_native_kernels.py tests/backends/test_cpu_native_fused.py \
+        tests/backends/test_cpu_native_bf16.py || status=$?
 fi
 exit "$status"

@@ -3,8 +3,9 @@
 Two kinds of x86-64 CPU serve the same models differently. With native bf16 (AVX512-BF16 or
 AMX: Sapphire Rapids, Zen 4/5) oneDNN packs bf16 weights and bf16 is the fastest correct dtype.
 With AVX2 only (Zen 3 and older), oneDNN has no bf16 path at all ("bf16 path needs the cpu
-support avx_ne_convert or avx512bw, avx512vl and avx512dq"), so bf16 falls back to `F.linear`,
-which widens to fp32 on every call, and float32 is faster.
+support avx_ne_convert or avx512bw, avx512vl and avx512dq"): there bf16 linears run the backend's
+native bf16-weight GEMM (native_bf16_linear.py), or `F.linear`, which widens to fp32 on every call,
+where that library cannot build. float32 stays the default there.
 
 `TGSERVE_CPU_ISA=avx2` makes a capable CPU take the AVX2-only path, so CI on an AVX-512 machine
 tests it too. It changes tgserve's own choices; torch's vectorized kernels and oneDNN's GEMMs pick

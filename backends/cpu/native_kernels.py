@@ -1,6 +1,7 @@
 """Builds the cpu backend's native libraries at first use and loads their ops: native/weight_only_gemm.cpp as
 torch.ops.tgserve_cpu (the default), native/paged_attention.cpp as torch.ops.tgserve_cpu_attention (ATTENTION),
-native/fused_elementwise.cpp as torch.ops.tgserve_cpu_fused (FUSED).
+native/fused_elementwise.cpp as torch.ops.tgserve_cpu_fused (FUSED),
+native/bf16_gemm.cpp as torch.ops.tgserve_cpu_bf16 (BF16_GEMM).
 
 The build (torch.utils.cpp_extension with ninja, ~15 s of one core) happens once per machine: the
 library is cached under <cache_root>/<key>/, the key hashing the source, torch's version, the compiler
@@ -51,6 +52,7 @@ ATTENTION = NativeLibrary("tgserve_paged_attention", Path(__file__).with_name("n
                           "tgserve_cpu_attention")
 FUSED = NativeLibrary("tgserve_fused_elementwise", Path(__file__).with_name("native") / "fused_elementwise.cpp",
                       "tgserve_cpu_fused")
+BF16_GEMM = NativeLibrary("tgserve_bf16_gemm", Path(__file__).with_name("native") / "bf16_gemm.cpp", "tgserve_cpu_bf16")
 
 
 class NativeBuildError(RuntimeError):

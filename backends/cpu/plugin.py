@@ -6,6 +6,7 @@ leaves the machine responsive, oneDNN-packed linear layers, and the dtype this C
 `TGSERVE_CPU_NATIVE_KERNELS` (1 | 0) and `XDG_CACHE_HOME` once, by `native_ops`, at the first quantized load;
 the same and `TGSERVE_CPU_NATIVE_ATTENTION` (1 | 0) once, by `native_attention_ops`, at the first model build;
 the same and `TGSERVE_CPU_NATIVE_FUSED` (1 | 0) once, by `native_fused_ops`, at the first model build;
+`TGSERVE_CPU_NATIVE_KERNELS` also once, by `native_bf16_ops`, at the first bf16 load where oneDNN has no bf16 path;
 `TGSERVE_CPU_INT8_ACTIVATIONS` (1 | 0) at each quantized load, by `tgserve_make_linear_method`.
 """
 from __future__ import annotations
@@ -21,8 +22,9 @@ from tgserve.backends.cpu import host
 from tgserve.backends.cpu.kernels import ISA_ENV, CpuIsaError, CpuKernels, detect_kernels
 from tgserve.backends.cpu.linear import make_onednn_linear_method
 from tgserve.backends.cpu.native_attention import make_native_attention
+from tgserve.backends.cpu.native_bf16_linear import make_native_bf16_linear_method
 from tgserve.backends.cpu.native_fused import make_native_fused_ops
-from tgserve.backends.cpu.native_kernels import ATTENTION, FUSED, NativeBuildError, load_ops
+from tgserve.backends.cpu.native_kernels import ATTENTION, BF16_GEMM, FUSED, NativeBuildError, load_ops
 from tgserve.backends.cpu.native_weight_only import make_native_kernels
 from tgserve.backends.cpu.weight_only import make_weight_only_kernels
 from tgserve.core.layers.linear import LinearMethod
@@ -96,6 +98,14 @@ def native_fused_ops():
     fails; either way one log line says so, and the core's torch norm and activation serve instead."""
     return _native_or_none(FUSED, (NATIVE_ENV, FUSED_ENV), "native fused norm and activation",
                            "the core's torch ops serve")
+
+
+def native_bf16_ops():
+    """torch.ops.tgserve_cpu_bf16 (native/bf16_gemm.cpp, built at first use and cached), or None.
+
+    Called at the first bf16 model load where oneDNN has no bf16 path, never in a step. None when
+    NATIVE_ENV=0 or the build fails; either way one log line says so, and F.linear serves bf16 linears."""
+    return _native_or_none(BF16_GEMM, (NATIVE_ENV,), "native bf16 GEMM", SLOW_BF16_INSTEAD)
 
 
 def _native_or_none(library, switches: tuple[str, ...], what: str, instead: str):
@@ -198,24 +208,30 @@ def tgserve_synchronize(device):
     return True  # CPU ops have finished when they return
 
 
-# The one line `--dtype bfloat16` logs where bf16 has no fast path here (until CPU bf16 kernels exist).
+# The one line `--dtype bfloat16` logs where bf16 has no fast path here: oneDNN's bf16 path without native
+# bf16 dot products (AVX-512 without AVX512-BF16), or F.linear where the native bf16 GEMM could not serve.
 SLOW_BF16_MESSAGE = "bfloat16 runs through a slower path on this CPU (%s: %s); use --dtype float32 instead"
+SLOW_BF16_INSTEAD = "F.linear (bfloat16 runs through a slower path on this CPU; --dtype float32 is faster)"
+# The one line saying bf16 linears run the native bf16-weight GEMM (where oneDNN has no bf16 path).
+NATIVE_BF16_MESSAGE = "bfloat16 linears on this CPU (%s, oneDNN has no bf16 path): %s, bf16 weights, float32 sums"
 
 
 @hookimpl
 def tgserve_make_linear_method(quantize, dtype, device, quantization):
-    """oneDNN-packed weights for unquantized bf16/fp32 where this CPU runs them (the core's reference
-    method, `F.linear`, elsewhere); a quantized format keeps them for the layers it leaves float and
-    gets the packed int8 / int4 kernels that run correctly here for `dtype`: the native ones first
+    """oneDNN-packed weights for unquantized bf16/fp32 where this CPU runs them; for bf16 where oneDNN has
+    no bf16 path (AVX2-only CPUs), the native bf16-weight GEMM (native_bf16_linear.py); the core's
+    reference method, `F.linear`, elsewhere. A quantized format keeps them for the layers it leaves float
+    and gets the packed int8 / int4 kernels that run correctly here for `dtype`: the native ones first
     (native_weight_only.py), then torch's ops (weight_only.py).
     bf16 without a fast path here logs one line saying so."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     kernels = cpu_kernels()
-    if dtype == torch.bfloat16 and not kernels.has_fast_bf16:
-        why = "no native bf16" if not kernels.is_native_bf16 else "oneDNN has no bf16 path here"
-        log.warning(SLOW_BF16_MESSAGE, kernels.isa or "unknown ISA", why)
     dense = make_onednn_linear_method(dtype) if kernels.allows_onednn(dtype) else None
+    if dtype == torch.bfloat16 and not kernels.is_onednn_bf16:
+        dense = _native_bf16_method(kernels)
+    elif dtype == torch.bfloat16 and not kernels.has_fast_bf16:
+        log.warning(SLOW_BF16_MESSAGE, kernels.isa or "unknown ISA", "no native bf16")
     if quantization is None:
         return dense
     weight_kernels = ()
@@ -226,6 +242,18 @@ def tgserve_make_linear_method(quantize, dtype, device, quantization):
     log.info("weight-only kernels for %s: %s", dtype,
              ", ".join(getattr(k, "description", k.name) for k in (*weight_kernels, ReferenceKernel())))
     return make_quantized_method(quantization, dtype, dense=dense or LinearMethod(), kernels=weight_kernels)
+
+
+def _native_bf16_method(kernels: CpuKernels) -> LinearMethod | None:
+    """The native bf16 method where its library built and passed its probe, with one log line either way
+    (native_bf16_ops logs a failed build itself); None: F.linear."""
+    ops = native_bf16_ops()
+    method = make_native_bf16_linear_method(ops)
+    if method is not None:
+        log.info(NATIVE_BF16_MESSAGE, kernels.isa or "unknown ISA", method.name)
+    elif ops is not None:
+        log.warning(SLOW_BF16_MESSAGE, kernels.isa or "unknown ISA", "the native bf16 GEMM failed its probe")
+    return method
 
 
 @hookimpl

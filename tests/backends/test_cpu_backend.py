@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from tgserve.backends.cpu import host, kernels, plugin
 from tgserve.backends.cpu.kernels import CpuIsaError, choose_kernels
 from tgserve.core.quantization.quant_config import resolve_quantization
 from tgserve.backends.cpu.linear import OneDnnLinearMethod
+from tgserve.backends.cpu.native_bf16_linear import NativeBf16LinearMethod
 from tgserve.core.config import ServerConfig
 from tgserve.core.layers.linear import Linear, LinearMethod, linear_from_dense
 from tgserve.core.plugins import BackendRegistry
@@ -33,6 +35,8 @@ ZEN5 = ({"avx2", "avx512f", "avx512bw", "avx512_bf16"}, "AVX512", True, True)
 SAPPHIRE_RAPIDS = ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AVX512", True, True)
 SKYLAKE_X = ({"avx2", "avx512f", "avx512bw"}, "AVX512", True, True)  # oneDNN emulates bf16, no native dot
 SAPPHIRE_RAPIDS_ONEDNN_AVX2 = ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AVX512", True, False)
+# Where oneDNN has no bf16 path, bf16 linears run the native bf16 GEMM if it builds here (a compiler), else F.linear.
+HAS_COMPILER = shutil.which("c++") is not None
 ENGINE_LIMITS = dict(max_batch_prefill_tokens=32, max_batch_total_tokens=512, max_total_tokens=128)
 
 
@@ -65,10 +69,11 @@ def onednn_packs(dtype) -> bool:
 
 
 def expected_method_type(dtype) -> type:
-    """The linear method the cpu backend should give for `dtype` here: packed where it runs, else F.linear."""
+    """The linear method the cpu backend should give for `dtype` here: oneDNN-packed where it runs, the native
+    bf16 GEMM for bf16 where oneDNN has no bf16 path (AVX2-only, or forced so), else F.linear."""
     is_forced_portable = os.environ.get("TGSERVE_CPU_ISA", "auto").lower() == "avx2"
-    if dtype == torch.bfloat16 and is_forced_portable:
-        return LinearMethod
+    if dtype == torch.bfloat16 and (is_forced_portable or not onednn_packs(dtype)):
+        return NativeBf16LinearMethod if HAS_COMPILER else LinearMethod
     return OneDnnLinearMethod if onednn_packs(dtype) else LinearMethod
 
 
@@ -235,7 +240,9 @@ def test_hooks_follow_the_host(monkeypatch, cpu_isa):
     monkeypatch.setattr(host, "cpu_flags", lambda: ZEN3[0])
     monkeypatch.setattr(kernels, "_onednn_has_bf16", lambda: False)
     assert plugin.tgserve_get_default_dtype() == "float32"
-    assert make_linear_method(torch.bfloat16) is None  # F.linear, not the reorder that raises there
+    # The native bf16 GEMM (F.linear without a compiler), not the reorder that raises there.
+    assert type(make_linear_method(torch.bfloat16) or LinearMethod()) is (
+        NativeBf16LinearMethod if HAS_COMPILER else LinearMethod)
     plugin.cpu_kernels.cache_clear()
     monkeypatch.setattr(host, "cpu_flags", lambda: SAPPHIRE_RAPIDS[0])
     monkeypatch.setattr(kernels, "_onednn_has_bf16", lambda: True)
@@ -253,7 +260,7 @@ def test_default_dtype_here_is_the_fastest_correct_one():
 def test_forced_avx2_takes_the_portable_path_here(cpu_isa):
     cpu_isa("avx2")
     assert plugin.tgserve_get_default_dtype() == "float32"
-    assert make_linear_method(torch.bfloat16) is None
+    assert type(make_linear_method(torch.bfloat16) or LinearMethod()) is expected_method_type(torch.bfloat16)
     assert type(make_linear_method(torch.float32)) is expected_method_type(torch.float32)
     status = plugin.tgserve_get_backend_status()
     assert status.is_usable and status.device_name.endswith("avx2, portable path forced)")
@@ -284,8 +291,8 @@ SLOW_BF16 = "bfloat16 runs through a slower path on this CPU"
 
 
 @pytest.mark.parametrize("facts, dtype, num_lines", [
-    (ZEN3, torch.bfloat16, 1), (ZEN3, "bfloat16", 1), (SKYLAKE_X, torch.bfloat16, 1),
-    (SAPPHIRE_RAPIDS_ONEDNN_AVX2, torch.bfloat16, 1),
+    (ZEN3, torch.bfloat16, 1 - HAS_COMPILER), (ZEN3, "bfloat16", 1 - HAS_COMPILER), (SKYLAKE_X, torch.bfloat16, 1),
+    (SAPPHIRE_RAPIDS_ONEDNN_AVX2, torch.bfloat16, 1 - HAS_COMPILER),
     (ZEN3, torch.float32, 0), (ZEN5, torch.bfloat16, 0), (SAPPHIRE_RAPIDS, torch.bfloat16, 0)])
 def test_bf16_without_a_fast_path_says_so_in_one_line(monkeypatch, cpu_isa, caplog, facts, dtype, num_lines):
     cpu_isa(None)
@@ -338,15 +345,17 @@ def test_forced_portable_engine_serves_float32_by_default(cpu_isa, demo_model_di
     assert any("CPU kernels: kernel ISA avx2; portable path forced yes" in r.getMessage() for r in caplog.records)
 
 
-def test_forced_portable_engine_runs_bfloat16_and_says_once_to_use_float32(cpu_isa, demo_model_dir, caplog):
+def test_forced_portable_engine_runs_bfloat16_through_the_native_gemm_and_says_so_once(cpu_isa, demo_model_dir,
+                                                                                      caplog):
     cpu_isa("avx2")
     prompt = [1, 2, 3, 4, 5]
     with caplog.at_level(logging.INFO), running_engine(demo_model_dir, dtype="bfloat16", **ENGINE_LIMITS) as engine:
         (got,) = run_all(engine, [request(prompt, 8)])
         assert engine.model_info.model_dtype == "bfloat16"
-        assert linear_method_types(engine) == {LinearMethod}  # F.linear: no native bf16 assumed
-    (line,) = [record for record in caplog.records if SLOW_BF16 in record.getMessage()]
-    assert "(avx2: no native bf16); use --dtype float32 instead" in line.getMessage()
+        assert linear_method_types(engine) == {expected_method_type(torch.bfloat16)}  # no oneDNN bf16 assumed
+    native = [record for record in caplog.records if "bfloat16 linears on this CPU (avx2" in record.getMessage()]
+    slow = [record for record in caplog.records if SLOW_BF16 in record.getMessage()]
+    assert (len(native), len(slow)) == ((1, 0) if HAS_COMPILER else (0, 1))
     assert len(got.ids) == 8 and got.finish is not None
 
 
