@@ -55,6 +55,12 @@ FUSED = NativeLibrary("tgserve_fused_elementwise", Path(__file__).with_name("nat
 BF16_GEMM = NativeLibrary("tgserve_bf16_gemm", Path(__file__).with_name("native") / "bf16_gemm.cpp", "tgserve_cpu_bf16")
 
 
+# ops namespace -> (source, build folder) this process loaded it from. A process keeps the first build of
+# a source it loads: a second (another ISA, another cache root) would register the namespace again, which
+# torch answers by aborting the process. Only tests switch ISA within one process.
+_LOADED: dict[str, tuple[Path, Path]] = {}
+
+
 class NativeBuildError(RuntimeError):
     """The native kernels could not be built or loaded here; the message says why, in one line."""
 
@@ -85,6 +91,9 @@ def load_ops(cache_root: Path, isa: str = "native", library: NativeLibrary | Non
     if shutil.which(compiler) is None:
         raise NativeBuildError(f"no C++ compiler ({compiler!r} not found)")
     _put_ninja_on_path()
+    loaded = _LOADED.get(library.ops_namespace)
+    if loaded is not None and loaded[0] == library.source:  # torch aborts on a second registration
+        return getattr(torch.ops, library.ops_namespace), loaded[1], 0.0
     build_dir = cache_root / cache_key(isa, library.source)
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +112,7 @@ def load_ops(cache_root: Path, isa: str = "native", library: NativeLibrary | Non
     except (OSError, RuntimeError, ImportError, SystemExit) as error:  # cpp_extension raises these
         reason = " ".join(str(error).split())[:300] or type(error).__name__
         raise NativeBuildError(f"build in {build_dir} failed: {reason}") from error
+    _LOADED[library.ops_namespace] = (library.source, build_dir)
     ops = getattr(torch.ops, library.ops_namespace)
     return ops, build_dir, build_s
 

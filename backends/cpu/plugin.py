@@ -100,6 +100,7 @@ def native_fused_ops():
                            "the core's torch ops serve")
 
 
+@functools.cache
 def native_bf16_ops():
     """torch.ops.tgserve_cpu_bf16 (native/bf16_gemm.cpp, built at first use and cached), or None.
 
