@@ -112,8 +112,20 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)
     top_ids = top_logprobs = None
     if batch.max_top_n > 0:
-        top_logprobs, top_ids = logprobs.topk(batch.max_top_n, dim=-1)
+        top_logprobs, top_ids = _top_n(logprobs, batch.max_top_n)
     return SamplerOutput(next_ids, chosen, top_ids, top_logprobs)
+
+
+def _top_n(logprobs: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n best (logprobs, ids) of each row, best first, equal logprobs by ascending id: the order
+    `argmax_rows` breaks ties in, so a greedy token is always first among the top tokens. `topk` leaves
+    the order of equal values open (bf16 logits tie often: two ids 0.0 apart were listed the other way
+    round from the greedy pick). Re-sorting n values is cheap; a stable sort of the vocabulary is not."""
+    values, ids = logprobs.topk(n, dim=-1)
+    ids, order = ids.sort(dim=-1)
+    values = values.gather(1, order)
+    values, order = values.sort(dim=-1, descending=True, stable=True)
+    return values, ids.gather(1, order)
 
 
 def argmax_rows(x: torch.Tensor, chunk: int = 128) -> torch.Tensor:

@@ -354,3 +354,18 @@ def test_argmax_rows_is_torch_max_including_ties(vocab):
     x[3, 0] = float("-inf")
     x[4, :] = float("-inf")  # nothing finite: index 0, as torch.max
     assert torch.equal(argmax_rows(x), x.max(dim=-1).indices)
+
+
+def test_a_greedy_token_is_first_among_top_tokens_that_tie_with_it():
+    """bf16 logits tie exactly (two ids 0.0 apart, seen on SmolLM2): argmax takes the lowest id, and the
+    top tokens list equal logprobs by ascending id, so the greedy token is always the first of them."""
+    logits = torch.full((3, 600), -4.0)
+    logits[0, [260, 253, 7]] = torch.tensor([2.0, 2.0, 1.0])
+    logits[1, [511, 42, 300, 99]] = 3.0  # four-way tie
+    logits[2, 5] = 1.0
+    out = sample(logits, _batch([_GREEDY] * 3, max_top_n=5))
+    assert out.next_ids.tolist() == [253, 42, 5]
+    assert out.top_ids[:, 0].tolist() == out.next_ids.tolist()
+    assert out.top_ids[0, :3].tolist() == [253, 260, 7] and out.top_ids[1, :4].tolist() == [42, 99, 300, 511]
+    assert torch.equal(out.top_logprobs, out.top_logprobs.sort(dim=-1, descending=True).values)
+    assert torch.equal(out.top_logprobs, torch.log_softmax(logits, -1).gather(1, out.top_ids))
