@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tgserve.backends.cpu import plugin
-from tgserve.backends.cpu.native_attention import NativePagedAttention, is_usable
+from tgserve.backends.cpu.native_attention import MAX_QUERIES, NativePagedAttention, is_usable
 from tgserve.backends.cpu.native_kernels import NativeBuildError
 from tgserve.core.layers.attention import TorchPagedAttention
 from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
@@ -24,6 +24,7 @@ COMPILER = "c++"
 BLOCK_SIZE = 16
 NUM_BLOCKS = 96
 MAX_TOTAL_TOKENS = 320
+MAX_STEP_TOKENS = 512
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +51,13 @@ def make_batch(seqs: list[tuple[int, int]], constraints: ShapeConstraints | None
         seq.num_computed_tokens = cached
         seq.block_ids = [next(free_blocks) for _ in range(-(-total // BLOCK_SIZE))]
         plan.scheduled.append(ScheduledSequence(seq, new))
-    inputs = StepInputs(step_capacity(512, 16, MAX_TOTAL_TOKENS, NUM_BLOCKS, BLOCK_SIZE, constraints), BLOCK_SIZE,
+    inputs = StepInputs(step_capacity(MAX_STEP_TOKENS, 16, MAX_TOTAL_TOKENS, NUM_BLOCKS, BLOCK_SIZE, constraints), BLOCK_SIZE,
                         torch.device("cpu"), constraints)
     return inputs.prepare(plan)
 
 
 def run_both(ops, seqs, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-             constraints: ShapeConstraints | None = None):
+             constraints: ShapeConstraints | None = None, max_queries: int | None = MAX_QUERIES):
     """(native output, reference output, native caches, reference caches) of one step on one random cache."""
     generator = torch.Generator().manual_seed(heads * 1000 + sum(c + n for c, n in seqs))
     batch = make_batch(seqs, constraints)
@@ -68,7 +69,7 @@ def run_both(ops, seqs, heads: int, kv_heads: int, head_dim: int, dtype: torch.d
     v = qkv_tail[:, :kv_heads * head_dim].unflatten(-1, (kv_heads, head_dim))
     cache = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, kv_heads, head_dim, generator=generator).to(dtype)
     results = []
-    for attention in (NativePagedAttention(ops, heads, kv_heads, head_dim, BLOCK_SIZE),
+    for attention in (NativePagedAttention(ops, heads, kv_heads, head_dim, BLOCK_SIZE, max_queries),
                       TorchPagedAttention(heads, kv_heads, head_dim, BLOCK_SIZE)):
         batch.attention = attention.prepare(batch)
         layer_cache = cache.clone()
@@ -87,7 +88,9 @@ STEPS = {
     "prefill only": [(0, 17), (0, 3)],
     "verifications among decodes (2 to 16 queries)": [(14, 1), (40, 3), (15, 5), (283, 16), (0, 2)],
     "a verification, then a prefill": [(16, 1), (20, 5), (0, 40)],
-    "a long query first: the short ones after it take the reference's path": [(0, 20), (30, 4), (7, 1)],
+    "a long query first, short ones after it": [(0, 20), (30, 4), (7, 1)],
+    "turns after cached prefixes (chunked: > 256 rows per KV head)": [(2, 1), (160, 40), (96, 130), (0, 150)],
+    "one long prompt, many chunks": [(0, 300)],
 }
 SHAPES = {"gqa 14/2 d64": (14, 2, 64), "mha 4/4 d32": (4, 4, 32), "gqa 8/1 d80": (8, 1, 80)}
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -96,15 +99,28 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 @pytest.mark.parametrize("step", list(STEPS))
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_matches_the_reference(ops, step, shape, dtype):
-    native, reference, native_cache, reference_cache, batch = run_both(ops, STEPS[step], *SHAPES[shape], dtype)
+@pytest.mark.parametrize("max_queries", [MAX_QUERIES, None], ids=["long queries to SDPA", "every query native"])
+def test_matches_the_reference(ops, step, shape, dtype, max_queries):
+    """Both routings on every build: the op's many-rows paths (bf16 pairs where the CPU has AVX512-BF16,
+    float32 elsewhere) and its few-rows path, against the reference."""
+    native, reference, native_cache, reference_cache, batch = run_both(ops, STEPS[step], *SHAPES[shape], dtype,
+                                                                       max_queries=max_queries)
     assert native.shape == reference.shape and native.dtype == dtype
     assert torch.equal(native_cache, reference_cache)  # every row's K/V written to the same slot
     tolerance = TOLERANCE[dtype]
     torch.testing.assert_close(native.float(), reference.float(), rtol=tolerance, atol=tolerance)
-    # rows past the op's short queries are the reference's own (same ops, same inputs): equal, not close
-    first = NativePagedAttention(ops, *SHAPES[shape], BLOCK_SIZE).prepare(batch).first_prefill_token
-    assert torch.equal(native[first:batch.num_tokens], reference[first:batch.num_tokens])
+    if max_queries is not None:  # rows past the op's short queries are the reference's own: equal, not close
+        first = NativePagedAttention(ops, *SHAPES[shape], BLOCK_SIZE, max_queries).prepare(batch).first_prefill_token
+        assert torch.equal(native[first:batch.num_tokens], reference[first:batch.num_tokens])
+
+
+def test_long_queries_go_native_only_where_that_path_is_fast(ops):
+    for dtype in (torch.float32, torch.bfloat16):
+        path = ops.long_query_path(dtype, 64)
+        attention = make_attention(dtype)
+        assert path in ("bf16-pairs", "float32")
+        assert attention.max_queries == (None if path == "bf16-pairs" else MAX_QUERIES)
+    assert ops.long_query_path(torch.float32, 80) == "none"  # no many-rows path for this head_dim
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -130,7 +146,8 @@ def test_decode_rows_attend_to_the_key_written_this_step(ops):
 
 def test_the_start_up_probe_passes_and_catches_a_wrong_kernel(ops, monkeypatch):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert is_usable(ops, dtype)
+        for head_dim in (64, 128, 80):
+            assert is_usable(ops, dtype, head_dim)
 
     class WrongScale:  # the real op with a wrong scale: an answer the probe must refuse
         @staticmethod
