@@ -9,7 +9,8 @@ of cache and nothing is ever preempted; a speculating sequence's verified positi
 reservation (the engine proposes at most max_tokens - L - 1 tokens after L), so speculation needs no
 extra blocks and a request near its end proposes fewer. At admission the block manager names the cached
 blocks that hold a prefix of the prompt (prefix caching); the request holds them with the others it
-allocates, counted once, and only the rest of its prompt is scheduled.
+allocates, counted once, and only the rest of its prompt is scheduled. A request whose next prompt block a
+running sequence is computing right now waits for it (`_is_next_block_pending`) rather than compute it too.
 
 A backend's `ShapeConstraints` bound every step: never more tokens than its largest prefill bucket
 nor more sequences than its largest batch bucket, and on a slot-based backend each admitted request
@@ -81,6 +82,8 @@ class Scheduler:
         while self.waiting and budget > 0 and self._has_batch_room():
             seq = self.waiting[0]
             cached_ids, cached_hashes = self._cached_prefix(seq)
+            if self._is_next_block_pending(seq, len(cached_ids)):
+                break
             num_computed = len(cached_ids) * self.blocks.block_size
             num_uncomputed = len(seq.token_ids) - num_computed
             num_tokens = min(num_uncomputed, budget)
@@ -123,6 +126,19 @@ class Scheduler:
             raise EngineInvariantError(f"{len(block_ids)} cached blocks for {len(seq.token_ids)} prompt tokens: "
                                        "not whole blocks short of the last token")
         return block_ids, hashes
+
+    def _is_next_block_pending(self, seq: Sequence, num_cached_blocks: int) -> bool:
+        """Whether a running sequence is still computing, as part of its prompt, the block of `seq`'s prompt
+        that follows its cached prefix (same tokens, same everything before). Then `seq` waits for it, and
+        the queue behind it (nobody is overtaken): a step or a few later that block is cached and `seq`
+        reuses it instead of computing it again. Requests that arrive together with one long shared prefix
+        (a system prompt, a few-shot template, `best_of` candidates) so compute it once, not once each."""
+        end = (num_cached_blocks + 1) * self.blocks.block_size
+        if not self.blocks.is_prefix_caching or seq.request.prefill_logprobs or end >= len(seq.token_ids):
+            return False  # that block would hold the prompt's last token, which is always computed
+        prefix = seq.token_ids[:end]
+        return any(other.num_computed_tokens < end <= other.num_prompt_tokens and other.token_ids[:end] == prefix
+                   for other in self.running)
 
     def advance(self, seq: Sequence, num_tokens: int) -> None:
         """Record that `num_tokens` more tokens of `seq` are computed and accepted (their K/V stay in the

@@ -117,7 +117,7 @@ def _run_step(runner, scheduler: Scheduler, lengths: list[int], top_n_tokens: in
     added: list[Sequence] = []
     try:
         for num_tokens in lengths:
-            request = GenerationRequest(input_ids=[1] * num_tokens, sampling=_WARMUP_SAMPLING,
+            request = GenerationRequest(input_ids=_warmup_prompt(len(added), num_tokens), sampling=_WARMUP_SAMPLING,
                                         stopping=StoppingParams(max_new_tokens=1), top_n_tokens=top_n_tokens)
             seq = Sequence(-1 - len(added), request, list(request.input_ids), num_tokens, num_tokens + 1)
             scheduler.add(seq)
@@ -133,6 +133,14 @@ def _run_step(runner, scheduler: Scheduler, lengths: list[int], top_n_tokens: in
         for seq in added:
             scheduler.finish(seq)
     return plan.num_tokens
+
+
+def _warmup_prompt(index: int, num_tokens: int) -> list[int]:
+    """Token ids 1 and 2 only (in every vocabulary), the first 32 spelling `index` in binary: prompts of one
+    step differ within their first block, so none waits for another's blocks (the scheduler holds a request
+    whose next prompt block a running one is computing) and the step holds every one of them."""
+    bits = [1 + ((index >> k) & 1) for k in range(min(num_tokens, 32))]
+    return bits + [1] * (num_tokens - len(bits))
 
 
 def _full_step_lengths(num_free_blocks: int, limits: RuntimeLimits) -> list[int]:

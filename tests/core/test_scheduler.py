@@ -285,6 +285,50 @@ def test_admission_starts_after_the_cached_prefix_and_holds_its_blocks_once():
     scheduler.blocks.check_invariants()
 
 
+def test_requests_arriving_together_compute_their_shared_prefix_once():
+    """Three requests with one 9-token prefix (blocks of 4) queued at once: the first computes it; the next
+    waits while its next block is being computed (and the third behind it: nobody is overtaken), then both
+    reuse the two full blocks and compute only the rest. A prompt that shares no block is not held."""
+    scheduler = _scheduler(block_size=4, max_step_tokens=16)
+    first, second, third = _seq(0, 12, 2), _seq(1, 12, 2, variant=0), _seq(2, 11, 2)
+    second.token_ids[10] = second.request.input_ids[10] = 77  # shares tokens 0..9 with `first`
+    for seq in (first, second, third):
+        scheduler.add(seq)
+    assert _tokens(_step(scheduler)) == {0: 12}  # the others wait for blocks 0 and 1
+    shared = first.block_ids[:2]
+    plan = _step(scheduler)
+    assert _tokens(plan) == {0: 1, 1: 4, 2: 3}  # first decodes; the others start after 8 cached tokens
+    assert (second.num_cached_tokens, third.num_cached_tokens) == (8, 8)
+    assert second.block_ids[:2] == shared == third.block_ids[:2]
+    scheduler.blocks.check_invariants()
+
+    alone = _scheduler(block_size=4, max_step_tokens=16)
+    a, b = _seq(0, 8, 1), _seq(1, 8, 1, variant=1)  # differ at token 3: no shared block
+    alone.add(a)
+    alone.add(b)
+    assert _tokens(alone.schedule()) == {0: 8, 1: 8}
+
+
+def test_a_chunked_prompt_holds_the_requests_sharing_it_until_their_blocks_are_cached():
+    scheduler = _scheduler(block_size=4, max_step_tokens=8)
+    first, second = _seq(0, 20, 1), _seq(1, 20, 1)  # the same prompt: 4 reusable blocks (19 tokens)
+    scheduler.add(first)
+    scheduler.add(second)
+    steps = [_tokens(_step(scheduler)) for _ in range(3)]
+    assert steps[:2] == [{0: 8}, {0: 8}]  # `second` waits while `first` computes blocks 0-3 in chunks
+    assert steps[2] == {0: 4, 1: 4} and second.num_cached_tokens == 16  # then reuses 4 blocks, computes 4
+
+
+def test_no_wait_without_prefix_caching_or_for_prompt_logprobs():
+    for is_caching, wants_logprobs in ((False, False), (True, True)):
+        scheduler = Scheduler(BlockManager(64, 4, is_prefix_caching=is_caching), 64, None)
+        first, second = _seq(0, 12, 1), _seq(1, 12, 1)
+        second.request.prefill_logprobs = wants_logprobs
+        scheduler.add(first)
+        scheduler.add(second)
+        assert _tokens(scheduler.schedule()) == {0: 12, 1: 12}
+
+
 def test_a_request_asking_for_its_prompt_logprobs_computes_the_whole_prompt():
     scheduler = _scheduler(block_size=4)
     scheduler.add(_seq(0, 10, 1))

@@ -33,7 +33,7 @@ def test_no_step_is_larger_than_the_largest_buckets():
     constraints = ShapeConstraints(prefill_token_buckets=(8, 16, 24), decode_batch_buckets=(1, 2, 3))
     scheduler = Scheduler(BlockManager(200, 4), max_batch_prefill_tokens=100, max_batch_size=10,
                           constraints=constraints)
-    plans = list(_run(scheduler, [_seq(i, 5 + 7 * i, 4) for i in range(6)]))
+    plans = list(_run(scheduler, [_seq(i, 5 + 7 * i, 4, variant=i + 1) for i in range(6)]))  # no shared block
     assert max(plan.num_tokens for plan in plans) == 24
     assert max(len(plan.scheduled) for plan in plans) == 3
 
