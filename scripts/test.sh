@@ -34,5 +34,8 @@ if [ "$#" -eq 0 ]; then
         "$PY" -m pytest -q tests/core/test_engine_correctness.py tests/core/test_bf16_logits.py \
         tests/backends/test_cpu_native_kernels.py tests/backends/test_cpu_native_fused.py \
         tests/backends/test_cpu_native_bf16.py || status=$?
+    # The attention op's AVX2 paths (float32 many-rows tiles of 8 lanes) against the reference, every step layout.
+    TGSERVE_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+        "$PY" -m pytest -q tests/backends/test_cpu_native_attention.py -k "every or probe or padding" || status=$?
 fi
 exit "$status"
