@@ -3,7 +3,8 @@
 Between its GEMMs a decoder layer ran ~40 separately dispatched torch ops, each a pass over its rows
 and most a temporary: 3.5 ms of a batch-1 step of the Qwen2-0.5B shape on Zen 5, where the GEMMs
 already read their weights at the memory wall. The two norms' residual add, float32 statistics and
-scale, and the MLP's SiLU and product, are one native call each here (BENCHMARKS.md, "CPU: fused norm
+scale, the MLP's SiLU and product, and the rotary embedding of the queries and keys (flip, two products,
+a sum) are one native call each here (BENCHMARKS.md, "CPU: fused norm
 and activation kernels"). Anything the op does not take (another dtype, rows that are not contiguous)
 goes to the torch reference, which is also what the start-up probe compares against.
 """
@@ -41,6 +42,14 @@ class NativeFusedOps(TorchFusedOps):
             return super().silu_and_mul(gate_up)
         return self.ops.silu_and_mul(gate_up)
 
+    def rotary(self, cos_sin, x):
+        cos, signed_sin = cos_sin
+        rows, heads, d = x.shape if x.dim() == 3 else (0, 0, 0)
+        if (x.dim() != 3 or x.dtype not in DTYPES or x.stride(2) != 1 or x.stride(1) != d or d % 2
+                or cos.dtype != x.dtype or signed_sin.dtype != x.dtype):
+            return super().rotary(cos_sin, x)
+        return self.ops.rotary(x, cos.reshape(rows, d), signed_sin.reshape(rows, d))
+
 
 def _takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the op takes this input: [T, hidden] with contiguous rows, in one of DTYPES, as its weight."""
@@ -61,17 +70,22 @@ PROBE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-
 
 @functools.cache
 def is_usable(ops, dtype: torch.dtype) -> bool:
-    """Start-up probe, once per library and dtype: each op on 3 odd-width rows against the reference."""
+    """Start-up probe, once per library and dtype: each op on 3 rows (odd widths; rotary on strided rows)
+    against the reference."""
     generator = torch.Generator().manual_seed(0)
     x, residual = (torch.randn(3, 37, generator=generator).to(dtype) for _ in range(2))
     weight = torch.rand(37, generator=generator).to(dtype)
     gate_up = (4 * torch.randn(3, 42, generator=generator)).to(dtype)
+    qkv = torch.randn(3, 5 * 8, generator=generator).to(dtype)  # 3 query + 1 key heads of d 8, then 1 value head
+    qk = qkv[:, :32].unflatten(-1, (4, 8))  # strided rows, as the model passes them
+    cos_sin = tuple(torch.randn(3, 1, 8, generator=generator).to(dtype) for _ in range(2))
     native, reference = NativeFusedOps(ops), TorchFusedOps()
     try:
         pairs = [(native.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6)),
                  *zip(native.add_rms_norm(x, residual, weight, 1e-6),
                       reference.add_rms_norm(x, residual, weight, 1e-6)),
-                 (native.silu_and_mul(gate_up), reference.silu_and_mul(gate_up))]
+                 (native.silu_and_mul(gate_up), reference.silu_and_mul(gate_up)),
+                 (native.rotary(cos_sin, qk), reference.rotary(cos_sin, qk))]
     except RuntimeError:  # the library refused its own inputs: a bug, but not a reason to stop serving
         return False
     return all(bool((a.float() - b.float()).abs().max() <= PROBE_TOLERANCE[dtype] * b.float().abs().max())

@@ -3,7 +3,7 @@
 A layer carries its residual stream apart from its hidden states (vLLM's and TGI's shape): each norm
 adds the sublayer's output into the residual, then normalizes the sum, so a backend can do both in
 one pass over the row (`add_rms_norm`), and the MLP's SiLU gate and product are one op
-(`silu_and_mul`). `TorchFusedOps` is the reference, `tgserve_make_fused_ops`' core default: exactly the
+(`silu_and_mul`); rotary position embedding of the queries and keys is one op too (`rotary`). `TorchFusedOps` is the reference, `tgserve_make_fused_ops`' core default: exactly the
 ops the unfused decoder ran (sum in the model dtype, statistics in float32, scale in the model dtype),
 so its outputs equal theirs bit for bit.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from tgserve.core.layers.rotary import apply_rotary
 
 
 class TorchFusedOps:
@@ -35,3 +37,8 @@ class TorchFusedOps:
         """gate_up [T, 2 * I] (gate, then up) -> silu(gate) * up [T, I], in the model dtype."""
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def rotary(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, d] (queries and keys together) rotated by `RotaryEmbedding.lookup`'s (cos, signed_sin),
+        each [T, 1, d]: `apply_rotary`, HF's products and sum."""
+        return apply_rotary(cos_sin, x)

@@ -27,7 +27,7 @@ from tgserve.core.layers.fused_ops import TorchFusedOps
 from tgserve.core.layers.attention import PagedAttention
 from tgserve.core.layers.linear import Linear, LinearMethod, Parallel
 from tgserve.core.layers.norm import RMSNorm
-from tgserve.core.layers.rotary import RotaryEmbedding, apply_rotary
+from tgserve.core.layers.rotary import RotaryEmbedding
 from tgserve.core.model_config import ModelConfig
 
 
@@ -68,7 +68,7 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         qkv = self.qkv_proj(x)
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        qk = apply_rotary(cos_sin, qk.unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim)))
+        qk = self.fused_ops.rotary(cos_sin, qk.unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim)))
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         attn = self.attention.forward(q, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim)), layer_cache, batch)
         x, residual = self.post_attention_layernorm(self.tp.all_reduce(self.o_proj(attn)), residual)

@@ -69,6 +69,23 @@ def test_silu_and_mul_matches_the_reference(ops, dtype, width):
         assert_close(native.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("heads", "head_dim"), [(16, 64), (3, 2), (24, 128)])
+def test_rotary_equals_the_reference_bit_for_bit(ops, dtype, heads, head_dim):
+    """Real tables (RotaryEmbedding, positions in any order) on the model's strided q/k view of a qkv row;
+    the same roundings as HF's `x * cos + rotate_half(x) * sin`, so equal, not close, in every dtype."""
+    from tgserve.core.layers.rotary import RotaryEmbedding
+
+    native, reference = NativeFusedOps(ops), TorchFusedOps()
+    rotary = RotaryEmbedding(head_dim, 4096, 1e6, None, dtype, CPU)
+    for num_rows in ROW_COUNTS:
+        positions = torch.randperm(4096, generator=torch.Generator().manual_seed(num_rows))[:num_rows]
+        qkv = rows(num_rows, (heads + 2) * head_dim, dtype, num_rows, scale=3.0)
+        qk = qkv[:, :(heads + 1) * head_dim].unflatten(-1, (heads + 1, head_dim))
+        got, expected = native.rotary(rotary.lookup(positions), qk), reference.rotary(rotary.lookup(positions), qk)
+        assert got.dtype == dtype and got.shape == expected.shape and torch.equal(got, expected)
+
+
 def test_extreme_gates_stay_finite(ops):
     """exp is clamped in the kernel: gates far past float32's exp range give silu's limits, 0 and g."""
     gate_up = torch.tensor([[-1000.0, -90.0, 0.0, 90.0, 1000.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
@@ -97,13 +114,21 @@ def test_the_start_up_probe_passes_and_catches_a_wrong_kernel(ops):
     assert is_usable(ops, torch.float32) and is_usable(ops, torch.bfloat16)
 
     class Wrong:
-        rms_norm, add_rms_norm = ops.rms_norm, ops.add_rms_norm
+        rms_norm, add_rms_norm, rotary = ops.rms_norm, ops.add_rms_norm, ops.rotary
 
         @staticmethod
         def silu_and_mul(gate_up):
             return ops.silu_and_mul(gate_up) * 1.01
 
+    class WrongRotary:  # the tables swapped: a rotation the wrong way
+        rms_norm, add_rms_norm, silu_and_mul = ops.rms_norm, ops.add_rms_norm, ops.silu_and_mul
+
+        @staticmethod
+        def rotary(x, cos, signed_sin):
+            return ops.rotary(x, signed_sin, cos)
+
     assert not is_usable(Wrong(), torch.float32)
+    assert not is_usable(WrongRotary(), torch.float32)
 
 
 def make_fused_ops(dtype=torch.float32):

@@ -5,11 +5,13 @@
 //   rms_norm(x [T, h], weight [h], eps)                 -> x / rms(x) * weight                 [T, h]
 //   add_rms_norm(x [T, h], residual [T, h], weight, eps) -> (rms_norm(residual + x), residual + x)
 //   silu_and_mul(gate_up [T, 2 I])                      -> silu(gate) * up                     [T, I]
+//   rotary(x [T, H, d], cos [T, d], signed_sin [T, d])   -> x * cos + swap_halves(x) * signed_sin [T, H, d]
 //
 // Same roundings as the reference, so float32 agrees to summation order and bf16 / fp16 to one rounding:
 // the residual sum is rounded to the model dtype before its statistics; the mean of squares is float32;
 // x * rsqrt(mean + eps) is rounded to the model dtype, then multiplied by the weight and rounded again;
-// silu(gate) is rounded before the product. Rows go to torch's own pool (at::parallel_for); the inner
+// silu(gate) is rounded before the product; rotary rounds each product, then their sum (float32: no FMA,
+// so bit for bit the reference's, which is HF's `x * cos + rotate_half(x) * sin`). Rows go to torch's own pool (at::parallel_for); the inner
 // loops are `omp simd` over the row, vectorized for -march (the host's, or haswell for the AVX2 build).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -116,6 +118,29 @@ inline void silu_and_mul_row(const T* __restrict__ gate, const T* __restrict__ u
   }
 }
 
+// One token's heads: out[h] = round(round(x[h] * cos) + round(swap_halves(x[h]) * signed_sin)). Contraction
+// into an FMA is off here: it would skip the products' rounding and break bit equality with the reference.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <typename T>
+inline void rotary_row(const T* __restrict__ x, int64_t head_stride, const T* __restrict__ cos,
+                       const T* __restrict__ signed_sin, T* __restrict__ out, int64_t heads, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    const T* __restrict__ xh = x + h * head_stride;
+    T* __restrict__ oh = out + h * d;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i)
+      oh[i] = from_float<T>(round_to<T>(to_float(xh[i]) * to_float(cos[i])) +
+                            round_to<T>(to_float(xh[i + half]) * to_float(signed_sin[i])));
+#pragma omp simd
+    for (int64_t i = half; i < d; ++i)
+      oh[i] = from_float<T>(round_to<T>(to_float(xh[i]) * to_float(cos[i])) +
+                            round_to<T>(to_float(xh[i - half]) * to_float(signed_sin[i])));
+  }
+}
+#pragma GCC pop_options
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, weight, "rms_norm");
   const int64_t rows = x.size(0), h = x.size(1);
@@ -174,16 +199,42 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& signed_sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) && x.size(2) % 2 == 0,
+              "rotary: x must be [T, heads, d] with each token's heads contiguous and d even");
+  const int64_t rows = x.size(0), heads = x.size(1), d = x.size(2);
+  for (const at::Tensor* table : {&cos, &signed_sin})
+    TORCH_CHECK(table->dim() == 2 && table->size(0) == rows && table->size(1) == d && table->is_contiguous() &&
+                    table->scalar_type() == x.scalar_type(), "rotary: cos and signed_sin must be contiguous [T, d] "
+                "in x's dtype");
+  at::Tensor out = at::empty({rows, heads, d}, x.options());
+  DISPATCH_MODEL_DTYPES(x.scalar_type(), "rotary", [&] {
+    const auto* x_data = data_of<scalar_t>(x);
+    const auto* cos_data = data_of<scalar_t>(cos);
+    const auto* sin_data = data_of<scalar_t>(signed_sin);
+    auto* out_data = data_of<scalar_t>(out);
+    const int64_t x_stride = x.stride(0);
+    at::parallel_for(0, rows, grain_rows(heads * d), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row)
+        rotary_row(x_data + row * x_stride, d, cos_data + row * d, sin_data + row * d, out_data + row * heads * d,
+                   heads, d);
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tgserve_cpu_fused, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("rotary(Tensor x, Tensor cos, Tensor signed_sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tgserve_cpu_fused, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rotary", &rotary);
 }
