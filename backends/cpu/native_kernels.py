@@ -71,9 +71,11 @@ def weight_only_library() -> NativeLibrary:
 
 
 def cache_key(isa: str, source: Path | None = None) -> str:
-    """Hex digest naming one build: source, torch, flags, and the CPU (model and instruction flags)."""
+    """Hex digest naming one build: source, the headers beside it, torch, flags, and the CPU (model and
+    instruction flags)."""
     source = source or SOURCE
-    parts = (source.read_bytes(), torch.__version__.encode(), repr((MARCH[isa], CFLAGS, LDFLAGS)).encode(),
+    headers = b"".join(header.read_bytes() for header in sorted(source.parent.glob("*.h")))  # shared by sources
+    parts = (source.read_bytes(), headers, torch.__version__.encode(), repr((MARCH[isa], CFLAGS, LDFLAGS)).encode(),
              host.cpu_model_name().encode(), " ".join(sorted(host.cpu_flags())).encode())
     digest = hashlib.sha256()
     for part in parts:

@@ -22,6 +22,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "exp_poly.h"
+
 // float32, bf16 and fp16 (native_fused.py sends nothing else): the model dtypes the cpu backend runs.
 #define DISPATCH_MODEL_DTYPES(TYPE, NAME, ...)                                                  \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                      \
@@ -50,21 +52,8 @@ template <> inline uint16_t from_float<uint16_t>(float x) {
 }
 template <typename T> inline float round_to(float x) { return to_float(from_float<T>(x)); }
 
-// exp(x) within ~2 ulp for x in [-87, 88] (clamped there): 2^n * p(r), r = x - n ln 2 (Cephes expf),
-// written so `omp simd` loops vectorize it (glibc's expf runs one lane at a time).
-inline float exp_clamped(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-}
+// exp(x), clamped into [-87, 88] first (silu of a huge gate is the gate, of a hugely negative one 0).
+inline float exp_clamped(float x) { return exp_in_range(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x)); }
 
 // The element type the loops run on: bf16 as its bits (above), float32 and fp16 as themselves.
 template <typename scalar_t>

@@ -35,6 +35,8 @@
 #include <string>
 #include <vector>
 
+#include "exp_poly.h"
+
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -52,23 +54,9 @@ inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return __builtin_bit_cast(float, uint32_t(x.x) << 16); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
-// exp(x) for x <= 0 (a score minus its running max), within ~2 ulp: 2^n * p(r), r = x - n ln 2 (Cephes expf).
-// Written so `omp simd` loops vectorize it (glibc's expf would run one lane at a time). Below -87 the
-// result (< 1.7e-38) is flushed to exp(-87): beside the max's weight 1 it adds nothing.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  // n = round(x / ln 2) by the 1.5 * 2^23 trick: std::floor would keep GCC from vectorizing the loop.
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-}
+// exp(x) for x <= 0 (a score minus its running max). Below -87 the result (< 1.7e-38) is flushed to
+// exp(-87): beside the max's weight 1 it adds nothing.
+inline float exp_nonpositive(float x) { return exp_in_range(x < -87.0f ? -87.0f : x); }
 
 // A vector register of floats as a value of GCC's vector extension: 16 lanes with AVX-512, 8 with AVX2 (a
 // wider type would be split by the compiler, through memory). Locals of this type stay in registers across
