@@ -287,3 +287,16 @@ def test_two_processes_building_at_once_both_load_one_build(tmp_path):
         assert run.returncode == 0, err[-2000:]
     build_dirs = {out.strip().splitlines()[-1] for out, _ in outputs}
     assert len(build_dirs) == 1 and len(list(Path(next(iter(build_dirs))).glob("*.so"))) == 1
+
+
+def test_a_build_is_named_by_its_source_and_the_headers_beside_it(tmp_path):
+    """Editing a shared header (native/exp_poly.h) must rebuild every library that includes it."""
+    from tgserve.backends.cpu.native_kernels import cache_key
+
+    source, header = tmp_path / "kernel.cpp", tmp_path / "shared.h"
+    source.write_text('#include "shared.h"\n')
+    header.write_text("inline int one() { return 1; }\n")
+    before = cache_key("avx2", source)
+    assert cache_key("avx2", source) == before  # stable
+    header.write_text("inline int one() { return 2 - 1; }\n")
+    assert cache_key("avx2", source) != before
