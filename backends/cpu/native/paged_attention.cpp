@@ -241,6 +241,22 @@ inline float softmax_tile(const float* __restrict__ scores, int64_t seen, bool i
   return correction;
 }
 
+// acc[b][v] += scalars[b] * panel[v * LANES .. v * LANES + LANES): one step of a register-blocked outer
+// product, each loaded panel vector serving every row of the block (scores: query elements x a transposed
+// key row; values: softmax weights x a value row).
+template <int64_t ROWS, int64_t VECTORS>
+inline void outer_product_step(lanes_t (&acc)[ROWS][VECTORS], const float (&scalars)[ROWS], const float* panel) {
+  lanes_t vectors[VECTORS];
+#pragma GCC unroll 8
+  for (int64_t v = 0; v < VECTORS; ++v) vectors[v] = load_lanes(panel + v * LANES);
+#pragma GCC unroll 8
+  for (int64_t b = 0; b < ROWS; ++b) {
+    const lanes_t scalar = lanes_t{} + scalars[b];
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < VECTORS; ++v) acc[b][v] += scalar * vectors[v];
+  }
+}
+
 // Rows per block of the many-rows path: their accumulators (ROW_BLOCK x d floats) fill about half the vector
 // registers (32 x 16 floats with AVX-512, 16 x 8 with AVX2).
 template <int HEAD_DIM>
@@ -283,30 +299,18 @@ struct Float32Tile {
 
   void score(const int64_t* rows, lanes_t (&lanes)[ROW_BLOCK][WIDE_KEYS / LANES]) const {
     for (int64_t i = 0; i < d; ++i) {
-      lanes_t keys[WIDE_KEYS / LANES];
-#pragma GCC unroll 8
-      for (int64_t v = 0; v < WIDE_KEYS / LANES; ++v) keys[v] = load_lanes(keys_t + i * WIDE_KEYS + v * LANES);
-#pragma GCC unroll 8
-      for (int64_t b = 0; b < ROW_BLOCK; ++b) {
-        const lanes_t qi = lanes_t{} + queries[rows[b] * d + i];
-#pragma GCC unroll 8
-        for (int64_t v = 0; v < WIDE_KEYS / LANES; ++v) lanes[b][v] += qi * keys[v];
-      }
+      float query_elements[ROW_BLOCK];
+      for (int64_t b = 0; b < ROW_BLOCK; ++b) query_elements[b] = queries[rows[b] * d + i];
+      outer_product_step(lanes, query_elements, keys_t + i * WIDE_KEYS);
     }
   }
 
   void add_values(const float (&weights)[ROW_BLOCK][WIDE_KEYS], int64_t num_keys,
                   lanes_t (&sums)[ROW_BLOCK][d / LANES]) const {
     for (int64_t j = 0; j < num_keys; ++j) {
-      lanes_t value[d / LANES];
-#pragma GCC unroll 8
-      for (int64_t v = 0; v < d / LANES; ++v) value[v] = load_lanes(values + j * d + v * LANES);
-#pragma GCC unroll 8
-      for (int64_t b = 0; b < ROW_BLOCK; ++b) {
-        const lanes_t weight = lanes_t{} + weights[b][j];
-#pragma GCC unroll 8
-        for (int64_t v = 0; v < d / LANES; ++v) sums[b][v] += weight * value[v];
-      }
+      float key_weights[ROW_BLOCK];
+      for (int64_t b = 0; b < ROW_BLOCK; ++b) key_weights[b] = weights[b][j];
+      outer_product_step(sums, key_weights, values + j * d);
     }
   }
 };
