@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 from tgserve.backends.cpu import plugin
 from tgserve.backends.cpu.native_fused import NativeFusedOps
+from tgserve.benchmark.interleaved import interleaved_medians
 from tgserve.core.layers.fused_ops import TorchFusedOps
 
 EPS = 1e-6
@@ -41,17 +40,9 @@ def time_case(implementations: dict, batch_size: int, dtype: torch.dtype, args) 
                                    for _ in range(3))
     gate_up = torch.randn(batch_size, 2 * args.intermediate, generator=generator).to(dtype)
     weight = (torch.rand(args.hidden, generator=generator) + 0.5).to(dtype)
-    samples: dict[str, list[float]] = {name: [] for name in implementations}
-    with torch.inference_mode():
-        for round_index in range(args.rounds):
-            for name, ops in implementations.items():
-                for _ in range(args.warmups if round_index == 0 else 1):
-                    layer_work(ops, attn_out, mlp_out, residual, gate_up, weight)
-                start = time.perf_counter()
-                for _ in range(args.runs):
-                    layer_work(ops, attn_out, mlp_out, residual, gate_up, weight)
-                samples[name].append((time.perf_counter() - start) / args.runs * 1e6)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    calls = {name: (lambda ops=ops: layer_work(ops, attn_out, mlp_out, residual, gate_up, weight))
+             for name, ops in implementations.items()}
+    return interleaved_medians(calls, args.rounds, args.warmups, args.runs)
 
 
 def run(args: argparse.Namespace) -> int:

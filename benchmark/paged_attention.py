@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 from tgserve.backends.cpu import plugin
 from tgserve.backends.cpu.native_attention import NativePagedAttention
+from tgserve.benchmark.interleaved import interleaved_medians
 from tgserve.core.layers.attention import TorchPagedAttention
 from tgserve.core.request import GenerationRequest, SamplingParams, StoppingParams
 from tgserve.core.sequence import Sequence
@@ -54,18 +53,14 @@ def time_case(attentions: dict, batch_size: int, context_len: int, dtype: torch.
     v = torch.randn(batch_size, KV_HEADS, HEAD_DIM, generator=generator).to(dtype)
     cache = torch.randn(2, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=generator).to(dtype)
     metadata = {name: attention.prepare(batch) for name, attention in attentions.items()}
-    samples: dict[str, list[float]] = {name: [] for name in attentions}
-    with torch.inference_mode():
-        for round_index in range(args.rounds):
-            for name, attention in attentions.items():
-                batch.attention = metadata[name]
-                for _ in range(args.warmups if round_index == 0 else 1):
-                    attention.forward(q, k, v, (cache[0], cache[1]), batch)
-                start = time.perf_counter()
-                for _ in range(args.runs):
-                    attention.forward(q, k, v, (cache[0], cache[1]), batch)
-                samples[name].append((time.perf_counter() - start) / args.runs * 1e6)
-    return {name: statistics.median(values) for name, values in samples.items()}
+
+    def call(name: str, attention) -> None:
+        batch.attention = metadata[name]
+        attention.forward(q, k, v, (cache[0], cache[1]), batch)
+
+    calls = {name: (lambda name=name, attention=attention: call(name, attention))
+             for name, attention in attentions.items()}
+    return interleaved_medians(calls, args.rounds, args.warmups, args.runs)
 
 
 def run(args: argparse.Namespace) -> int:
