@@ -10,6 +10,7 @@ prompt's last token)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -123,3 +124,38 @@ def test_prefix_caching_env_0_computes_every_prompt_whole(start_server):
     samples = wait_for_metrics(server.url, is_idle, "the engine idle")
     assert value(samples, "tgserve_request_cached_tokens") == 0
     assert value(samples, "tgserve_kv_cache_blocks_cached") == 0
+
+
+def test_a_burst_on_a_prefix_nobody_computed_yet_computes_it_once(server):
+    """Requests arriving together on a long prefix no earlier request computed: one computes it, the others
+    wait for its blocks and reuse them (the scheduler holds a request whose next block a running one is
+    computing) instead of each computing it whole; answers as each alone would get them."""
+    system = SYSTEM.replace("bakery", "bookshop").replace("bread, cakes", "novels, atlases")  # cached by no test
+    prompts = [f"{system}\nQuestion: {question}\nAnswer:" for question in QUESTIONS]
+    ids = [httpx.post(f"{server.url}/tokenize", json={"inputs": p}, timeout=30).json() for p in prompts]
+    shared = next(i for i, column in enumerate(zip(*ids)) if len({t["id"] for t in column}) > 1)
+    assert shared > 4 * BLOCK_SIZE
+    # A long prompt's prefill step first, so the burst queues up behind it and is admitted in one step.
+    def long_prompt(num_words: int) -> tuple[str, int]:
+        text = " ".join(f"item{i}" for i in range(num_words))
+        return text, len(httpx.post(f"{server.url}/tokenize", json={"inputs": text}, timeout=30).json())
+
+    num_words = 100
+    while long_prompt(2 * num_words)[1] < 1000:  # the server takes prompts under 1024 tokens
+        num_words *= 2
+    blocker = threading.Thread(target=generate, args=(server.url, long_prompt(num_words)[0]))
+    before, _ = scrape(server.url)
+    results: dict[int, dict] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, generate(server.url, prompts[i])))
+               for i in range(len(prompts))]
+    blocker.start()
+    time.sleep(0.02)
+    for thread in threads:
+        thread.start()
+    for thread in [blocker, *threads]:
+        thread.join(timeout=120)
+    after = wait_for_metrics(server.url, is_idle, "the engine idle after the burst")
+    reused = value(after, "tgserve_request_cached_tokens") - value(before, "tgserve_request_cached_tokens")
+    assert reused >= (len(prompts) - 1) * (shared // BLOCK_SIZE * BLOCK_SIZE)  # all but the first reused it
+    for i, prompt in enumerate(prompts):  # each again, alone, now fully cached: the same answer
+        assert_same_answer(tokens_of(generate(server.url, prompt)), tokens_of(results[i]))
