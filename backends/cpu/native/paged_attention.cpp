@@ -11,17 +11,20 @@
 //   -> out       [T, heads * d]: rows of the first num_seqs sequences attended, rows [num_tokens, T) zero (padding
 //                of a bucketed step), any rows in between (sequences past num_seqs) left for the caller to fill.
 //
-// Work item = (chunk, kv head), a chunk being up to MAX_ROWS / group consecutive query tokens of one sequence:
-// its query tokens times the `group` query heads sharing that KV head score each key together, so a key is
-// read once per item. Query i of a sequence computing q tokens sees keys [0, context_len - q + 1 + i). Keys go
-// in tiles of up to TILE_KEYS that stay inside one cache block; per tile and row: scores (fp32), an
-// online-softmax update (running max m, sum l, rescaled accumulators), and the values added in. Items with
-// many rows score a tile against a transposed float32 copy of its keys ([d][TILE_KEYS]: one vector FMA per
-// row and d for TILE_KEYS scores) instead of a dot product per key with its horizontal sum. All arithmetic
-// is fp32 whatever the cache dtype. Plain C++ with `omp simd` loops: -march (the host's, or haswell for the
-// portable build) picks the vector ISA; nothing here needs AVX-512. Threads: torch's own pool
-// (at::parallel_for), the items dealt to its threads in turn, so a long causal prompt's heavier later
-// chunks are shared.
+// Work item = (chunk, kv head), a chunk being up to MAX_ROWS / group consecutive query tokens of one sequence
+// (equal chunks): its query tokens times the `group` query heads sharing that KV head score each key together,
+// so a key is read once per item. Query i of a sequence computing q tokens sees keys [0, context_len - q + 1 + i).
+// Two paths, both with an online softmax (running max m, sum l, rescaled accumulators) and float32 sums:
+//  - few rows (decodes, short verifications; attend_one): keys in tiles of up to TILE_KEYS inside one cache
+//    block, a dot product per row and key, the cache rows read in place (float32) or converted per tile;
+//  - many rows (WIDE_MIN_ROWS and up; attend_wide): tiles of WIDE_KEYS keys across blocks, gathered once per
+//    item, rows in register blocks scoring a whole tile with no horizontal sums. Its products are float32
+//    FMAs on transposed keys (Float32Tile, any ISA) or, for a bf16 cache on an AVX512-BF16 build, vdpbf16ps
+//    pairs (Bf16PairTile); `long_query_path` names which a dtype gets.
+// Plain C++ with `omp simd` loops and GCC vector extensions: -march (the host's, or haswell for the portable
+// build) picks the vector ISA; only the bf16-pair tile needs AVX512-BF16. Threads: torch's own pool
+// (at::parallel_for), each thread taking the next item from a shared counter, so a long causal prompt's
+// heavier later chunks are shared.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
