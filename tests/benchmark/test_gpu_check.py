@@ -87,9 +87,11 @@ def test_cpu_run_of_the_script_passes_every_step(demo_model_dir, tmp_path):
 
 
 def _copy_source_tree(dst: Path) -> Path:
-    """What the device receives: the checkout without build outputs, caches and tests."""
+    """What the device receives: the checkout without build outputs, caches, virtual environments (CI's own
+    .venv-test inside the checkout is 2.6 GB, copied per test) and tests."""
     ignore = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", ".whl*", ".gpu-models", "tests",
-                                    "bench-results", ".pytest_cache", ".hypothesis")
+                                    "bench-results", ".pytest_cache", ".hypothesis", ".venv*", ".bench-venvs",
+                                    ".benchmarks")
     return Path(shutil.copytree(REPO, dst, ignore=ignore))
 
 
